@@ -1,0 +1,167 @@
+"""Input validation for the public ops: clear errors instead of kernel crashes.
+
+Every check names the argument and what was expected. Checks that must read
+tensor values (``cu_seqlens`` monotone, ``block_indices`` in range) synchronise
+with the device, so they are skipped while a CUDA graph is being captured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The token layout shared by all tensors of one call.
+
+    Batched tensors are ``[B, S, ...]`` (``cu_seqlens is None``); packed varlen
+    tensors are ``[T, ...]`` with ``cu_seqlens`` ``[n + 1]``. ``packed_cu_seqlens``
+    and ``max_seqlen`` describe both as packed sequences for the backends.
+    """
+
+    lead: tuple[int, ...]
+    cu_seqlens: torch.Tensor | None
+    packed_cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens is not None
+
+    @property
+    def total_tokens(self) -> int:
+        return math.prod(self.lead)
+
+    def describe(self, *tail: str) -> str:
+        return "[" + ", ".join(("T",) if self.varlen else ("B", "S")) + ", " + ", ".join(tail) + "]"
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, S, ...]`` -> ``[B*S, ...]``; packed tensors pass through."""
+        return x if self.varlen else x.flatten(0, 1)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.varlen else x.unflatten(0, self.lead)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_tensor(name: str, x, rank: int, expected: str, dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {expected}, got {type(x).__name__}")
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have shape {expected}, got shape {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {x.dtype}")
+
+
+def check_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_block_size(block_size) -> None:
+    check_int("block_size", block_size)
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two, got {block_size}")
+
+
+def check_scale(name: str, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or None, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite float, got {value}")
+
+
+def make_layout(name: str, x, cu_seqlens, max_seqlen=None) -> Layout:
+    """Infer the layout from the first tensor ``x`` (``[B, S, H, D]`` or ``[T, H, D]``)."""
+    if cu_seqlens is None:
+        check_tensor(name, x, 4, "[B, S, H, D] (or [T, H, D] with cu_seqlens)")
+        batch, seqlen = x.shape[:2]
+        packed = torch.arange(batch + 1, dtype=torch.int32, device=x.device) * seqlen
+        return Layout((batch, seqlen), None, packed, seqlen)
+    check_tensor(name, x, 3, "[T, H, D] when cu_seqlens is given")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32 torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must have dtype int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must have shape [n + 1] with n >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != x.device:
+        raise ValueError(f"cu_seqlens must be on {x.device} like {name}, got {cu_seqlens.device}")
+    total = x.shape[0]
+    if max_seqlen is not None:
+        check_int("max_seqlen", max_seqlen, minimum=0)
+    if not _capturing():
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != total:
+            raise ValueError(f"cu_seqlens must start at 0 and end at T={total} (the tokens of {name}), "
+                             f"got {bounds[0]} .. {bounds[-1]}")
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        if min(lengths) < 0:
+            raise ValueError("cu_seqlens must be non-decreasing")
+        longest = max(lengths)
+        if max_seqlen is not None and max_seqlen < longest:
+            raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest})")
+        max_seqlen = longest if max_seqlen is None else max_seqlen
+    elif max_seqlen is None:
+        raise ValueError("max_seqlen must be given with cu_seqlens while a CUDA graph is being captured")
+    return Layout((total,), cu_seqlens, cu_seqlens, max_seqlen)
+
+
+def check_like(layout: Layout, name: str, x, heads, dim, reference: torch.Tensor, head_name: str,
+               dim_name: str) -> None:
+    """``x`` must be ``layout`` + ``[heads, dim]`` (None = any) on the device and dtype of ``reference``."""
+    expected = layout.describe(head_name, dim_name)
+    check_tensor(name, x, len(layout.lead) + 2, expected)
+    lead, (h, d) = tuple(x.shape[:-2]), x.shape[-2:]
+    if lead != layout.lead or (heads is not None and h != heads) or (dim is not None and d != dim):
+        raise ValueError(f"{name} must have shape {expected} = {list(layout.lead) + [heads or h, dim or d]}, "
+                         f"got {tuple(x.shape)}")
+    if x.device != reference.device:
+        raise ValueError(f"{name} must be on {reference.device}, got {x.device}")
+    if x.dtype != reference.dtype:
+        raise TypeError(f"{name} must have dtype {reference.dtype} like the other inputs, got {x.dtype}")
+
+
+def check_qkv(layout: Layout, q, k, v) -> tuple[int, int]:
+    """Returns ``(Hq, G)`` after checking GQA shapes."""
+    n_heads, head_dim = q.shape[-2:]
+    check_like(layout, "k", k, None, head_dim, q, "G", "D")
+    n_groups = k.shape[-2]
+    if v is not None:
+        check_like(layout, "v", v, n_groups, head_dim, q, "G", "D")
+    if n_heads % n_groups:
+        raise ValueError(f"the number of query heads ({n_heads}) must be a multiple of the number of "
+                         f"KV heads G ({n_groups})")
+    return n_heads, n_groups
+
+
+def check_block_indices(layout: Layout, block_indices, n_groups: int, block_size: int) -> torch.Tensor:
+    """Checks shape, dtype and values; returns ``block_indices`` as int32."""
+    expected = layout.describe("G", "topk")
+    check_tensor("block_indices", block_indices, len(layout.lead) + 2, expected, dtypes=(torch.int32, torch.int64))
+    if tuple(block_indices.shape[:-1]) != layout.lead + (n_groups,):
+        raise ValueError(f"block_indices must have shape {expected} with G={n_groups}, got {tuple(block_indices.shape)}")
+    block_indices = block_indices.to(torch.int32)
+    if not _capturing() and block_indices.numel():
+        n_blocks = math.ceil(layout.max_seqlen / block_size)
+        low, high = block_indices.min().item(), block_indices.max().item()
+        if low < -1 or high >= n_blocks:
+            raise ValueError(f"block_indices must lie in [-1, {n_blocks - 1}] (-1 = unused, else a block of "
+                             f"{block_size} tokens of a {layout.max_seqlen}-token sequence), got {low} .. {high}")
+        ordered = block_indices.sort(dim=-1).values
+        if ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any().item():
+            raise ValueError("block_indices must list distinct blocks per (token, group); -1 may repeat")
+    return block_indices

@@ -1,0 +1,56 @@
+"""``select_blocks``: the Index Branch's block selection (exp-free Top-k over max-pooled scores)."""
+
+from __future__ import annotations
+
+import torch
+
+from msa import reference
+from msa.ops.block_gather import compute_dtype
+from msa.ops.checks import check_block_size, check_int, check_like, check_scale, make_layout
+
+
+def select_blocks(
+    index_q: torch.Tensor,
+    index_k: torch.Tensor,
+    *,
+    block_size: int = 128,
+    topk: int = 16,
+    softmax_scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    return_lse: bool = False,
+):
+    """Choose, per query and GQA group, the key blocks the Main Branch attends to.
+
+    Args:
+        index_q: ``[B, S, G, Di]`` index queries, one head per GQA group
+            (``[T, G, Di]`` with ``cu_seqlens``).
+        index_k: ``[B, S, 1, Di]`` index keys, one head shared by the groups.
+        block_size: tokens per key block (a power of two).
+        topk: blocks kept per (query, group), the query's local block included.
+        softmax_scale: index logit scale, default ``Di ** -0.5``.
+        cu_seqlens: int32 ``[n + 1]`` sequence offsets of packed inputs.
+        max_seqlen: longest sequence with ``cu_seqlens`` (read from it if None).
+        return_lse: also return the logsumexp of the index logits over the
+            visible keys of the selected blocks.
+
+    Returns:
+        ``block_indices``: int32 ``[B, S, G, topk]`` (``[T, G, topk]``), block
+        numbers relative to the sequence start, ``-1`` in unused slots, distinct,
+        order unspecified; the local block ``i // block_size`` is always present
+        and no block after it ever is. With ``return_lse``, also float32 ``lse``
+        ``[B, S, G]``.
+    """
+    layout = make_layout("index_q", index_q, cu_seqlens, max_seqlen)
+    check_like(layout, "index_k", index_k, 1, index_q.shape[-1], index_q, "1", "Di")
+    check_block_size(block_size)
+    check_int("topk", topk)
+    check_scale("softmax_scale", softmax_scale)
+    dtype = compute_dtype(index_q.dtype)
+    result = reference.select_blocks(
+        layout.pack(index_q).to(dtype), layout.pack(index_k).to(dtype), block_size=block_size, topk=topk,
+        softmax_scale=softmax_scale, cu_seqlens=layout.packed_cu_seqlens, return_lse=return_lse)
+    if not return_lse:
+        return layout.unpack(result)
+    block_indices, lse = result
+    return layout.unpack(block_indices), layout.unpack(lse).float()

@@ -1,0 +1,28 @@
+"""The ``msa`` command-line tool."""
+
+import json
+
+import pytest
+
+from msa.cli import main
+
+
+def test_bench_prints_table_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--seqlens", "64,128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
+                 "--index-head-dim", "16", "--block-size", "16", "--topk", "2", "--repeats", "1",
+                 "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "MSA vs dense causal attention" in printed and "speed-up" in printed
+    record = json.loads(path.read_text())
+    assert [row["seqlen"] for row in record["rows"]] == [64, 128]
+    for row in record["rows"]:
+        assert row["rel_err"] < 1e-5 and row["selection_match"] > 0.9
+        assert 0 < row["attended_fraction"] <= 1 and row["dense_ms"] > 0 and row["msa_ms"] > 0
+    # block 16 x topk 2 of 128 keys: the 64 queries past position 63 see at most 32 of their i + 1 keys
+    assert record["rows"][1]["attended_fraction"] < 0.7
+
+
+def test_bench_rejects_unknown_dtype():
+    with pytest.raises(SystemExit):
+        main(["bench", "--dtype", "int8"])

@@ -1,0 +1,109 @@
+"""msa.MSAAttention: shapes, modes, detach rules, varlen, and that it trains."""
+
+import pytest
+import torch
+from torch import nn
+
+import msa
+from helpers import cu_seqlens_of, rel_err
+from msa.nn import RotaryEmbedding
+
+
+class ToyModel(nn.Module):
+    def __init__(self, vocab=16, hidden=64, mode="sparse"):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.rotary = RotaryEmbedding(16)
+        self.attn = msa.MSAAttention(hidden, 4, 2, 16, index_head_dim=16, block_size=16, topk=2, mode=mode)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens):
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        hidden = self.embed(tokens)
+        out, kl = self.attn(hidden, self.rotary(positions))
+        return self.head(hidden + out), kl
+
+
+def arithmetic_task(batch, seqlen, vocab=16, seed=0):
+    """Sequences ``start + stride * t (mod vocab)``: the next token needs the stride, read off earlier tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, vocab, (batch, 1), generator=gen)
+    stride = torch.randint(1, 4, (batch, 1), generator=gen)
+    return (start + stride * torch.arange(seqlen)) % vocab
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_module_trains_both_losses_down(mode):
+    """25 steps of LM loss alone (the teacher settles), then 25 with LM + KL: both losses fall."""
+    torch.manual_seed(0)
+    model = ToyModel(mode=mode)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    lm_losses, kl_losses = [], []
+    for step in range(50):
+        tokens = arithmetic_task(8, 128, seed=step)
+        logits, kl = model(tokens)
+        lm = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        kl_weight = 0.0 if step < 25 else 1.0
+        optimizer.zero_grad()
+        (lm + kl_weight * kl).backward()
+        optimizer.step()
+        lm_losses.append(lm.item())
+        kl_losses.append(kl.item())
+    assert sum(lm_losses[-3:]) < 0.2 * sum(lm_losses[:3]), lm_losses
+    assert sum(kl_losses[-3:]) < 0.6 * sum(kl_losses[25:28]), kl_losses
+
+
+def _layer_inputs(batch=2, seqlen=50, hidden=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, seqlen, hidden, generator=gen)
+    return x, RotaryEmbedding(16)(torch.arange(seqlen).expand(batch, -1))
+
+
+def test_kl_loss_trains_only_the_index_branch():
+    layer = msa.MSAAttention(64, 4, 2, 16, index_head_dim=8, block_size=8, topk=2).train()
+    x, rope = _layer_inputs()
+    x.requires_grad_()
+    _, kl = layer(x, rope)
+    kl.backward()
+    assert x.grad is None, "the Index Branch must read a detached copy of the hidden states"
+    for name, param in layer.named_parameters():
+        trained = param.grad is not None and param.grad.abs().sum() > 0
+        assert trained == name.startswith("index_"), name
+
+
+def test_lm_loss_never_reaches_the_index_branch():
+    layer = msa.MSAAttention(64, 4, 2, 16, index_head_dim=8, block_size=8, topk=2)
+    x, rope = _layer_inputs()
+    out, kl = layer(x, rope, compute_kl_loss=False)
+    assert kl is None
+    out.square().sum().backward()
+    assert layer.index_q_proj.weight.grad is None and layer.index_k_proj.weight.grad is None
+    assert layer.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_dense_mode_equals_sparse_mode_when_topk_covers_everything():
+    layer = msa.MSAAttention(64, 4, 2, 16, index_head_dim=8, block_size=8, topk=7).eval()
+    x, rope = _layer_inputs()
+    sparse, _ = layer(x, rope)
+    layer.set_mode("dense")
+    dense, _ = layer(x, rope)
+    assert rel_err(sparse, dense) < 1e-5
+
+
+def test_varlen_layer_equals_batched():
+    layer = msa.MSAAttention(64, 4, 2, 16, index_head_dim=8, block_size=8, topk=2).train()
+    x, (cos, sin) = _layer_inputs()
+    batched, batched_kl = layer(x, (cos, sin))
+    cu_seqlens = cu_seqlens_of([50, 50])
+    packed, packed_kl = layer(x.flatten(0, 1), (cos.flatten(0, 1), sin.flatten(0, 1)), cu_seqlens=cu_seqlens)
+    assert rel_err(packed, batched.flatten(0, 1)) < 1e-5
+    assert rel_err(packed_kl, batched_kl) < 1e-5
+
+
+def test_bad_configuration_is_rejected():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        msa.MSAAttention(64, 4, 2, index_head_dim=8, mode="fast")
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        msa.MSAAttention(64, 4, 3, index_head_dim=8)
+    with pytest.raises(ValueError, match="index_rope needs an even index_head_dim"):
+        msa.MSAAttention(64, 4, 2, 16, index_head_dim=32)

@@ -1,0 +1,162 @@
+"""The public ops: agreement with the float64 reference, gradients, and input validation."""
+
+import math
+
+import pytest
+import torch
+
+import msa
+from helpers import cu_seqlens_of, rand_inputs, rel_err
+
+SHAPE = dict(batch=2, seqlen=150, heads=4, groups=2, head_dim=16, index_dim=8)
+
+
+def selection(index_q, index_k, block_size=16, topk=4, **kw):
+    return msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=block_size, topk=topk, **kw)
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_ops_match_reference(dtype, bound):
+    inputs = rand_inputs(**SHAPE, dtype=dtype, seed=11)
+    q, k, v, index_q, index_k = inputs
+    q64, k64, v64, iq64, ik64 = (x.double() for x in inputs)
+    blocks = selection(index_q, index_k)
+    out, lse = msa.sparse_attention(q, k, v, blocks, block_size=16, return_lse=True)
+    ref_out, ref_lse = msa.reference.sparse_attention(q64, k64, v64, blocks, block_size=16, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert rel_err(out, ref_out) < bound and rel_err(lse, ref_lse) < bound
+    kl = msa.index_kl_loss(q, k, index_q, index_k, blocks, block_size=16)
+    assert rel_err(kl, msa.reference.index_kl_loss(q64, k64, iq64, ik64, blocks, block_size=16)) < bound
+    dense = msa.dense_attention(q, k, v)
+    assert rel_err(dense, msa.reference.dense_attention(q64, k64, v64)) < bound
+
+
+def test_select_blocks_op_matches_reference_in_float32():
+    *_, index_q, index_k = rand_inputs(**SHAPE, dtype=torch.float32, seed=12)
+    blocks, lse = msa.select_blocks(index_q, index_k, block_size=16, topk=4, return_lse=True)
+    ref_blocks, ref_lse = selection(index_q, index_k, return_lse=True)
+    assert blocks.dtype == torch.int32 and lse.dtype == torch.float32
+    assert torch.equal(blocks.sort(-1).values, ref_blocks.sort(-1).values)
+    assert rel_err(lse, ref_lse) < 1e-6
+
+
+def test_sparse_attention_gradients_match_reference():
+    q, k, v, index_q, index_k = (x.requires_grad_() for x in rand_inputs(**SHAPE, seed=13))
+    blocks = selection(index_q, index_k)
+    grad_out = torch.randn_like(q)
+    grads = torch.autograd.grad(msa.sparse_attention(q, k, v, blocks, block_size=16), (q, k, v), grad_out)
+    ref_grads = torch.autograd.grad(msa.reference.sparse_attention(q, k, v, blocks, block_size=16), (q, k, v), grad_out)
+    for grad, ref in zip(grads, ref_grads):
+        assert rel_err(grad, ref) < 1e-12
+
+
+def test_gradcheck_sparse_attention():
+    q, k, v, index_q, index_k = rand_inputs(1, 21, 4, 2, 3, 3, seed=14)
+    blocks = selection(index_q, index_k, block_size=4, topk=3)
+    inputs = tuple(x.requires_grad_() for x in (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: msa.sparse_attention(q, k, v, blocks, block_size=4), inputs)
+
+
+def test_gradcheck_index_kl_loss_and_teacher_is_detached():
+    q, k, _, index_q, index_k = rand_inputs(1, 21, 4, 2, 3, 3, seed=15)
+    blocks = selection(index_q, index_k, block_size=4, topk=3)
+    index_inputs = tuple(x.requires_grad_() for x in (index_q, index_k))
+    q.requires_grad_(), k.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda iq, ik: msa.index_kl_loss(q, k, iq, ik, blocks, block_size=4), index_inputs)
+    loss = msa.index_kl_loss(q, k, index_q, index_k, blocks, block_size=4)
+    loss.backward()
+    assert q.grad is None and k.grad is None, "the teacher must receive no gradient"
+    assert index_q.grad.abs().sum() > 0 and index_k.grad.abs().sum() > 0
+
+
+def test_varlen_with_empty_sequences_and_max_seqlen():
+    q, k, v, index_q, index_k = (x[0] for x in rand_inputs(1, 40, 4, 2, 8, 8, seed=16))
+    cu_seqlens = cu_seqlens_of([0, 25, 0, 15])
+    blocks = msa.select_blocks(index_q, index_k, block_size=8, topk=2, cu_seqlens=cu_seqlens, max_seqlen=25)
+    out = msa.sparse_attention(q, k, v, blocks, block_size=8, cu_seqlens=cu_seqlens)
+    ref = msa.reference.sparse_attention(q, k, v, blocks, block_size=8, cu_seqlens=cu_seqlens)
+    assert rel_err(out, ref) < 1e-12
+
+
+def test_rows_without_visible_keys_give_zero_and_minus_inf_lse():
+    q, k, v, _, _ = rand_inputs(1, 8, 2, 1, 4, 4, seed=17)
+    blocks = torch.full((1, 8, 1, 2), -1, dtype=torch.int32)
+    blocks[0, 4:, 0, 0] = 1  # queries 4..7 see block 1 (keys 4..7); queries 0..3 have nothing
+    out, lse = msa.sparse_attention(q, k, v, blocks, block_size=4, return_lse=True)
+    assert torch.equal(out[0, :4], torch.zeros_like(out[0, :4])) and (lse[0, :4] == -math.inf).all()
+    assert rel_err(out, msa.reference.sparse_attention(q, k, v, blocks, block_size=4)) < 1e-12
+
+
+# --------------------------------------------------------------------------- validation
+
+def _valid():
+    q, k, v, index_q, index_k = rand_inputs(1, 16, 4, 2, 8, 8, dtype=torch.float32, seed=18)
+    blocks = selection(index_q, index_k, block_size=4, topk=2)
+    return dict(q=q, k=k, v=v, index_q=index_q, index_k=index_k, blocks=blocks)
+
+
+BAD_SPARSE = [
+    ("q", lambda t: t["q"][0], ValueError, "q must have shape"),
+    ("k", lambda t: t["k"][..., :4], ValueError, "k must have shape"),
+    ("v", lambda t: t["v"].double(), TypeError, "v must have dtype"),
+    ("q", lambda t: t["q"].int(), TypeError, "q must have dtype"),
+    ("q", lambda t: t["q"][..., :3, :], ValueError, "multiple of the number of KV heads"),
+    ("blocks", lambda t: t["blocks"].float(), TypeError, "block_indices must have dtype"),
+    ("blocks", lambda t: t["blocks"][..., :1, :], ValueError, "block_indices must have shape"),
+    ("blocks", lambda t: t["blocks"] + 3, ValueError, r"block_indices must lie in \[-1, 3\]"),
+    ("blocks", lambda t: t["blocks"] - 2, ValueError, "block_indices must lie in"),
+    ("blocks", lambda t: t["blocks"][..., :1].expand(-1, -1, -1, 2), ValueError, "distinct"),
+    ("q", lambda t: [1.0], TypeError, "q must be a torch.Tensor"),
+]
+
+
+@pytest.mark.parametrize("name, corrupt, error, message", BAD_SPARSE)
+def test_sparse_attention_rejects_bad_input(name, corrupt, error, message):
+    t = _valid()
+    t[name] = corrupt(t)
+    with pytest.raises(error, match=message):
+        msa.sparse_attention(t["q"], t["k"], t["v"], t["blocks"], block_size=4)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(block_size=6), ValueError, "block_size must be a power of two"),
+    (dict(block_size=0), ValueError, "block_size must be >= 1"),
+    (dict(block_size=4.0), TypeError, "block_size must be an int"),
+    (dict(topk=0), ValueError, "topk must be >= 1"),
+    (dict(softmax_scale=-1.0), ValueError, "softmax_scale must be a positive"),
+    (dict(cu_seqlens=torch.tensor([0, 16], dtype=torch.int32)), ValueError, r"index_q must have shape \[T, H, D\]"),
+])
+def test_select_blocks_rejects_bad_arguments(kwargs, error, message):
+    t = _valid()
+    with pytest.raises(error, match=message):
+        msa.select_blocks(t["index_q"], t["index_k"], **{"block_size": 4, **kwargs})
+
+
+def test_select_blocks_rejects_wrong_index_k():
+    t = _valid()
+    with pytest.raises(ValueError, match="index_k must have shape"):
+        msa.select_blocks(t["index_q"], t["index_k"].expand(-1, -1, 2, -1))
+    with pytest.raises(TypeError, match="index_k must have dtype"):
+        msa.select_blocks(t["index_q"], t["index_k"].half())
+
+
+@pytest.mark.parametrize("cu_seqlens, error, message", [
+    (torch.tensor([0, 10, 16], dtype=torch.int64), TypeError, "cu_seqlens must have dtype int32"),
+    (torch.tensor([0, 10, 16], dtype=torch.int32)[None], ValueError, r"cu_seqlens must have shape \[n \+ 1\]"),
+    (torch.tensor([0, 12, 10, 16], dtype=torch.int32), ValueError, "non-decreasing"),
+    (torch.tensor([1, 10, 16], dtype=torch.int32), ValueError, "must start at 0 and end at T=16"),
+    (torch.tensor([0, 10, 15], dtype=torch.int32), ValueError, "must start at 0 and end at T=16"),
+    ([0, 10, 16], TypeError, "cu_seqlens must be an int32 torch.Tensor"),
+])
+def test_bad_cu_seqlens(cu_seqlens, error, message):
+    t = _valid()
+    q, k, v = (t[n][0] for n in "qkv")
+    with pytest.raises(error, match=message):
+        msa.dense_attention(q, k, v, cu_seqlens=cu_seqlens)
+
+
+def test_index_kl_loss_rejects_mismatched_index_heads():
+    t = _valid()
+    with pytest.raises(ValueError, match="index_q must have shape"):
+        msa.index_kl_loss(t["q"], t["k"], t["index_q"][..., :1, :], t["index_k"], t["blocks"], block_size=4)
