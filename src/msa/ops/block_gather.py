@@ -14,17 +14,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from msa.reference import masked_softmax, support_kl
+from msa.varlen import token_positions
 
 # Elements of one chunk's gathered [queries, G, topk * block_size, D] keys.
 _CHUNK_ELEMENTS = 2**24
-
-
-def token_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per packed token: the offset of its sequence and its position inside it (int64 ``[T]``)."""
-    cu = cu_seqlens.long()
-    sequence = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff(), output_size=total)
-    starts = cu[sequence]
-    return starts, torch.arange(total, device=cu.device) - starts
 
 
 def gather_support(block_indices, starts, positions, block_size):

@@ -165,3 +165,13 @@ def check_block_indices(layout: Layout, block_indices, n_groups: int, block_size
         if ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any().item():
             raise ValueError("block_indices must list distinct blocks per (token, group); -1 may repeat")
     return block_indices
+
+
+def check_lse(layout: Layout, name: str, lse, n_heads: int, device: torch.device) -> None:
+    """``lse`` must be float32 ``layout + [n_heads]`` on ``device``."""
+    expected = layout.describe("Hq")
+    check_tensor(name, lse, len(layout.lead) + 1, expected, dtypes=(torch.float32,))
+    if tuple(lse.shape) != layout.lead + (n_heads,):
+        raise ValueError(f"{name} must have shape {expected} = {list(layout.lead) + [n_heads]}, got {tuple(lse.shape)}")
+    if lse.device != device:
+        raise ValueError(f"{name} must be on {device}, got {lse.device}")

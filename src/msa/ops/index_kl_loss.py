@@ -5,7 +5,39 @@ from __future__ import annotations
 import torch
 
 from msa.ops import block_gather
-from msa.ops.checks import check_block_indices, check_block_size, check_like, check_qkv, check_scale, make_layout
+from msa.ops.backend import unsupported_reason, use_triton
+from msa.ops.checks import check_block_indices, check_block_size, check_like, check_lse, check_qkv, check_scale, make_layout
+from msa.varlen import token_positions
+
+
+class IndexKLFunction(torch.autograd.Function):
+    """Triton forward and backward of the summed row KLs, over packed contiguous tensors.
+
+    Gradients flow to ``index_q`` and ``index_k`` only.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen, block_size, scale, index_scale,
+                main_lse):
+        from msa import kernels
+
+        token_starts = token_positions(cu_seqlens, q.shape[0])[0].int()
+        kl_rows, index_lse, teacher_lse = kernels.index_kl_fwd(q, k, index_q, index_k, block_indices, token_starts,
+                                                               block_size, scale, index_scale, main_lse)
+        ctx.save_for_backward(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, teacher_lse, index_lse)
+        ctx.settings = (max_seqlen, block_size, scale, index_scale)
+        return kl_rows.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        from msa import kernels
+
+        q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, teacher_lse, index_lse = ctx.saved_tensors
+        max_seqlen, block_size, scale, index_scale = ctx.settings
+        d_index_q, d_index_k = kernels.index_kl_bwd(
+            q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen, teacher_lse, index_lse,
+            grad.float().reshape(1), block_size, scale, index_scale)
+        return (None, None, d_index_q.to(index_q.dtype), d_index_k.to(index_k.dtype)) + (None,) * 7
 
 
 def index_kl_loss(
@@ -20,6 +52,7 @@ def index_kl_loss(
     index_softmax_scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    main_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(teacher || student) on each (query, group)'s selected support, averaged over rows.
 
@@ -32,6 +65,11 @@ def index_kl_loss(
         softmax_scale: Main Branch scale, default ``D ** -0.5``.
         index_softmax_scale: index logit scale, default ``Di ** -0.5``.
         cu_seqlens, max_seqlen: packed varlen layout, as in flash-attn.
+        main_lse: optional float32 ``[B, S, Hq]``, the LSE that
+            ``sparse_attention(q, k, v, block_indices, return_lse=True)``
+            returned for these same inputs; the Triton path then skips
+            recomputing the teacher's normalisation. Passing any other LSE
+            (e.g. of dense attention) gives a wrong loss.
 
     Returns:
         A float32 scalar (the dtype of the inputs when that is float64): the
@@ -47,10 +85,21 @@ def index_kl_loss(
     check_scale("softmax_scale", softmax_scale)
     check_scale("index_softmax_scale", index_softmax_scale)
     block_indices = check_block_indices(layout, block_indices, n_groups, block_size)
+    if main_lse is not None:
+        check_lse(layout, "main_lse", main_lse, q.shape[-2], q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     index_scale = index_q.shape[-1] ** -0.5 if index_softmax_scale is None else index_softmax_scale
-    dtype = block_gather.compute_dtype(q.dtype)
-    total = block_gather.index_kl_sum(
-        *(layout.pack(x).to(dtype) for x in (q.detach(), k.detach(), index_q, index_k)), layout.pack(block_indices),
-        layout.packed_cu_seqlens, block_size, scale, index_scale)
-    return total / max(1, block_indices.shape[:-1].numel())
+    packed = [layout.pack(x) for x in (q.detach(), k.detach(), index_q, index_k, block_indices)]
+    n_rows = max(1, block_indices.shape[:-1].numel())
+    reason = unsupported_reason(head_dim=q.shape[-1], index_dim=index_q.shape[-1], block_size=block_size,
+                                topk=block_indices.shape[-1], heads_per_group=q.shape[-2] // n_groups)
+    if use_triton("index_kl_loss", q.device, reason):
+        if main_lse is not None:
+            main_lse = layout.pack(main_lse).contiguous()
+        total = IndexKLFunction.apply(*(x.contiguous() for x in packed), layout.packed_cu_seqlens, layout.max_seqlen,
+                                      block_size, scale, index_scale, main_lse)
+    else:
+        dtype = block_gather.compute_dtype(q.dtype)
+        total = block_gather.index_kl_sum(*(x.to(dtype) for x in packed[:4]), packed[4], layout.packed_cu_seqlens,
+                                          block_size, scale, index_scale)
+    return total / n_rows

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 
 from msa import reference
+from msa.ops.backend import unsupported_reason, use_triton
 from msa.ops.block_gather import compute_dtype
 from msa.ops.checks import check_block_size, check_int, check_like, check_scale, make_layout
+from msa.varlen import token_positions
 
 
 def select_blocks(
@@ -46,11 +48,23 @@ def select_blocks(
     check_block_size(block_size)
     check_int("topk", topk)
     check_scale("softmax_scale", softmax_scale)
-    dtype = compute_dtype(index_q.dtype)
-    result = reference.select_blocks(
-        layout.pack(index_q).to(dtype), layout.pack(index_k).to(dtype), block_size=block_size, topk=topk,
-        softmax_scale=softmax_scale, cu_seqlens=layout.packed_cu_seqlens, return_lse=return_lse)
+    reason = unsupported_reason(index_dim=index_q.shape[-1], block_size=block_size, topk=topk)
+    if use_triton("select_blocks", index_q.device, reason):
+        from msa import kernels
+
+        scale = index_q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        index_q, index_k = layout.pack(index_q).contiguous(), layout.pack(index_k).contiguous()
+        cu_seqlens = layout.packed_cu_seqlens
+        block_indices = kernels.select_blocks(index_q, index_k, cu_seqlens, layout.max_seqlen, block_size, topk, scale)
+        if return_lse:
+            token_starts = token_positions(cu_seqlens, layout.total_tokens)[0].int()
+            lse = kernels.support_lse(index_q, index_k, block_indices, token_starts, block_size, scale)
+    else:
+        dtype = compute_dtype(index_q.dtype)
+        result = reference.select_blocks(
+            layout.pack(index_q).to(dtype), layout.pack(index_k).to(dtype), block_size=block_size, topk=topk,
+            softmax_scale=softmax_scale, cu_seqlens=layout.packed_cu_seqlens, return_lse=return_lse)
+        block_indices, lse = result if return_lse else (result, None)
     if not return_lse:
-        return layout.unpack(result)
-    block_indices, lse = result
+        return layout.unpack(block_indices)
     return layout.unpack(block_indices), layout.unpack(lse).float()

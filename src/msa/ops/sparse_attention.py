@@ -5,7 +5,33 @@ from __future__ import annotations
 import torch
 
 from msa.ops import block_gather
+from msa.ops.backend import unsupported_reason, use_triton
 from msa.ops.checks import check_block_indices, check_block_size, check_qkv, check_scale, make_layout
+from msa.varlen import token_positions
+
+
+class SparseAttentionFunction(torch.autograd.Function):
+    """Triton forward and backward over packed ``[T, H, D]`` contiguous tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block_indices, cu_seqlens, max_seqlen, block_size, scale):
+        from msa import kernels
+
+        token_starts = token_positions(cu_seqlens, q.shape[0])[0].int()
+        out, lse = kernels.sparse_attention_fwd(q, k, v, block_indices, token_starts, block_size, scale)
+        ctx.save_for_backward(q, k, v, out, lse, block_indices, token_starts, cu_seqlens)
+        ctx.max_seqlen, ctx.block_size, ctx.scale = max_seqlen, block_size, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        from msa import kernels
+
+        q, k, v, out, lse, block_indices, token_starts, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = kernels.sparse_attention_bwd(q, k, v, out, lse, dout.contiguous(), block_indices, token_starts,
+                                                  cu_seqlens, ctx.max_seqlen, ctx.block_size, ctx.scale)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def sparse_attention(
@@ -45,10 +71,16 @@ def sparse_attention(
     check_scale("softmax_scale", softmax_scale)
     block_indices = check_block_indices(layout, block_indices, n_groups, block_size)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    dtype = block_gather.compute_dtype(q.dtype)
-    out, lse = block_gather.sparse_attention(
-        *(layout.pack(x).to(dtype) for x in (q, k, v)), layout.pack(block_indices), layout.packed_cu_seqlens,
-        block_size, scale)
+    packed = [layout.pack(x) for x in (q, k, v, block_indices)]
+    reason = unsupported_reason(head_dim=q.shape[-1], block_size=block_size, topk=block_indices.shape[-1],
+                                heads_per_group=q.shape[-2] // n_groups)
+    if use_triton("sparse_attention", q.device, reason):
+        out, lse = SparseAttentionFunction.apply(*(x.contiguous() for x in packed), layout.packed_cu_seqlens,
+                                                 layout.max_seqlen, block_size, scale)
+    else:
+        dtype = block_gather.compute_dtype(q.dtype)
+        out, lse = block_gather.sparse_attention(*(x.to(dtype) for x in packed[:3]), packed[3],
+                                                 layout.packed_cu_seqlens, block_size, scale)
     out = layout.unpack(out).to(q.dtype)
     if not return_lse:
         return out

@@ -1,0 +1,190 @@
+"""GPU benchmark of the MSA kernels on the paper's layer against dense attention through SDPA.
+
+For each sequence length: prefill forward (indexer + sparse attention) and a
+training step (forward + backward of the sparse attention, plus the KL loss),
+against cuDNN attention and FlashAttention-2 through
+``torch.nn.functional.scaled_dot_product_attention`` in the same run; the time
+and achieved TFLOP/s of each kernel against the bf16 matrix ceiling measured
+in the same run. Writes ``kernels.json`` under ``--out``.
+
+    PYTHONPATH=src python benchmarks/kernels.py --out benchmarks/results/<run>
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from rich.console import Console
+from rich.progress import Progress
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import msa
+from msa import kernels
+from msa.cli.bench import attended_fraction
+from msa.varlen import token_positions
+
+LAYER = dict(heads=64, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
+
+
+def time_ms(fn, warmup: int, repeats: int) -> float:
+    """Median of CUDA-event timings after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+def matmul_ceiling_tflops() -> float:
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192**3 / time_ms(lambda: a @ b, 3, 20) / 1e9
+
+
+def dense_runner(backend, q, k, v):
+    """SDPA on ``[B, S, H, D]`` with one backend; GQA through enable_gqa."""
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+    def run():
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+
+    return run
+
+
+def bench_seqlen(seqlen: int, warmup: int, repeats: int, with_fa2: bool, progress, task) -> dict:
+    c = LAYER
+    gen = torch.Generator(device="cuda").manual_seed(seqlen)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+
+    q, k, v = randn(1, seqlen, c["heads"], c["head_dim"]), *(randn(1, seqlen, c["groups"], c["head_dim"]) for _ in "kv")
+    index_q, index_k = randn(1, seqlen, c["groups"], c["index_dim"]), randn(1, seqlen, 1, c["index_dim"])
+    row = {"seqlen": seqlen}
+    scale, index_scale = c["head_dim"] ** -0.5, c["index_dim"] ** -0.5
+
+    # --- per-kernel timings on packed tensors (what the ops launch)
+    progress.update(task, description=f"S={seqlen}: MSA kernels")
+    cu = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
+    starts = token_positions(cu, seqlen)[0].int()
+    pq, pk, pv, piq, pik = (x[0].contiguous() for x in (q, k, v, index_q, index_k))
+    blocks = kernels.select_blocks(piq, pik, cu, seqlen, c["block_size"], c["topk"], index_scale)
+    out, lse = kernels.sparse_attention_fwd(pq, pk, pv, blocks, starts, c["block_size"], scale)
+    dout = torch.randn_like(out)
+    t = {}
+    t["indexer"] = time_ms(lambda: kernels.select_blocks(piq, pik, cu, seqlen, c["block_size"], c["topk"],
+                                                         index_scale), warmup, repeats)
+    t["sparse_fwd"] = time_ms(lambda: kernels.sparse_attention_fwd(pq, pk, pv, blocks, starts, c["block_size"], scale),
+                              warmup, repeats)
+    t["sparse_bwd"] = time_ms(lambda: kernels.sparse_attention_bwd(pq, pk, pv, out, lse, dout, blocks, starts, cu,
+                                                                   seqlen, c["block_size"], scale), warmup, repeats)
+    kl_rows, index_lse, teacher_lse = kernels.index_kl_fwd(pq, pk, piq, pik, blocks, starts, c["block_size"], scale,
+                                                           index_scale, lse)
+    t["kl_fwd"] = time_ms(lambda: kernels.index_kl_fwd(pq, pk, piq, pik, blocks, starts, c["block_size"], scale,
+                                                       index_scale, lse), warmup, repeats)
+    grad_scale = torch.ones(1, device="cuda")
+    t["kl_bwd"] = time_ms(lambda: kernels.index_kl_bwd(pq, pk, piq, pik, blocks, starts, cu, seqlen, teacher_lse,
+                                                       index_lse, grad_scale, c["block_size"], scale, index_scale),
+                          warmup, repeats)
+    row["kernel_ms"] = t
+    fraction = attended_fraction(blocks[None], c["block_size"])
+    attended = fraction * seqlen * (seqlen + 1) / 2  # (query, key) pairs per group
+    row["attended_fraction"] = fraction
+    flops = {
+        "indexer": 2 * c["groups"] * c["index_dim"] * seqlen * (seqlen + 1) / 2,
+        "sparse_fwd": 4 * c["heads"] * c["head_dim"] * attended,
+        "sparse_bwd": 7 * 2 * c["heads"] * c["head_dim"] * attended,  # QK, dO V (dq and dkv passes), dS K, P dO, dS Q
+        "kl_fwd": 2 * c["heads"] * c["head_dim"] * attended,
+        "kl_bwd": 2 * 2 * c["heads"] * c["head_dim"] * attended,  # teacher QK in both passes
+    }
+    row["kernel_tflops"] = {name: flops[name] / t[name] / 1e9 for name in t}
+
+    # --- public-op pipelines
+    progress.update(task, description=f"S={seqlen}: MSA prefill / training step")
+
+    def msa_prefill():
+        selected = msa.select_blocks(index_q, index_k, block_size=c["block_size"], topk=c["topk"])
+        return msa.sparse_attention(q, k, v, selected, block_size=c["block_size"])
+
+    grad = torch.randn_like(q)
+    q_, k_, v_, iq_, ik_ = (x.detach().requires_grad_() for x in (q, k, v, index_q, index_k))
+
+    def msa_train():
+        selected = msa.select_blocks(iq_.detach(), ik_.detach(), block_size=c["block_size"], topk=c["topk"])
+        o, main_lse = msa.sparse_attention(q_, k_, v_, selected, block_size=c["block_size"], return_lse=True)
+        kl = msa.index_kl_loss(q_, k_, iq_, ik_, selected, block_size=c["block_size"], main_lse=main_lse)
+        torch.autograd.backward((o, kl), (grad, torch.ones((), device="cuda")))
+
+    row["msa_prefill_ms"] = time_ms(msa_prefill, warmup, repeats)
+    row["msa_train_ms"] = time_ms(msa_train, warmup, repeats)
+
+    # --- dense baselines
+    dense_fwd_flops = 4 * c["heads"] * c["head_dim"] * seqlen * (seqlen + 1) / 2
+    backends = {"cudnn": SDPBackend.CUDNN_ATTENTION}
+    if with_fa2:
+        backends["fa2"] = SDPBackend.FLASH_ATTENTION
+    for name, backend in backends.items():
+        progress.update(task, description=f"S={seqlen}: dense {name}")
+        fwd = dense_runner(backend, q, k, v)
+        try:
+            row[f"{name}_fwd_ms"] = time_ms(fwd, warmup, repeats)
+            train_fwd = dense_runner(backend, q_, k_, v_)
+            row[f"{name}_train_ms"] = time_ms(lambda: train_fwd().backward(grad.transpose(1, 2)), warmup, repeats)
+        except RuntimeError as error:  # a backend that refuses the shape
+            row[f"{name}_error"] = str(error).splitlines()[0]
+            continue
+        row[f"{name}_fwd_tflops"] = dense_fwd_flops / row[f"{name}_fwd_ms"] / 1e9
+        row[f"prefill_speedup_vs_{name}"] = row[f"{name}_fwd_ms"] / row["msa_prefill_ms"]
+        row[f"train_speedup_vs_{name}"] = row[f"{name}_train_ms"] / row["msa_train_ms"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seqlens", default="8192,32768,131072")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--long", type=int, default=262144, help="from this length on: 1 warm-up, 2 repeats, no FA2")
+    args = parser.parse_args()
+    console = Console()
+    device = torch.cuda.get_device_name()
+    record = {"benchmark": "kernels", "device": device, "torch": torch.__version__, "triton": triton.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip() or None,
+              "layer": LAYER, "dtype": "bfloat16", "batch": 1}
+    record["matmul_ceiling_tflops"] = matmul_ceiling_tflops()
+    console.print(f"{device}: bf16 matmul ceiling {record['matmul_ceiling_tflops']:.0f} TFLOP/s")
+    rows = []
+    seqlens = [int(s) for s in args.seqlens.split(",")]
+    with Progress(console=console) as progress:
+        task = progress.add_task("kernels", total=len(seqlens))
+        for seqlen in seqlens:
+            long = seqlen >= args.long
+            row = bench_seqlen(seqlen, 1 if long else 3, 2 if long else args.repeats, not long, progress, task)
+            rows.append(row)
+            console.print(json.dumps(row))
+            torch.cuda.empty_cache()
+            progress.advance(task)
+    record["rows"] = rows
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernels.json").write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

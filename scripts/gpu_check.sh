@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The GPU check, run on the device machine from the repository root:
+#     OUT=/some/dir SEQLENS=8192,32768,131072 bash scripts/gpu_check.sh
+# Runs the whole test suite on the GPU (the kernel tests then run compiled, in bf16/fp16/fp32),
+# then the kernel benchmark. Logs and JSON land under $OUT. Test wheels carried in .whl are
+# installed when the machine's Python lacks pytest, hypothesis or rich.
+set -uo pipefail
+OUT=${OUT:-/tmp/msa-gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+if [ -d .whl ] && ! python3 -c "import pytest, hypothesis, rich" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH=src:/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/device.txt"
+python3 -m pytest -q -x ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+if [ "${SEQLENS:-}" != "none" ]; then
+    python3 benchmarks/kernels.py --out "$OUT" --seqlens "${SEQLENS:-8192,32768,131072}" 2>&1 | tee "$OUT/bench.log"
+fi
+exit "$tests_rc"

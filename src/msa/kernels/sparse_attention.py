@@ -1,0 +1,204 @@
+"""Triton kernels of the Main Branch: block-sparse attention forward and backward.
+
+Forward and dq (query-outer): one program per (token, GQA group) packs the
+group's query heads into the rows of one tile (they share the selected
+blocks) and runs an exact online softmax over the blocks of its row of
+``block_indices``.
+
+dk/dv (KV-outer): one program per (key block, group) loads its K/V block once
+and walks the list of queries that selected it (a CSR built on the GPU by
+:func:`msa.kernels.block_csr.build_block_csr`). Each output element has one
+writer, so the backward pass is deterministic.
+
+Softmax runs in base 2: ``scale_log2 = softmax_scale * log2(e)``; LSEs are
+stored in natural log.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _load_block(ptr, start, block, pos, group, dims, G: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Keys (or values) of ``block`` for one group, ``[BLOCK_SIZE, D]``, zero where not visible from ``pos``."""
+    k_pos = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    visible = (block >= 0) & (k_pos <= pos)
+    tile = tl.load(ptr + ((start + k_pos) * G + group)[:, None] * D + dims[None, :], mask=visible[:, None], other=0.0)
+    return tile, visible
+
+
+@triton.jit
+def sparse_attention_fwd_kernel(
+    q,  # [T, HQ, D]
+    k,  # [T, G, D]
+    v,  # [T, G, D]
+    block_indices,  # int32 [T, G, TOPK]
+    token_starts,  # int32 [T]
+    out,  # [T, HQ, D], written
+    lse,  # float32 [T, HQ], written (natural log)
+    scale_log2,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    R: tl.constexpr,  # query heads per group
+    RP: tl.constexpr,  # R rounded up to a power of two >= 16
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TOPK: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    token = tl.program_id(0)
+    group = tl.program_id(1)
+    start = tl.load(token_starts + token)
+    pos = token - start
+    heads = tl.arange(0, RP)
+    head_ok = heads < R
+    dims = tl.arange(0, D)
+    rows = (token * HQ + group * R + heads)[:, None] * D + dims[None, :]
+    q_tile = tl.load(q + rows, mask=head_ok[:, None], other=0.0)
+    if UPCAST:
+        q_tile = q_tile.to(tl.float32)
+
+    row_max = tl.full((RP,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((RP,), tl.float32)
+    acc = tl.zeros((RP, D), tl.float32)
+    for slot in range(TOPK):
+        block = tl.load(block_indices + (token * G + group) * TOPK + slot)
+        k_tile, visible = _load_block(k, start, block, pos, group, dims, G, D, BLOCK_SIZE)
+        v_tile, _ = _load_block(v, start, block, pos, group, dims, G, D, BLOCK_SIZE)
+        if UPCAST:
+            k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
+        scores = tl.dot(q_tile, tl.trans(k_tile)) * scale_log2
+        scores = tl.where(visible[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp2(row_max - safe_max)
+        probs = tl.exp2(scores - safe_max[:, None])
+        row_sum = row_sum * alpha + tl.sum(probs, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(probs.to(v_tile.dtype), v_tile)
+        row_max = new_max
+
+    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    acc = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
+    tl.store(out + rows, acc.to(out.dtype.element_ty), mask=head_ok[:, None])
+    tl.store(lse + token * HQ + group * R + heads, (safe_max + tl.log2(row_sum)) * LN2, mask=head_ok)
+
+
+@triton.jit
+def sparse_attention_bwd_dq_kernel(
+    q, k, v, block_indices, token_starts,
+    dout,  # [T, HQ, D]
+    lse,  # float32 [T, HQ]
+    delta,  # float32 [T, HQ]: rowsum(out * dout)
+    dq,  # [T, HQ, D], written
+    scale_log2,
+    scale,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    R: tl.constexpr,
+    RP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TOPK: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    token = tl.program_id(0)
+    group = tl.program_id(1)
+    start = tl.load(token_starts + token)
+    pos = token - start
+    heads = tl.arange(0, RP)
+    head_ok = heads < R
+    dims = tl.arange(0, D)
+    rows = (token * HQ + group * R + heads)[:, None] * D + dims[None, :]
+    q_tile = tl.load(q + rows, mask=head_ok[:, None], other=0.0)
+    do_tile = tl.load(dout + rows, mask=head_ok[:, None], other=0.0)
+    if UPCAST:
+        q_tile, do_tile = q_tile.to(tl.float32), do_tile.to(tl.float32)
+    row_lse = tl.load(lse + token * HQ + group * R + heads, mask=head_ok, other=float("inf")) * LOG2E
+    row_lse = tl.where(row_lse == float("-inf"), float("inf"), row_lse)  # empty rows: no probability mass
+    row_delta = tl.load(delta + token * HQ + group * R + heads, mask=head_ok, other=0.0)
+
+    dq_acc = tl.zeros((RP, D), tl.float32)
+    for slot in range(TOPK):
+        block = tl.load(block_indices + (token * G + group) * TOPK + slot)
+        k_tile, visible = _load_block(k, start, block, pos, group, dims, G, D, BLOCK_SIZE)
+        v_tile, _ = _load_block(v, start, block, pos, group, dims, G, D, BLOCK_SIZE)
+        if UPCAST:
+            k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
+        scores = tl.dot(q_tile, tl.trans(k_tile)) * scale_log2
+        probs = tl.where(visible[None, :], tl.exp2(scores - row_lse[:, None]), 0.0)
+        dprobs = tl.dot(do_tile, tl.trans(v_tile))
+        dscores = probs * (dprobs - row_delta[:, None])
+        dq_acc += tl.dot(dscores.to(k_tile.dtype), k_tile)
+    tl.store(dq + rows, (dq_acc * scale).to(dq.dtype.element_ty), mask=head_ok[:, None])
+
+
+@triton.jit
+def sparse_attention_bwd_dkv_kernel(
+    q, k, v, dout, lse, delta,
+    cu_seqlens,  # int32 [n + 1]
+    csr_offsets,  # int32 [G * n * MAX_BLOCKS + 1]
+    csr_tokens,  # int32 [nnz]: tokens that selected each (group, block), ascending
+    dk,  # [T, G, D], written
+    dv,  # [T, G, D], written
+    scale_log2,
+    scale,
+    n_block_slots,  # n * MAX_BLOCKS
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    R: tl.constexpr,
+    RP: tl.constexpr,  # R rounded up to a power of two
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr,
+    QT: tl.constexpr,  # selecting tokens per step; rows = QT * RP
+    UPCAST: tl.constexpr,
+):
+    block_slot = tl.program_id(0)
+    group = tl.program_id(1)
+    seq = block_slot // MAX_BLOCKS
+    block = block_slot % MAX_BLOCKS
+    start = tl.load(cu_seqlens + seq)
+    seqlen = tl.load(cu_seqlens + seq + 1) - start
+    if block * BLOCK_SIZE >= seqlen:
+        return
+    dims = tl.arange(0, D)
+    k_pos = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    key_ok = k_pos < seqlen
+    kv_rows = ((start + k_pos) * G + group)[:, None] * D + dims[None, :]
+    k_tile = tl.load(k + kv_rows, mask=key_ok[:, None], other=0.0)
+    v_tile = tl.load(v + kv_rows, mask=key_ok[:, None], other=0.0)
+    if UPCAST:
+        k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
+
+    ROWS: tl.constexpr = QT * RP
+    rows = tl.arange(0, ROWS)
+    heads = rows % RP
+    first = tl.load(csr_offsets + group * n_block_slots + block_slot)
+    last = tl.load(csr_offsets + group * n_block_slots + block_slot + 1)
+    dk_acc = tl.zeros((BLOCK_SIZE, D), tl.float32)
+    dv_acc = tl.zeros((BLOCK_SIZE, D), tl.float32)
+    for entry in range(first, last, QT):
+        entry_rows = entry + rows // RP
+        row_ok = (entry_rows < last) & (heads < R)
+        token = tl.load(csr_tokens + entry_rows, mask=row_ok, other=0)
+        head_index = token * HQ + group * R + heads
+        q_rows = tl.load(q + head_index[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+        do_rows = tl.load(dout + head_index[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+        if UPCAST:
+            q_rows, do_rows = q_rows.to(tl.float32), do_rows.to(tl.float32)
+        row_lse = tl.load(lse + head_index, mask=row_ok, other=0.0) * LOG2E
+        row_delta = tl.load(delta + head_index, mask=row_ok, other=0.0)
+        visible = row_ok[:, None] & (k_pos[None, :] <= (token - start)[:, None]) & key_ok[None, :]
+        scores = tl.dot(q_rows, tl.trans(k_tile)) * scale_log2
+        probs = tl.where(visible, tl.exp2(scores - row_lse[:, None]), 0.0)
+        dv_acc += tl.dot(tl.trans(probs.to(do_rows.dtype)), do_rows)
+        dprobs = tl.dot(do_rows, tl.trans(v_tile))
+        dscores = probs * (dprobs - row_delta[:, None])
+        dk_acc += tl.dot(tl.trans(dscores.to(q_rows.dtype)), q_rows)
+    tl.store(dk + kv_rows, (dk_acc * scale).to(dk.dtype.element_ty), mask=key_ok[:, None])
+    tl.store(dv + kv_rows, dv_acc.to(dv.dtype.element_ty), mask=key_ok[:, None])

@@ -1,0 +1,182 @@
+"""The Triton kernels against the float64 reference (MSA_BACKEND=triton).
+
+On a CPU they run under TRITON_INTERPRET=1 (set by conftest.py) on small
+shapes in float32/float16; on a GPU (scripts/gpu_check.sh) on larger shapes
+in bfloat16/float16/float32. Every allocation made during a kernel call is
+poisoned (NaN, or 2**30 for integers) so that unwritten outputs fail.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import msa
+from helpers import cu_seqlens_of, pack, rand_inputs, rel_err
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.bfloat16, torch.float16, torch.float32] if ON_GPU else [torch.float32, torch.float16]
+# ||out - ref|| / ||ref|| bounds (METHOD.md): tf32 dots on GPUs for float32 inputs.
+BOUNDS = {torch.float32: 2e-3 if ON_GPU else 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+# (batch, seqlen, heads, groups, head_dim, index_dim, block_size, topk)
+if ON_GPU:
+    SHAPES = [(2, 1000, 16, 2, 64, 64, 64, 4), (1, 2100, 8, 1, 128, 128, 128, 16), (1, 777, 32, 4, 128, 64, 64, 8),
+              (2, 300, 4, 4, 64, 128, 16, 1), (1, 1500, 48, 8, 64, 64, 128, 32)]
+else:
+    SHAPES = [(2, 70, 4, 2, 16, 16, 16, 3), (1, 90, 3, 3, 16, 32, 16, 2), (1, 50, 8, 2, 32, 16, 32, 1)]
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("MSA_BACKEND", "triton")
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(x):
+        return x.fill_(math.nan) if x.is_floating_point() else x.fill_(2**30)
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+
+
+def inputs_for(shape, dtype, seed):
+    batch, seqlen, heads, groups, head_dim, index_dim, _, _ = shape
+    return rand_inputs(batch, seqlen, heads, groups, head_dim, index_dim, dtype=dtype, seed=seed, device=DEVICE)
+
+
+def block_scores(index_q, index_k, block_size):
+    """float64 ``[B, S, G, n_blocks]`` max-pooled index logits (-inf for invisible blocks)."""
+    seqlen, index_dim = index_q.shape[1], index_q.shape[-1]
+    logits = torch.einsum("bqgd,bkd->bqgk", index_q.double(), index_k[:, :, 0].double()) * index_dim**-0.5
+    visible = torch.arange(seqlen, device=logits.device) <= torch.arange(seqlen, device=logits.device)[:, None]
+    logits = logits.masked_fill(~visible[None, :, None, :], -math.inf)
+    n_blocks = math.ceil(seqlen / block_size)
+    logits = torch.nn.functional.pad(logits, (0, n_blocks * block_size - seqlen), value=-math.inf)
+    return logits.unflatten(-1, (n_blocks, block_size)).amax(-1)
+
+
+def assert_selection_matches(blocks, index_q, index_k, block_size, topk, tol):
+    """Same structure as the reference selection; where sets differ, only by near-ties (scores within tol)."""
+    ref = msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=block_size, topk=topk)
+    assert blocks.dtype == torch.int32 and blocks.shape == ref.shape
+    assert torch.equal((blocks >= 0).sum(-1), (ref >= 0).sum(-1))
+    local = (torch.arange(blocks.shape[1], device=blocks.device) // block_size)[None, :, None, None]
+    assert (blocks == local).any(-1).all() and (blocks <= local).all() and (blocks >= -1).all()
+    scores = torch.nn.functional.pad(block_scores(index_q, index_k, block_size), (0, 1), value=-math.inf)
+    scores.scatter_(-1, local.expand(*blocks.shape[:-1], 1), math.inf)
+
+    def picked(b):
+        return torch.gather(scores, -1, b.long().masked_fill(b < 0, scores.shape[-1] - 1)).sort(-1).values
+
+    mine, theirs = picked(blocks), picked(ref)
+    finite = torch.isfinite(theirs)
+    assert torch.equal(torch.isfinite(mine), finite)
+    assert ((mine - theirs).abs()[finite] <= tol).all()
+    differing = (blocks.sort(-1).values != ref.sort(-1).values).any(-1).double().mean().item()
+    assert differing < 0.01, f"{differing:.2%} of rows select other blocks"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_select_blocks_kernel(shape, dtype):
+    *_, index_q, index_k = inputs_for(shape, dtype, seed=21)
+    block_size, topk = shape[6], shape[7]
+    blocks, lse = msa.select_blocks(index_q, index_k, block_size=block_size, topk=topk, return_lse=True)
+    assert_selection_matches(blocks, index_q, index_k, block_size, topk, tol=1e-2 if dtype != torch.float32 else 1e-4)
+    # the index LSE of a selection is the LSE of attention with index_q as queries and index_k as keys
+    iq64, ik64 = index_q.double(), index_k.double().expand_as(index_q)
+    _, ref_lse = msa.reference.sparse_attention(iq64, ik64, ik64, blocks, block_size=block_size, return_lse=True)
+    assert lse.dtype == torch.float32 and rel_err(lse, ref_lse) < BOUNDS[dtype]
+
+
+def _reference_sparse(q, k, v, blocks, block_size, grad_out):
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    out, lse = msa.reference.sparse_attention(q64, k64, v64, blocks, block_size=block_size, return_lse=True)
+    grads = torch.autograd.grad(out, (q64, k64, v64), grad_out.double())
+    return out, lse, grads
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_attention_kernels(shape, dtype):
+    q, k, v, index_q, index_k = inputs_for(shape, dtype, seed=22)
+    block_size, topk = shape[6], shape[7]
+    blocks = msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=block_size, topk=topk)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out, lse = msa.sparse_attention(q, k, v, blocks, block_size=block_size, return_lse=True)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_out, ref_lse, ref_grads = _reference_sparse(q, k, v, blocks, block_size, grad_out)
+    bound = BOUNDS[dtype]
+    assert out.dtype == dtype and rel_err(out, ref_out) < bound
+    assert rel_err(lse, ref_lse) < bound
+    for name, grad, ref in zip("qkv", grads, ref_grads):
+        assert rel_err(grad, ref) < 2 * bound, f"d{name}"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("give_main_lse", [False, True])
+def test_index_kl_kernels(shape, dtype, give_main_lse):
+    q, k, v, index_q, index_k = inputs_for(shape, dtype, seed=23)
+    block_size, topk = shape[6], shape[7]
+    blocks = msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=block_size, topk=topk)
+    main_lse = msa.sparse_attention(q, k, v, blocks, block_size=block_size, return_lse=True)[1] if give_main_lse else None
+    index_q, index_k = index_q.requires_grad_(), index_k.requires_grad_()
+    loss = msa.index_kl_loss(q, k, index_q, index_k, blocks, block_size=block_size, main_lse=main_lse)
+    grads = torch.autograd.grad(loss, (index_q, index_k))
+    iq64, ik64 = (x.detach().double().requires_grad_() for x in (index_q, index_k))
+    ref = msa.reference.index_kl_loss(q.double(), k.double(), iq64, ik64, blocks, block_size=block_size)
+    ref_grads = torch.autograd.grad(ref, (iq64, ik64))
+    bound = BOUNDS[dtype]
+    assert rel_err(loss, ref) < bound
+    for name, grad, ref_grad in zip(("index_q", "index_k"), grads, ref_grads):
+        assert grad.dtype == dtype and rel_err(grad, ref_grad) < 2 * bound, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:1])
+def test_kernels_varlen_with_empty_sequence(dtype):
+    shape = SHAPES[0]
+    seqlens = [shape[1] // 2, 0, shape[1] - 3]
+    q, k, v, index_q, index_k = rand_inputs(3, shape[1], *shape[2:6], dtype=dtype, seed=24, device=DEVICE)
+    packed = [pack(x, seqlens) for x in (q, k, v, index_q, index_k)]
+    cu_seqlens = cu_seqlens_of(seqlens, device=DEVICE)
+    block_size, topk = shape[6], shape[7]
+    blocks = msa.select_blocks(packed[3], packed[4], block_size=block_size, topk=topk, cu_seqlens=cu_seqlens)
+    ref_blocks = msa.reference.select_blocks(*(x.double() for x in packed[3:]), block_size=block_size, topk=topk,
+                                             cu_seqlens=cu_seqlens)
+    assert torch.equal(blocks.sort(-1).values, ref_blocks.sort(-1).values)
+    q_, k_, v_ = (x.requires_grad_() for x in packed[:3])
+    out = msa.sparse_attention(q_, k_, v_, blocks, block_size=block_size, cu_seqlens=cu_seqlens)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q_, k_, v_), grad_out)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in packed[:3])
+    ref = msa.reference.sparse_attention(q64, k64, v64, blocks, block_size=block_size, cu_seqlens=cu_seqlens)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())
+    assert rel_err(out, ref) < BOUNDS[dtype]
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert rel_err(grad, ref_grad) < 2 * BOUNDS[dtype]
+    kl = msa.index_kl_loss(*packed[:2], *packed[3:], blocks, block_size=block_size, cu_seqlens=cu_seqlens)
+    ref_kl = msa.reference.index_kl_loss(*(x.double() for x in packed[:2] + packed[3:]), blocks,
+                                         block_size=block_size, cu_seqlens=cu_seqlens)
+    assert rel_err(kl, ref_kl) < BOUNDS[dtype]
+
+
+def test_unsupported_shape_falls_back_with_one_warning():
+    q, k, v, index_q, index_k = rand_inputs(1, 40, 2, 1, 8, 8, dtype=torch.float32, seed=25, device=DEVICE)
+    blocks = msa.reference.select_blocks(index_q, index_k, block_size=8, topk=2)
+    with pytest.warns(UserWarning, match="do not support head dim 8"):
+        out = msa.sparse_attention(q, k, v, blocks, block_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        msa.sparse_attention(q, k, v, blocks, block_size=8)  # warned once already
+    assert rel_err(out, msa.reference.sparse_attention(q.double(), k.double(), v.double(), blocks, block_size=8)) < 1e-5
+
+
+def test_bad_backend_name(monkeypatch):
+    monkeypatch.setenv("MSA_BACKEND", "cuda")
+    *_, index_q, index_k = rand_inputs(1, 16, 2, 1, 16, 16, dtype=torch.float32, device=DEVICE)
+    with pytest.raises(ValueError, match="MSA_BACKEND must be one of"):
+        msa.select_blocks(index_q, index_k, block_size=16)
