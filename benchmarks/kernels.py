@@ -55,6 +55,27 @@ def matmul_ceiling_tflops() -> float:
     return 2 * 8192**3 / time_ms(lambda: a @ b, 3, 20) / 1e9
 
 
+def tune_indexer(seqlen: int, console) -> dict:
+    """Time select_blocks_kernel configurations on the paper's layer; returns ms per config."""
+    c = LAYER
+    index_q = torch.randn(seqlen, c["groups"], c["index_dim"], device="cuda", dtype=torch.bfloat16)
+    index_k = torch.randn(seqlen, 1, c["index_dim"], device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
+    results = {}
+    for rows in (64, 128, 256):
+        for warps in (4, 8):
+            for stages in (2, 3, 4):
+                config = (rows, warps, stages)
+                try:
+                    results[str(config)] = time_ms(lambda: kernels.select_blocks(
+                        index_q, index_k, cu, seqlen, c["block_size"], c["topk"], c["index_dim"] ** -0.5, config), 2, 5)
+                except Exception as error:  # e.g. out of shared memory or registers
+                    results[str(config)] = str(error).splitlines()[0][:100]
+    best = min((v, k) for k, v in results.items() if isinstance(v, float))
+    console.print(f"indexer configs at S={seqlen}: best {best[1]} {best[0]:.2f} ms (default {kernels.INDEXER_CONFIG})")
+    return results
+
+
 def dense_runner(backend, q, k, v):
     """SDPA on ``[B, S, H, D]`` with one backend; GQA through enable_gqa."""
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
@@ -84,33 +105,36 @@ def bench_seqlen(seqlen: int, warmup: int, repeats: int, with_fa2: bool, progres
     starts = token_positions(cu, seqlen)[0].int()
     pq, pk, pv, piq, pik = (x[0].contiguous() for x in (q, k, v, index_q, index_k))
     blocks = kernels.select_blocks(piq, pik, cu, seqlen, c["block_size"], c["topk"], index_scale)
-    out, lse = kernels.sparse_attention_fwd(pq, pk, pv, blocks, starts, c["block_size"], scale)
+    bs = c["block_size"]
+    out, lse = kernels.sparse_attention_fwd(pq, pk, pv, blocks, starts, cu, seqlen, bs, scale)
     dout = torch.randn_like(out)
     t = {}
-    t["indexer"] = time_ms(lambda: kernels.select_blocks(piq, pik, cu, seqlen, c["block_size"], c["topk"],
-                                                         index_scale), warmup, repeats)
-    t["sparse_fwd"] = time_ms(lambda: kernels.sparse_attention_fwd(pq, pk, pv, blocks, starts, c["block_size"], scale),
-                              warmup, repeats)
+    t["indexer"] = time_ms(lambda: kernels.select_blocks(piq, pik, cu, seqlen, bs, c["topk"], index_scale),
+                           warmup, repeats)
+    for schedule in ("query", "kv"):
+        t[f"sparse_fwd_{schedule}"] = time_ms(lambda: kernels.sparse_attention_fwd(
+            pq, pk, pv, blocks, starts, cu, seqlen, bs, scale, schedule=schedule), warmup, repeats)
     t["sparse_bwd"] = time_ms(lambda: kernels.sparse_attention_bwd(pq, pk, pv, out, lse, dout, blocks, starts, cu,
-                                                                   seqlen, c["block_size"], scale), warmup, repeats)
-    kl_rows, index_lse, teacher_lse = kernels.index_kl_fwd(pq, pk, piq, pik, blocks, starts, c["block_size"], scale,
+                                                                   seqlen, bs, scale), warmup, repeats)
+    kl_rows, index_lse, teacher_lse = kernels.index_kl_fwd(pq, pk, piq, pik, blocks, cu, seqlen, bs, scale,
                                                            index_scale, lse)
-    t["kl_fwd"] = time_ms(lambda: kernels.index_kl_fwd(pq, pk, piq, pik, blocks, starts, c["block_size"], scale,
-                                                       index_scale, lse), warmup, repeats)
+    t["kl_fwd"] = time_ms(lambda: kernels.index_kl_fwd(pq, pk, piq, pik, blocks, cu, seqlen, bs, scale, index_scale,
+                                                       lse), warmup, repeats)
     grad_scale = torch.ones(1, device="cuda")
     t["kl_bwd"] = time_ms(lambda: kernels.index_kl_bwd(pq, pk, piq, pik, blocks, starts, cu, seqlen, teacher_lse,
-                                                       index_lse, grad_scale, c["block_size"], scale, index_scale),
-                          warmup, repeats)
+                                                       index_lse, grad_scale, bs, scale, index_scale), warmup, repeats)
     row["kernel_ms"] = t
     fraction = attended_fraction(blocks[None], c["block_size"])
     attended = fraction * seqlen * (seqlen + 1) / 2  # (query, key) pairs per group
     row["attended_fraction"] = fraction
     flops = {
         "indexer": 2 * c["groups"] * c["index_dim"] * seqlen * (seqlen + 1) / 2,
-        "sparse_fwd": 4 * c["heads"] * c["head_dim"] * attended,
-        "sparse_bwd": 7 * 2 * c["heads"] * c["head_dim"] * attended,  # QK, dO V (dq and dkv passes), dS K, P dO, dS Q
-        "kl_fwd": 2 * c["heads"] * c["head_dim"] * attended,
-        "kl_bwd": 2 * 2 * c["heads"] * c["head_dim"] * attended,  # teacher QK in both passes
+        "sparse_fwd_query": 4 * c["heads"] * c["head_dim"] * attended,
+        "sparse_fwd_kv": 4 * c["heads"] * c["head_dim"] * attended,
+        "sparse_bwd": 5 * 2 * c["heads"] * c["head_dim"] * attended,  # QK, P^T dO, dO V^T, dS^T Q, dS K
+        # teacher QK (Hq heads x D) and student logits (computed on each of the R head rows)
+        "kl_fwd": 2 * c["heads"] * (c["head_dim"] + c["index_dim"]) * attended,
+        "kl_bwd": 2 * c["heads"] * (c["head_dim"] + 3 * c["index_dim"]) * attended,
     }
     row["kernel_tflops"] = {name: flops[name] / t[name] / 1e9 for name in t}
 
@@ -159,6 +183,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seqlens", default="8192,32768,131072")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tune", type=int, default=0, help="time indexer configurations at this length first")
     parser.add_argument("--long", type=int, default=262144, help="from this length on: 1 warm-up, 2 repeats, no FA2")
     args = parser.parse_args()
     console = Console()
@@ -170,6 +195,8 @@ def main() -> None:
               "layer": LAYER, "dtype": "bfloat16", "batch": 1}
     record["matmul_ceiling_tflops"] = matmul_ceiling_tflops()
     console.print(f"{device}: bf16 matmul ceiling {record['matmul_ceiling_tflops']:.0f} TFLOP/s")
+    if args.tune:
+        record["indexer_configs_ms"] = tune_indexer(args.tune, console)
     rows = []
     seqlens = [int(s) for s in args.seqlens.split(",")]
     with Progress(console=console) as progress:

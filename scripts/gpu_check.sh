@@ -13,9 +13,9 @@ if [ -d .whl ] && ! python3 -c "import pytest, hypothesis, rich" 2>/dev/null; th
     export PYTHONPATH=src:/tmp/site
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/device.txt"
-python3 -m pytest -q -x ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log"
+python3 -m pytest -q ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 if [ "${SEQLENS:-}" != "none" ]; then
-    python3 benchmarks/kernels.py --out "$OUT" --seqlens "${SEQLENS:-8192,32768,131072}" 2>&1 | tee "$OUT/bench.log"
+    python3 benchmarks/kernels.py --out "$OUT" --seqlens "${SEQLENS:-8192,32768,131072}" --tune "${TUNE:-0}" 2>&1 | tee "$OUT/bench.log"
 fi
 exit "$tests_rc"

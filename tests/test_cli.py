@@ -3,21 +3,25 @@
 import json
 
 import pytest
+import torch
 
 from msa.cli import main
+
+# float32 on a GPU runs the kernels' dots in tf32
+BOUND = 2e-3 if torch.cuda.is_available() else 1e-5
 
 
 def test_bench_prints_table_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", "--seqlens", "64,128", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
-                 "--index-head-dim", "16", "--block-size", "16", "--topk", "2", "--repeats", "1",
+                 "--index-head-dim", "16", "--block-size", "16", "--topk", "2", "--repeats", "1", "--dtype", "float32",
                  "--json", str(path)]) == 0
     printed = capsys.readouterr().out
     assert "MSA vs dense causal attention" in printed and "speed-up" in printed
     record = json.loads(path.read_text())
     assert [row["seqlen"] for row in record["rows"]] == [64, 128]
     for row in record["rows"]:
-        assert row["rel_err"] < 1e-5 and row["selection_match"] > 0.9
+        assert row["rel_err"] < BOUND and row["selection_match"] > 0.9
         assert 0 < row["attended_fraction"] <= 1 and row["dense_ms"] > 0 and row["msa_ms"] > 0
     # block 16 x topk 2 of 128 keys: the 64 queries past position 63 see at most 32 of their i + 1 keys
     assert record["rows"][1]["attended_fraction"] < 0.7

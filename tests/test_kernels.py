@@ -98,9 +98,22 @@ def _reference_sparse(q, k, v, blocks, block_size, grad_out):
     return out, lse, grads
 
 
+@pytest.fixture(params=["kv-outer forward, atomic dq", "query-outer forward, deterministic dq"])
+def schedule(request, monkeypatch):
+    """Both forward schedules and both dq paths of the backward."""
+    from msa import kernels
+
+    kv_outer = request.param.startswith("kv")
+    monkeypatch.setattr(kernels, "KV_OUTER_MIN_TOKENS", 0 if kv_outer else 2**62)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(not kv_outer, warn_only=True)
+    yield request.param
+    torch.use_deterministic_algorithms(deterministic)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sparse_attention_kernels(shape, dtype):
+def test_sparse_attention_kernels(shape, dtype, schedule):
     q, k, v, index_q, index_k = inputs_for(shape, dtype, seed=22)
     block_size, topk = shape[6], shape[7]
     blocks = msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=block_size, topk=topk)
@@ -119,7 +132,7 @@ def test_sparse_attention_kernels(shape, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("give_main_lse", [False, True])
-def test_index_kl_kernels(shape, dtype, give_main_lse):
+def test_index_kl_kernels(shape, dtype, give_main_lse, schedule):
     q, k, v, index_q, index_k = inputs_for(shape, dtype, seed=23)
     block_size, topk = shape[6], shape[7]
     blocks = msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=block_size, topk=topk)
@@ -137,7 +150,7 @@ def test_index_kl_kernels(shape, dtype, give_main_lse):
 
 
 @pytest.mark.parametrize("dtype", DTYPES[:1])
-def test_kernels_varlen_with_empty_sequence(dtype):
+def test_kernels_varlen_with_empty_sequence(dtype, schedule):
     shape = SHAPES[0]
     seqlens = [shape[1] // 2, 0, shape[1] - 3]
     q, k, v, index_q, index_k = rand_inputs(3, shape[1], *shape[2:6], dtype=dtype, seed=24, device=DEVICE)

@@ -14,17 +14,28 @@ import os
 import torch
 import triton
 
-from msa.kernels.block_csr import build_block_csr
-from msa.kernels.index_kl import index_kl_bwd_dk_kernel, index_kl_bwd_dq_kernel, index_kl_fwd_kernel
+from msa.kernels.block_csr import build_block_csr, token_sequences
+from msa.kernels.index_kl import index_kl_bwd_dk_kernel, index_kl_bwd_dq_kernel, index_kl_fwd_partial_kernel
 from msa.kernels.indexer import select_blocks_kernel, support_lse_kernel
 from msa.kernels.sparse_attention import (
     LOG2E,
+    merge_partials_kernel,
     sparse_attention_bwd_dkv_kernel,
     sparse_attention_bwd_dq_kernel,
     sparse_attention_fwd_kernel,
+    sparse_attention_fwd_partial_kernel,
 )
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Workspace of the KV-outer forward's partial outputs; longer inputs run in query chunks.
+WORKSPACE_BYTES = 4 << 30
+# From this many tokens on, the forward runs KV-outer (see benchmarks/README.md).
+KV_OUTER_MIN_TOKENS = 4096
+# (token, head) rows per KV-outer tile; (head, slot) partial rows per merge program.
+KV_OUTER_ROWS = 64
+MERGE_ROWS = 16
+# select_blocks_kernel: (rows = queries x groups per program, num_warps, num_stages)
+INDEXER_CONFIG = (128, 8, 3)
 
 
 def _pow2(n: int, minimum: int = 1) -> int:
@@ -37,17 +48,22 @@ def _heads(q: torch.Tensor, k: torch.Tensor) -> dict:
     return dict(HQ=n_heads, G=n_groups, R=per_group, RP=_pow2(per_group, 16), D=q.shape[2])
 
 
-def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int, topk: int, scale: float):
-    """``index_q`` ``[T, G, Di]``, ``index_k`` ``[T, 1, Di]`` -> int32 ``[T, G, topk]``."""
+def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int, topk: int, scale: float,
+                  config: tuple[int, int, int] = INDEXER_CONFIG):
+    """``index_q`` ``[T, G, Di]``, ``index_k`` ``[T, 1, Di]`` -> int32 ``[T, G, topk]``.
+
+    ``config``: (rows per program = queries x groups, num_warps, num_stages).
+    """
     total, n_groups, index_dim = index_q.shape
+    rows, num_warps, num_stages = config
     block_indices = torch.empty(total, n_groups, topk, dtype=torch.int32, device=index_q.device)
     groups_pow2 = _pow2(n_groups)
-    block_m = max(1, 128 // groups_pow2)
+    block_m = max(1, rows // groups_pow2)
     grid = (triton.cdiv(max(max_seqlen, 1), block_m), cu_seqlens.numel() - 1)
     select_blocks_kernel[grid](
         index_q, index_k, cu_seqlens, block_indices, scale,
         G=n_groups, GP=groups_pow2, DI=index_dim, BLOCK_SIZE=block_size, TOPK=topk, KP=_pow2(topk - 1),
-        BLOCK_M=block_m, BLOCK_N=max(block_size, 64), UPCAST=INTERPRET, num_warps=8)
+        BLOCK_M=block_m, BLOCK_N=max(block_size, 64), UPCAST=INTERPRET, num_warps=num_warps, num_stages=num_stages)
     return block_indices
 
 
@@ -62,11 +78,63 @@ def support_lse(index_q, index_k, block_indices, token_starts, block_size: int, 
     return lse
 
 
-def sparse_attention_fwd(q, k, v, block_indices, token_starts, block_size: int, scale: float):
-    """Returns ``out`` ``[T, Hq, D]`` (dtype of q) and float32 ``lse`` ``[T, Hq]``."""
+def _csr(block_indices, cu_seqlens, max_seqlen: int, block_size: int, start: int = 0, end: int | None = None):
+    sequences = token_sequences(cu_seqlens, block_indices.shape[0])[start:end]
+    return build_block_csr(block_indices[start:end], sequences, cu_seqlens.numel() - 1,
+                           max(1, triton.cdiv(max_seqlen, block_size)), token_offset=start)
+
+
+def _kv_outer_heads(q, k) -> dict:
+    heads = _heads(q, k)
+    return dict(heads, QT=max(1, KV_OUTER_ROWS // heads["RP"]))
+
+
+def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
+                       out=None, lse=None):
+    """KV-outer forward in query chunks whose partials fit ``WORKSPACE_BYTES``.
+
+    With ``out`` (``[T, Hq, D]``) the merged output and ``lse`` are written;
+    without, only ``lse`` (the LSE pass that the KL loss's teacher needs).
+    """
+    total, n_heads, head_dim = q.shape
+    topk = block_indices.shape[-1]
+    per_token = n_heads * topk * (4 + (head_dim * q.element_size() if out is not None else 0))
+    chunk = max(1, min(total, WORKSPACE_BYTES // per_token))
+    partial_lse = torch.empty(chunk, n_heads, topk, dtype=torch.float32, device=q.device)
+    partial_out = torch.empty(chunk, n_heads, topk, head_dim, dtype=q.dtype, device=q.device) if out is not None \
+        else partial_lse
+    heads = _kv_outer_heads(q, k)
+    for start in range(0, total, chunk):
+        end = min(total, start + chunk)
+        csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size, start, end)
+        partial_lse.fill_(float("-inf"))
+        sparse_attention_fwd_partial_kernel[(csr.n_block_slots, k.shape[1])](
+            q, k, v, cu_seqlens, csr.offsets, csr.entries, partial_out, partial_lse, scale * LOG2E.value,
+            csr.n_block_slots, start, **heads, BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk,
+            WRITE_OUT=out is not None, UPCAST=INTERPRET, num_warps=4)
+        rows = (end - start) * n_heads
+        if out is None:
+            lse[start:end] = torch.logsumexp(partial_lse[: end - start], dim=-1)
+            continue
+        merge_partials_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
+            partial_out, partial_lse, out[start:end], lse[start:end], rows, TOPK=topk, KP=_pow2(topk), D=head_dim,
+            HEADS=MERGE_ROWS, num_warps=4)
+
+
+def sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen: int, block_size: int,
+                         scale: float, schedule: str = "auto"):
+    """Returns ``out`` ``[T, Hq, D]`` (dtype of q) and float32 ``lse`` ``[T, Hq]``.
+
+    ``schedule``: ``"query"`` (query-outer), ``"kv"`` (KV-outer with merged
+    partials) or ``"auto"`` (KV-outer from ``KV_OUTER_MIN_TOKENS`` tokens on).
+    """
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-    if q.shape[0]:
+    if not q.shape[0]:
+        return out, lse
+    if schedule == "kv" or (schedule == "auto" and q.shape[0] >= KV_OUTER_MIN_TOKENS):
+        _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen, block_size, scale, out, lse)
+    else:
         sparse_attention_fwd_kernel[(q.shape[0], k.shape[1])](
             q, k, v, block_indices, token_starts, out, lse, scale * LOG2E.value,
             **_heads(q, k), BLOCK_SIZE=block_size, TOPK=block_indices.shape[-1], UPCAST=INTERPRET, num_warps=4)
@@ -74,61 +142,80 @@ def sparse_attention_fwd(q, k, v, block_indices, token_starts, block_size: int, 
 
 
 def sparse_attention_bwd(q, k, v, out, lse, dout, block_indices, token_starts, cu_seqlens, max_seqlen: int,
-                         block_size: int, scale: float):
-    """Returns ``dq, dk, dv`` (dtypes of q, k, v); deterministic."""
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+                         block_size: int, scale: float, deterministic: bool = False):
+    """Returns ``dq, dk, dv`` (dtypes of q, k, v).
+
+    dk/dv come from the KV-outer kernel; dq from float32 atomics in the same
+    kernel, or with ``deterministic`` from the query-outer kernel.
+    """
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     if not q.shape[0]:
-        return dq, dk, dv
+        return torch.empty_like(q), dk, dv
     delta = (out.float() * dout.float()).sum(-1)
-    heads = _heads(q, k)
-    common = dict(**heads, BLOCK_SIZE=block_size, UPCAST=INTERPRET)
-    sparse_attention_bwd_dq_kernel[(q.shape[0], k.shape[1])](
-        q, k, v, block_indices, token_starts, dout, lse, delta, dq, scale * LOG2E.value, scale,
-        TOPK=block_indices.shape[-1], **common, num_warps=4)
-    csr = build_block_csr(block_indices, cu_seqlens, max_seqlen, block_size)
+    heads = _kv_outer_heads(q, k)
+    topk = block_indices.shape[-1]
+    dq_accum = dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if not deterministic \
+        else torch.empty_like(q)
+    if deterministic:
+        sparse_attention_bwd_dq_kernel[(q.shape[0], k.shape[1])](
+            q, k, v, block_indices, token_starts, dout, lse, delta, dq, scale * LOG2E.value, scale,
+            **_heads(q, k), BLOCK_SIZE=block_size, TOPK=topk, UPCAST=INTERPRET, num_warps=4)
+    csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
     sparse_attention_bwd_dkv_kernel[(csr.n_block_slots, k.shape[1])](
-        q, k, v, dout, lse, delta, cu_seqlens, csr.offsets, csr.tokens, dk, dv, scale * LOG2E.value, scale,
-        csr.n_block_slots, MAX_BLOCKS=csr.max_blocks, QT=max(1, 64 // heads["RP"]), **common, num_warps=8)
-    return dq, dk, dv
+        q, k, v, dout, lse, delta, cu_seqlens, csr.offsets, csr.entries, dk, dv, dq_accum, scale * LOG2E.value, scale,
+        csr.n_block_slots, **heads, BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk,
+        ATOMIC_DQ=not deterministic, UPCAST=INTERPRET, num_warps=8)
+    return dq.to(q.dtype), dk, dv
 
 
-def index_kl_fwd(q, k, index_q, index_k, block_indices, token_starts, block_size: int, scale: float,
+def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
                  index_scale: float, teacher_lse=None):
     """Returns float32 ``kl_rows`` ``[T, G]``, ``index_lse`` ``[T, G]`` and ``teacher_lse`` ``[T, Hq]``.
 
     ``teacher_lse`` (the Main Branch LSE over the same support) is computed
-    when not given.
+    by a KV-outer LSE pass when not given.
     """
     total, n_groups = index_q.shape[:2]
-    kl_rows = torch.empty(total, n_groups, dtype=torch.float32, device=q.device)
-    index_lse = torch.empty_like(kl_rows)
-    have_teacher_lse = teacher_lse is not None
-    if not have_teacher_lse:
+    topk = block_indices.shape[-1]
+    if teacher_lse is None:
         teacher_lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        if total:
+            _kv_outer_partials(q, k, k, block_indices, cu_seqlens, max_seqlen, block_size, scale, lse=teacher_lse)
+    stats = torch.zeros(4, total, n_groups, topk, dtype=torch.float32, device=q.device)
+    stats[3] = float("-inf")
     if total:
-        index_kl_fwd_kernel[(total, n_groups)](
-            q, k, index_q, index_k, block_indices, token_starts, teacher_lse, kl_rows, index_lse,
-            scale * LOG2E.value, index_scale, **_heads(q, k), DI=index_q.shape[2], BLOCK_SIZE=block_size,
-            TOPK=block_indices.shape[-1], HAVE_TEACHER_LSE=have_teacher_lse, UPCAST=INTERPRET, num_warps=4)
+        csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
+        index_kl_fwd_partial_kernel[(csr.n_block_slots, n_groups)](
+            q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, stats, scale * LOG2E.value,
+            index_scale, csr.n_block_slots, stats[0].numel(), **_kv_outer_heads(q, k), DI=index_q.shape[2],
+            BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, UPCAST=INTERPRET, num_warps=8)
+    p_log_p, p_z, p_sum, block_lse = stats
+    index_lse = torch.logsumexp(block_lse, dim=-1)
+    p_sum = p_sum.sum(-1)
+    kl_rows = torch.where(p_sum > 0, p_log_p.sum(-1) - p_z.sum(-1) + index_lse * p_sum, 0.0)
     return kl_rows, index_lse, teacher_lse
 
 
 def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen: int,
-                 teacher_lse, index_lse, grad_scale, block_size: int, scale: float, index_scale: float):
+                 teacher_lse, index_lse, grad_scale, block_size: int, scale: float, index_scale: float,
+                 deterministic: bool = False):
     """Float32 gradients ``d index_q`` ``[T, G, Di]`` and ``d index_k`` ``[T, 1, Di]`` of
     ``grad_scale * sum(kl_rows)`` (``grad_scale`` a float32 ``[1]`` tensor)."""
     total, n_groups, index_dim = index_q.shape
-    d_index_q = torch.empty(total, n_groups, index_dim, dtype=torch.float32, device=q.device)
+    d_index_q = torch.zeros(total, n_groups, index_dim, dtype=torch.float32, device=q.device)
     partial = torch.empty(n_groups, total, index_dim, dtype=torch.float32, device=q.device)
-    if total:
-        heads = _heads(q, k)
-        common = dict(**heads, DI=index_dim, BLOCK_SIZE=block_size, UPCAST=INTERPRET)
+    if not total:
+        return d_index_q, partial.sum(0).unsqueeze(1)
+    topk = block_indices.shape[-1]
+    if deterministic:
         index_kl_bwd_dq_kernel[(total, n_groups)](
             q, k, index_q, index_k, block_indices, token_starts, teacher_lse, index_lse, grad_scale, d_index_q,
-            scale * LOG2E.value, index_scale, TOPK=block_indices.shape[-1], **common, num_warps=4)
-        csr = build_block_csr(block_indices, cu_seqlens, max_seqlen, block_size)
-        index_kl_bwd_dk_kernel[(csr.n_block_slots, n_groups)](
-            q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.tokens, teacher_lse, index_lse, grad_scale, partial,
-            scale * LOG2E.value, index_scale, csr.n_block_slots, total, MAX_BLOCKS=csr.max_blocks,
-            QT=max(1, 64 // heads["RP"]), **common, num_warps=8)
+            scale * LOG2E.value, index_scale, **_heads(q, k), DI=index_dim, BLOCK_SIZE=block_size, TOPK=topk,
+            UPCAST=INTERPRET, num_warps=4)
+    csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
+    index_kl_bwd_dk_kernel[(csr.n_block_slots, n_groups)](
+        q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, index_lse, grad_scale, partial,
+        d_index_q, scale * LOG2E.value, index_scale, csr.n_block_slots, total, **_kv_outer_heads(q, k), DI=index_dim,
+        BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, ATOMIC_DQ=not deterministic, UPCAST=INTERPRET,
+        num_warps=8)
     return d_index_q, partial.sum(0).unsqueeze(1)

@@ -16,6 +16,33 @@ import triton.language as tl
 
 
 @triton.jit
+def _score_tile(index_k, start, seqlen, tile, iq, q_pos, local, dims, top_scores, top_blocks, scale,
+                CAUSAL: tl.constexpr, ROWS: tl.constexpr, KP: tl.constexpr, DI: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    """Score one key tile, max-pool it per block and insert each block into the rows' running Top-k."""
+    NB: tl.constexpr = BLOCK_N // BLOCK_SIZE
+    k_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    ik = tl.load(index_k + (start + k_pos)[:, None] * DI + dims[None, :], mask=(k_pos < seqlen)[:, None], other=0.0)
+    if UPCAST:
+        ik = ik.to(tl.float32)
+    logits = tl.dot(iq, tl.trans(ik)) * scale
+    if CAUSAL:
+        logits = tl.where(k_pos[None, :] <= q_pos[:, None], logits, float("-inf"))
+    pooled = tl.max(tl.reshape(logits, (ROWS, NB, BLOCK_SIZE)), axis=2)
+    slots = tl.arange(0, KP)
+    for b in tl.static_range(NB):
+        block = tile * NB + b
+        score = tl.max(tl.where(tl.arange(0, NB)[None, :] == b, pooled, float("-inf")), axis=1)
+        score = tl.where(local == block, float("-inf"), score)  # the local block is added at the end
+        weakest = tl.min(top_scores, axis=1)
+        weakest_slot = tl.min(tl.where(top_scores == weakest[:, None], slots[None, :], KP), axis=1)
+        take = (score > weakest)[:, None] & (slots[None, :] == weakest_slot[:, None])
+        top_scores = tl.where(take, score[:, None], top_scores)
+        top_blocks = tl.where(take, block, top_blocks)
+    return top_scores, top_blocks
+
+
+@triton.jit
 def select_blocks_kernel(
     index_q,  # [T, G, DI]
     index_k,  # [T, DI] (the one index-key head)
@@ -39,7 +66,6 @@ def select_blocks_kernel(
     if first_query >= seqlen:
         return
     ROWS: tl.constexpr = BLOCK_M * GP
-    NB: tl.constexpr = BLOCK_N // BLOCK_SIZE
     rows = tl.arange(0, ROWS)
     q_pos = first_query + rows // GP
     group = rows % GP
@@ -54,27 +80,16 @@ def select_blocks_kernel(
     # Slots past TOPK - 1 hold +inf so they are never the minimum, never replaced.
     top_scores = tl.where(slots[None, :] < TOPK - 1, float("-inf"), float("inf")) + tl.zeros((ROWS, KP), tl.float32)
     top_blocks = tl.full((ROWS, KP), -1, tl.int32)
-    tile_blocks = tl.arange(0, NB)
 
     last_query = tl.minimum(first_query + BLOCK_M, seqlen) - 1
-    for tile in range(0, last_query // BLOCK_N + 1):
-        k_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        ik = tl.load(index_k + (start + k_pos)[:, None] * DI + dims[None, :], mask=(k_pos < seqlen)[:, None],
-                     other=0.0)
-        if UPCAST:
-            ik = ik.to(tl.float32)
-        logits = tl.dot(iq, tl.trans(ik)) * scale
-        logits = tl.where(k_pos[None, :] <= q_pos[:, None], logits, float("-inf"))
-        pooled = tl.max(tl.reshape(logits, (ROWS, NB, BLOCK_SIZE)), axis=2)
-        for b in tl.static_range(NB):
-            block = tile * NB + b
-            score = tl.max(tl.where(tile_blocks[None, :] == b, pooled, float("-inf")), axis=1)
-            score = tl.where(local == block, float("-inf"), score)  # the local block is added at the end
-            weakest = tl.min(top_scores, axis=1)
-            weakest_slot = tl.min(tl.where(top_scores == weakest[:, None], slots[None, :], KP), axis=1)
-            take = (score > weakest)[:, None] & (slots[None, :] == weakest_slot[:, None])
-            top_scores = tl.where(take, score[:, None], top_scores)
-            top_blocks = tl.where(take, block, top_blocks)
+    # tiles whose keys every query of the program sees need no causal mask
+    n_open_tiles = (first_query + 1) // BLOCK_N
+    for tile in range(0, n_open_tiles):
+        top_scores, top_blocks = _score_tile(index_k, start, seqlen, tile, iq, q_pos, local, dims, top_scores,
+                                             top_blocks, scale, False, ROWS, KP, DI, BLOCK_SIZE, BLOCK_N, UPCAST)
+    for tile in range(n_open_tiles, last_query // BLOCK_N + 1):
+        top_scores, top_blocks = _score_tile(index_k, start, seqlen, tile, iq, q_pos, local, dims, top_scores,
+                                             top_blocks, scale, True, ROWS, KP, DI, BLOCK_SIZE, BLOCK_N, UPCAST)
 
     out = block_indices + ((start + q_pos) * G + group)[:, None] * TOPK
     tl.store(out + slots[None, :], top_blocks, mask=row_ok[:, None] & (slots[None, :] < TOPK - 1))

@@ -1,14 +1,18 @@
 """Triton kernels of the Main Branch: block-sparse attention forward and backward.
 
-Forward and dq (query-outer): one program per (token, GQA group) packs the
+Query-outer (forward, dq): one program per (token, GQA group) packs the
 group's query heads into the rows of one tile (they share the selected
 blocks) and runs an exact online softmax over the blocks of its row of
-``block_indices``.
+``block_indices``. Each program reads its own ``topk`` K/V blocks, so long
+sequences make it memory-bound.
 
-dk/dv (KV-outer): one program per (key block, group) loads its K/V block once
-and walks the list of queries that selected it (a CSR built on the GPU by
-:func:`msa.kernels.block_csr.build_block_csr`). Each output element has one
-writer, so the backward pass is deterministic.
+KV-outer (forward partials, dk/dv): one program per (key block, group) loads
+its K/V block once and walks the (token, slot) entries that selected it (a
+CSR built on the GPU by :mod:`msa.kernels.block_csr`), QT tokens x the
+group's heads per tile. The forward writes one normalised partial output and
+LSE per (token, head, slot), merged by :func:`merge_partials_kernel`; the
+backward accumulates dk/dv in registers (one writer each) and, unless the
+pass must be deterministic, dq with float32 atomics.
 
 Softmax runs in base 2: ``scale_log2 = softmax_scale * log2(e)``; LSEs are
 stored in natural log.
@@ -89,6 +93,108 @@ def sparse_attention_fwd_kernel(
 
 
 @triton.jit
+def _kv_block(cu_seqlens, block_slot, MAX_BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Sequence offset and length, and first key position, of the block a KV-outer program owns."""
+    seq = block_slot // MAX_BLOCKS
+    start = tl.load(cu_seqlens + seq)
+    seqlen = tl.load(cu_seqlens + seq + 1) - start
+    return start, seqlen, (block_slot % MAX_BLOCKS) * BLOCK_SIZE
+
+
+@triton.jit
+def _entry_rows(csr_entries, entry, last, ROWS: tl.constexpr, RP: tl.constexpr, R: tl.constexpr,
+                TOPK: tl.constexpr):
+    """Rows (token, head) of the QT entries from ``entry``: token, slot, head within group, valid."""
+    rows = tl.arange(0, ROWS)
+    heads = rows % RP
+    entry_rows = entry + rows // RP
+    row_ok = (entry_rows < last) & (heads < R)
+    code = tl.load(csr_entries + entry_rows, mask=row_ok, other=0)
+    return code // TOPK, code % TOPK, heads, row_ok
+
+
+@triton.jit
+def sparse_attention_fwd_partial_kernel(
+    q, k, v,
+    cu_seqlens, csr_offsets, csr_entries,
+    partial_out,  # [T, HQ, TOPK, D]: this block's normalised output per (token, head, slot), written
+    partial_lse,  # float32 [T, HQ, TOPK]: natural-log LSE per (token, head, slot), written
+    scale_log2, n_block_slots,
+    token_offset,  # first token of the chunk the partial buffers hold
+    HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr,
+    WRITE_OUT: tl.constexpr,  # False: only the partial LSEs (the KL loss's teacher normalisation)
+    UPCAST: tl.constexpr,
+):
+    block_slot = tl.program_id(0)
+    group = tl.program_id(1)
+    first = tl.load(csr_offsets + group * n_block_slots + block_slot)
+    last = tl.load(csr_offsets + group * n_block_slots + block_slot + 1)
+    if first == last:
+        return
+    start, seqlen, block_start = _kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
+    k_pos = block_start + tl.arange(0, BLOCK_SIZE)
+    dims = tl.arange(0, D)
+    key_ok = k_pos < seqlen
+    kv_rows = ((start + k_pos) * G + group)[:, None] * D + dims[None, :]
+    k_tile = tl.load(k + kv_rows, mask=key_ok[:, None], other=0.0)
+    v_tile = k_tile
+    if WRITE_OUT:
+        v_tile = tl.load(v + kv_rows, mask=key_ok[:, None], other=0.0)
+    if UPCAST:
+        k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
+    ROWS: tl.constexpr = QT * RP
+    for entry in range(first, last, QT):
+        token, slot, heads, row_ok = _entry_rows(csr_entries, entry, last, ROWS, RP, R, TOPK)
+        head_index = token * HQ + group * R + heads
+        q_rows = tl.load(q + head_index[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+        if UPCAST:
+            q_rows = q_rows.to(tl.float32)
+        visible = row_ok[:, None] & (k_pos[None, :] <= (token - start)[:, None]) & key_ok[None, :]
+        scores = tl.where(visible, tl.dot(q_rows, tl.trans(k_tile)) * scale_log2, float("-inf"))
+        row_max = tl.max(scores, axis=1)
+        safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+        probs = tl.exp2(scores - safe_max[:, None])
+        row_sum = tl.sum(probs, axis=1)
+        partial_index = (head_index - token_offset * HQ) * TOPK + slot
+        if WRITE_OUT:
+            out_rows = tl.dot(probs.to(v_tile.dtype), v_tile) / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
+            tl.store(partial_out + partial_index[:, None] * D + dims[None, :],
+                     out_rows.to(partial_out.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(partial_lse + partial_index, (safe_max + tl.log2(row_sum)) * LN2, mask=row_ok)
+
+
+@triton.jit
+def merge_partials_kernel(
+    partial_out,  # [T * HQ, TOPK, D]
+    partial_lse,  # float32 [T * HQ, TOPK]: -inf for slots nothing wrote
+    out,  # [T * HQ, D], written
+    lse,  # float32 [T * HQ], written
+    n_rows,
+    TOPK: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr,
+):
+    """LSE-weighted sum of the partial outputs of HEADS consecutive (token, head) rows."""
+    rows = tl.program_id(0) * HEADS + tl.arange(0, HEADS)
+    row_ok = rows < n_rows
+    slots = tl.arange(0, KP)
+    dims = tl.arange(0, D)
+    slot_lse = tl.load(partial_lse + rows[:, None] * TOPK + slots[None, :],
+                       mask=row_ok[:, None] & (slots[None, :] < TOPK), other=float("-inf"))
+    row_max = tl.max(slot_lse, axis=1)
+    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    weights = tl.exp(slot_lse - safe_max[:, None])
+    total = tl.sum(weights, axis=1)
+    weights = weights / tl.where(total == 0.0, 1.0, total)[:, None]
+    acc = tl.zeros((HEADS, D), tl.float32)
+    for slot in tl.static_range(TOPK):
+        w = tl.sum(tl.where(slots[None, :] == slot, weights, 0.0), axis=1)
+        part = tl.load(partial_out + (rows[:, None] * TOPK + slot) * D + dims[None, :], mask=w[:, None] > 0, other=0.0)
+        acc += w[:, None] * part.to(tl.float32)
+    tl.store(out + rows[:, None] * D + dims[None, :], acc.to(out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse + rows, safe_max + tl.log(total), mask=row_ok)
+
+
+@triton.jit
 def sparse_attention_bwd_dq_kernel(
     q, k, v, block_indices, token_starts,
     dout,  # [T, HQ, D]
@@ -140,34 +246,22 @@ def sparse_attention_bwd_dq_kernel(
 @triton.jit
 def sparse_attention_bwd_dkv_kernel(
     q, k, v, dout, lse, delta,
-    cu_seqlens,  # int32 [n + 1]
-    csr_offsets,  # int32 [G * n * MAX_BLOCKS + 1]
-    csr_tokens,  # int32 [nnz]: tokens that selected each (group, block), ascending
+    cu_seqlens, csr_offsets, csr_entries,
     dk,  # [T, G, D], written
     dv,  # [T, G, D], written
-    scale_log2,
-    scale,
-    n_block_slots,  # n * MAX_BLOCKS
-    HQ: tl.constexpr,
-    G: tl.constexpr,
-    R: tl.constexpr,
-    RP: tl.constexpr,  # R rounded up to a power of two
-    D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    MAX_BLOCKS: tl.constexpr,
-    QT: tl.constexpr,  # selecting tokens per step; rows = QT * RP
-    UPCAST: tl.constexpr,
+    dq_accum,  # float32 [T, HQ, D], zeroed: accumulated with atomics if ATOMIC_DQ
+    scale_log2, scale, n_block_slots,
+    HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr,
 ):
     block_slot = tl.program_id(0)
     group = tl.program_id(1)
-    seq = block_slot // MAX_BLOCKS
-    block = block_slot % MAX_BLOCKS
-    start = tl.load(cu_seqlens + seq)
-    seqlen = tl.load(cu_seqlens + seq + 1) - start
-    if block * BLOCK_SIZE >= seqlen:
+    start, seqlen, block_start = _kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
+    if block_start >= seqlen:  # no such block in this sequence
         return
+    k_pos = block_start + tl.arange(0, BLOCK_SIZE)
     dims = tl.arange(0, D)
-    k_pos = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     key_ok = k_pos < seqlen
     kv_rows = ((start + k_pos) * G + group)[:, None] * D + dims[None, :]
     k_tile = tl.load(k + kv_rows, mask=key_ok[:, None], other=0.0)
@@ -176,16 +270,12 @@ def sparse_attention_bwd_dkv_kernel(
         k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
 
     ROWS: tl.constexpr = QT * RP
-    rows = tl.arange(0, ROWS)
-    heads = rows % RP
     first = tl.load(csr_offsets + group * n_block_slots + block_slot)
     last = tl.load(csr_offsets + group * n_block_slots + block_slot + 1)
     dk_acc = tl.zeros((BLOCK_SIZE, D), tl.float32)
     dv_acc = tl.zeros((BLOCK_SIZE, D), tl.float32)
     for entry in range(first, last, QT):
-        entry_rows = entry + rows // RP
-        row_ok = (entry_rows < last) & (heads < R)
-        token = tl.load(csr_tokens + entry_rows, mask=row_ok, other=0)
+        token, _, heads, row_ok = _entry_rows(csr_entries, entry, last, ROWS, RP, R, TOPK)
         head_index = token * HQ + group * R + heads
         q_rows = tl.load(q + head_index[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
         do_rows = tl.load(dout + head_index[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
@@ -200,5 +290,9 @@ def sparse_attention_bwd_dkv_kernel(
         dprobs = tl.dot(do_rows, tl.trans(v_tile))
         dscores = probs * (dprobs - row_delta[:, None])
         dk_acc += tl.dot(tl.trans(dscores.to(q_rows.dtype)), q_rows)
+        if ATOMIC_DQ:
+            dq_rows = tl.dot(dscores.to(k_tile.dtype), k_tile) * scale
+            tl.atomic_add(dq_accum + head_index[:, None] * D + dims[None, :], dq_rows, mask=row_ok[:, None],
+                          sem="relaxed")
     tl.store(dk + kv_rows, (dk_acc * scale).to(dk.dtype.element_ty), mask=key_ok[:, None])
     tl.store(dv + kv_rows, dv_acc.to(dv.dtype.element_ty), mask=key_ok[:, None])

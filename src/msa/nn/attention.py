@@ -85,12 +85,15 @@ class MSAAttention(nn.Module):
         varlen = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         block_indices = select_blocks(index_q.detach(), index_k.detach(), block_size=self.block_size,
                                       topk=self.topk, **varlen)
+        main_lse = None  # the teacher's normalisation on the selected support, when the Main Branch computed it
         if self.mode == "sparse":
-            out = sparse_attention(q, k, v, block_indices, block_size=self.block_size, **varlen)
+            out, main_lse = sparse_attention(q, k, v, block_indices, block_size=self.block_size, return_lse=True,
+                                             **varlen)
         else:
             out = dense_attention(q, k, v, **varlen)
 
         kl_loss = None
         if self.training if compute_kl_loss is None else compute_kl_loss:
-            kl_loss = index_kl_loss(q, k, index_q, index_k, block_indices, block_size=self.block_size, **varlen)
+            kl_loss = index_kl_loss(q, k, index_q, index_k, block_indices, block_size=self.block_size,
+                                    main_lse=main_lse, **varlen)
         return self.o_proj(out.reshape(*lead, -1)), kl_loss

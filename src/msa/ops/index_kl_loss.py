@@ -21,10 +21,9 @@ class IndexKLFunction(torch.autograd.Function):
                 main_lse):
         from msa import kernels
 
-        token_starts = token_positions(cu_seqlens, q.shape[0])[0].int()
-        kl_rows, index_lse, teacher_lse = kernels.index_kl_fwd(q, k, index_q, index_k, block_indices, token_starts,
-                                                               block_size, scale, index_scale, main_lse)
-        ctx.save_for_backward(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, teacher_lse, index_lse)
+        kl_rows, index_lse, teacher_lse = kernels.index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens,
+                                                               max_seqlen, block_size, scale, index_scale, main_lse)
+        ctx.save_for_backward(q, k, index_q, index_k, block_indices, cu_seqlens, teacher_lse, index_lse)
         ctx.settings = (max_seqlen, block_size, scale, index_scale)
         return kl_rows.sum()
 
@@ -32,11 +31,13 @@ class IndexKLFunction(torch.autograd.Function):
     def backward(ctx, grad):
         from msa import kernels
 
-        q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, teacher_lse, index_lse = ctx.saved_tensors
+        q, k, index_q, index_k, block_indices, cu_seqlens, teacher_lse, index_lse = ctx.saved_tensors
         max_seqlen, block_size, scale, index_scale = ctx.settings
+        token_starts = token_positions(cu_seqlens, q.shape[0])[0].int()
         d_index_q, d_index_k = kernels.index_kl_bwd(
             q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen, teacher_lse, index_lse,
-            grad.float().reshape(1), block_size, scale, index_scale)
+            grad.float().reshape(1), block_size, scale, index_scale,
+            deterministic=torch.are_deterministic_algorithms_enabled())
         return (None, None, d_index_q.to(index_q.dtype), d_index_k.to(index_k.dtype)) + (None,) * 7
 
 

@@ -18,7 +18,8 @@ class SparseAttentionFunction(torch.autograd.Function):
         from msa import kernels
 
         token_starts = token_positions(cu_seqlens, q.shape[0])[0].int()
-        out, lse = kernels.sparse_attention_fwd(q, k, v, block_indices, token_starts, block_size, scale)
+        out, lse = kernels.sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen,
+                                                block_size, scale)
         ctx.save_for_backward(q, k, v, out, lse, block_indices, token_starts, cu_seqlens)
         ctx.max_seqlen, ctx.block_size, ctx.scale = max_seqlen, block_size, scale
         ctx.mark_non_differentiable(lse)
@@ -30,7 +31,8 @@ class SparseAttentionFunction(torch.autograd.Function):
 
         q, k, v, out, lse, block_indices, token_starts, cu_seqlens = ctx.saved_tensors
         dq, dk, dv = kernels.sparse_attention_bwd(q, k, v, out, lse, dout.contiguous(), block_indices, token_starts,
-                                                  cu_seqlens, ctx.max_seqlen, ctx.block_size, ctx.scale)
+                                                  cu_seqlens, ctx.max_seqlen, ctx.block_size, ctx.scale,
+                                                  deterministic=torch.are_deterministic_algorithms_enabled())
         return dq, dk, dv, None, None, None, None, None
 
 
