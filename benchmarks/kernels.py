@@ -76,6 +76,41 @@ def tune_indexer(seqlen: int, console) -> dict:
     return results
 
 
+def tune_kv_outer(seqlen: int, console) -> dict:
+    """Time the KV-outer forward and backward for tile rows x list splits; returns ms per config."""
+    c = LAYER
+    gen = torch.Generator(device="cuda").manual_seed(1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+
+    q, k, v = randn(seqlen, c["heads"], c["head_dim"]), randn(seqlen, c["groups"], c["head_dim"]), \
+        randn(seqlen, c["groups"], c["head_dim"])
+    cu = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
+    starts = token_positions(cu, seqlen)[0].int()
+    bs, scale = c["block_size"], c["head_dim"] ** -0.5
+    blocks = kernels.select_blocks(randn(seqlen, c["groups"], c["index_dim"]), randn(seqlen, 1, c["index_dim"]), cu,
+                                   seqlen, bs, c["topk"], c["index_dim"] ** -0.5)
+    dout = torch.randn_like(q)
+    defaults = kernels.KV_OUTER_ROWS, kernels.KV_OUTER_SPLIT
+    results = {}
+    for rows in (32, 64, 128):
+        for split in (1, 8, 32):
+            kernels.KV_OUTER_ROWS, kernels.KV_OUTER_SPLIT = rows, split
+            try:
+                out, lse = kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs, scale, schedule="kv")
+                results[f"rows={rows},split={split}"] = {
+                    "fwd": time_ms(lambda: kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs, scale,
+                                                                        schedule="kv"), 2, 5),
+                    "bwd": time_ms(lambda: kernels.sparse_attention_bwd(q, k, v, out, lse, dout, blocks, starts, cu,
+                                                                        seqlen, bs, scale), 2, 5)}
+            except Exception as error:  # e.g. out of shared memory or registers
+                results[f"rows={rows},split={split}"] = str(error).splitlines()[0][:100]
+    kernels.KV_OUTER_ROWS, kernels.KV_OUTER_SPLIT = defaults
+    console.print(f"KV-outer configs at S={seqlen}: {json.dumps(results)}")
+    return results
+
+
 def dense_runner(backend, q, k, v):
     """SDPA on ``[B, S, H, D]`` with one backend; GQA through enable_gqa."""
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
@@ -183,7 +218,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seqlens", default="8192,32768,131072")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tune", type=int, default=0, help="time indexer configurations at this length first")
+    parser.add_argument("--tune", type=int, default=0, help="time kernel configurations at this length first")
     parser.add_argument("--long", type=int, default=262144, help="from this length on: 1 warm-up, 2 repeats, no FA2")
     args = parser.parse_args()
     console = Console()
@@ -197,6 +232,7 @@ def main() -> None:
     console.print(f"{device}: bf16 matmul ceiling {record['matmul_ceiling_tflops']:.0f} TFLOP/s")
     if args.tune:
         record["indexer_configs_ms"] = tune_indexer(args.tune, console)
+        record["kv_outer_configs_ms"] = tune_kv_outer(args.tune, console)
     rows = []
     seqlens = [int(s) for s in args.seqlens.split(",")]
     with Progress(console=console) as progress:

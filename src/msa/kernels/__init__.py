@@ -31,11 +31,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 WORKSPACE_BYTES = 4 << 30
 # From this many tokens on, the forward runs KV-outer (see benchmarks/README.md).
 KV_OUTER_MIN_TOKENS = 4096
-# (token, head) rows per KV-outer tile; (head, slot) partial rows per merge program.
+# (token, head) rows per KV-outer tile; parts each KV-outer list is split into (non-deterministic
+# passes); (head, slot) partial rows per merge program.
 KV_OUTER_ROWS = 64
+KV_OUTER_SPLIT = 8
 MERGE_ROWS = 16
 # select_blocks_kernel: (rows = queries x groups per program, num_warps, num_stages)
-INDEXER_CONFIG = (128, 8, 3)
+INDEXER_CONFIG = (64, 4, 3)  # fastest of 18 at S=32K on an H100 (benchmarks/results)
 
 
 def _pow2(n: int, minimum: int = 1) -> int:
@@ -108,10 +110,10 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
         end = min(total, start + chunk)
         csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size, start, end)
         partial_lse.fill_(float("-inf"))
-        sparse_attention_fwd_partial_kernel[(csr.n_block_slots, k.shape[1])](
+        sparse_attention_fwd_partial_kernel[(csr.n_block_slots, k.shape[1], KV_OUTER_SPLIT)](
             q, k, v, cu_seqlens, csr.offsets, csr.entries, partial_out, partial_lse, scale * LOG2E.value,
             csr.n_block_slots, start, **heads, BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk,
-            WRITE_OUT=out is not None, UPCAST=INTERPRET, num_warps=4)
+            SPLIT=KV_OUTER_SPLIT, WRITE_OUT=out is not None, UPCAST=INTERPRET, num_warps=4)
         rows = (end - start) * n_heads
         if out is None:
             lse[start:end] = torch.logsumexp(partial_lse[: end - start], dim=-1)
@@ -145,27 +147,28 @@ def sparse_attention_bwd(q, k, v, out, lse, dout, block_indices, token_starts, c
                          block_size: int, scale: float, deterministic: bool = False):
     """Returns ``dq, dk, dv`` (dtypes of q, k, v).
 
-    dk/dv come from the KV-outer kernel; dq from float32 atomics in the same
-    kernel, or with ``deterministic`` from the query-outer kernel.
+    KV-outer kernel: dk/dv, and dq through float32 atomics, over lists split
+    in ``KV_OUTER_SPLIT`` parts. With ``deterministic``: one writer per key
+    block for dk/dv and the query-outer kernel for dq.
     """
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
     if not q.shape[0]:
-        return torch.empty_like(q), dk, dv
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = (out.float() * dout.float()).sum(-1)
-    heads = _kv_outer_heads(q, k)
     topk = block_indices.shape[-1]
-    dq_accum = dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if not deterministic \
-        else torch.empty_like(q)
     if deterministic:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         sparse_attention_bwd_dq_kernel[(q.shape[0], k.shape[1])](
             q, k, v, block_indices, token_starts, dout, lse, delta, dq, scale * LOG2E.value, scale,
             **_heads(q, k), BLOCK_SIZE=block_size, TOPK=topk, UPCAST=INTERPRET, num_warps=4)
+    else:
+        dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
+    split = 1 if deterministic else KV_OUTER_SPLIT
     csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
-    sparse_attention_bwd_dkv_kernel[(csr.n_block_slots, k.shape[1])](
-        q, k, v, dout, lse, delta, cu_seqlens, csr.offsets, csr.entries, dk, dv, dq_accum, scale * LOG2E.value, scale,
-        csr.n_block_slots, **heads, BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk,
-        ATOMIC_DQ=not deterministic, UPCAST=INTERPRET, num_warps=8)
-    return dq.to(q.dtype), dk, dv
+    sparse_attention_bwd_dkv_kernel[(csr.n_block_slots, k.shape[1], split)](
+        q, k, v, dout, lse, delta, cu_seqlens, csr.offsets, csr.entries, dk, dv, dq, scale * LOG2E.value, scale,
+        csr.n_block_slots, **_kv_outer_heads(q, k), BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk,
+        SPLIT=split, ATOMIC=not deterministic, UPCAST=INTERPRET, num_warps=8)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
@@ -185,10 +188,11 @@ def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: 
     stats[3] = float("-inf")
     if total:
         csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
-        index_kl_fwd_partial_kernel[(csr.n_block_slots, n_groups)](
+        index_kl_fwd_partial_kernel[(csr.n_block_slots, n_groups, KV_OUTER_SPLIT)](
             q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, stats, scale * LOG2E.value,
             index_scale, csr.n_block_slots, stats[0].numel(), **_kv_outer_heads(q, k), DI=index_q.shape[2],
-            BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, UPCAST=INTERPRET, num_warps=8)
+            BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=KV_OUTER_SPLIT, UPCAST=INTERPRET,
+            num_warps=8)
     p_log_p, p_z, p_sum, block_lse = stats
     index_lse = torch.logsumexp(block_lse, dim=-1)
     p_sum = p_sum.sum(-1)
@@ -203,19 +207,22 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
     ``grad_scale * sum(kl_rows)`` (``grad_scale`` a float32 ``[1]`` tensor)."""
     total, n_groups, index_dim = index_q.shape
     d_index_q = torch.zeros(total, n_groups, index_dim, dtype=torch.float32, device=q.device)
-    partial = torch.empty(n_groups, total, index_dim, dtype=torch.float32, device=q.device)
+    # per-group contributions summed afterwards (deterministic), or one buffer accumulated with atomics
+    d_index_k = torch.empty(n_groups, total, index_dim, dtype=torch.float32, device=q.device) if deterministic \
+        else torch.zeros(1, total, index_dim, dtype=torch.float32, device=q.device)
     if not total:
-        return d_index_q, partial.sum(0).unsqueeze(1)
+        return d_index_q, d_index_k.sum(0).unsqueeze(1)
     topk = block_indices.shape[-1]
     if deterministic:
         index_kl_bwd_dq_kernel[(total, n_groups)](
             q, k, index_q, index_k, block_indices, token_starts, teacher_lse, index_lse, grad_scale, d_index_q,
             scale * LOG2E.value, index_scale, **_heads(q, k), DI=index_dim, BLOCK_SIZE=block_size, TOPK=topk,
             UPCAST=INTERPRET, num_warps=4)
+    split = 1 if deterministic else KV_OUTER_SPLIT
     csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
-    index_kl_bwd_dk_kernel[(csr.n_block_slots, n_groups)](
-        q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, index_lse, grad_scale, partial,
+    index_kl_bwd_dk_kernel[(csr.n_block_slots, n_groups, split)](
+        q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, index_lse, grad_scale, d_index_k,
         d_index_q, scale * LOG2E.value, index_scale, csr.n_block_slots, total, **_kv_outer_heads(q, k), DI=index_dim,
-        BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, ATOMIC_DQ=not deterministic, UPCAST=INTERPRET,
-        num_warps=8)
-    return d_index_q, partial.sum(0).unsqueeze(1)
+        BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=split, ATOMIC=not deterministic,
+        UPCAST=INTERPRET, num_warps=8)
+    return d_index_q, d_index_k.sum(0).unsqueeze(1)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from msa.kernels.sparse_attention import LOG2E, _entry_rows, _kv_block, _load_block
+from msa.kernels.sparse_attention import LOG2E, _entry_range, _entry_rows, _kv_block, _load_block
 
 
 @triton.jit
@@ -32,13 +32,12 @@ def index_kl_fwd_partial_kernel(
     stats,  # float32 [4, T, G, TOPK]: sum p log p, sum p z, sum p, student LSE of this block; written
     scale_log2, index_scale, n_block_slots, n_rows_slots,  # n_rows_slots = T * G * TOPK
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr, SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     block_slot = tl.program_id(0)
     group = tl.program_id(1)
-    first = tl.load(csr_offsets + group * n_block_slots + block_slot)
-    last = tl.load(csr_offsets + group * n_block_slots + block_slot + 1)
+    first, last = _entry_range(csr_offsets, n_block_slots, block_slot, group, SPLIT)
     if first == last:
         return
     start, seqlen, block_start = _kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
@@ -153,24 +152,26 @@ def index_kl_bwd_dk_kernel(
     q, k, index_q, index_k,
     cu_seqlens, csr_offsets, csr_entries,
     teacher_lse, index_lse, grad_scale,
-    d_index_k_partial,  # float32 [G, T, DI], written: the contribution of each group
-    d_index_q_accum,  # float32 [T, G, DI], zeroed: accumulated with atomics if ATOMIC_DQ
+    d_index_k,  # float32: [G, T, DI] per-group contributions, written; if ATOMIC [T, DI], zeroed and accumulated
+    d_index_q_accum,  # float32 [T, G, DI], zeroed: accumulated if ATOMIC (else the query-outer kernel computes it)
     scale_log2, index_scale, n_block_slots, n_tokens,
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr, SPLIT: tl.constexpr,
+    ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     block_slot = tl.program_id(0)
     group = tl.program_id(1)
     start, seqlen, block_start = _kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
-    if block_start >= seqlen:
+    first, last = _entry_range(csr_offsets, n_block_slots, block_slot, group, SPLIT)
+    skip = block_start >= seqlen  # no such block in this sequence
+    if ATOMIC:
+        skip = skip | (first == last)  # nothing to add
+    if skip:
         return
     k_tile, ik_tile, k_pos, key_ok = _key_tiles(k, index_k, start, seqlen, block_start, group, G, D, DI, BLOCK_SIZE,
                                                 UPCAST)
     index_dims = tl.arange(0, DI)
     ROWS: tl.constexpr = QT * RP
-    first = tl.load(csr_offsets + group * n_block_slots + block_slot)
-    last = tl.load(csr_offsets + group * n_block_slots + block_slot + 1)
     grad = tl.load(grad_scale) * index_scale
     grad_ik = tl.zeros((BLOCK_SIZE, DI), tl.float32)
     for entry in range(first, last, QT):
@@ -184,9 +185,13 @@ def index_kl_bwd_dk_kernel(
         iq_rows = tl.load(index_q + (token * G + group)[:, None] * DI + index_dims[None, :], mask=row_ok[:, None],
                           other=0.0).to(ik_tile.dtype)
         grad_ik += tl.dot(tl.trans(dz.to(ik_tile.dtype)), iq_rows)
-        if ATOMIC_DQ:
+        if ATOMIC:
             grad_iq = tl.dot(dz.to(ik_tile.dtype), ik_tile) * grad
             tl.atomic_add(d_index_q_accum + (token * G + group)[:, None] * DI + index_dims[None, :], grad_iq,
                           mask=(row_ok & (heads == 0))[:, None], sem="relaxed")
-    out_rows = group * n_tokens + start + k_pos
-    tl.store(d_index_k_partial + out_rows[:, None] * DI + index_dims[None, :], grad_ik * grad, mask=key_ok[:, None])
+    if ATOMIC:
+        tl.atomic_add(d_index_k + (start + k_pos)[:, None] * DI + index_dims[None, :], grad_ik * grad,
+                      mask=key_ok[:, None], sem="relaxed")
+    else:
+        out_rows = group * n_tokens + start + k_pos
+        tl.store(d_index_k + out_rows[:, None] * DI + index_dims[None, :], grad_ik * grad, mask=key_ok[:, None])

@@ -102,6 +102,19 @@ def _kv_block(cu_seqlens, block_slot, MAX_BLOCKS: tl.constexpr, BLOCK_SIZE: tl.c
 
 
 @triton.jit
+def _entry_range(csr_offsets, n_block_slots, block_slot, group, SPLIT: tl.constexpr):
+    """Entries of this program's part (``program_id(2)`` of SPLIT) of its (group, block) list.
+
+    Splitting long lists (early blocks are visible to more queries, and often
+    selected) keeps one program from serialising a whole sequence's worth of work.
+    """
+    first = tl.load(csr_offsets + group * n_block_slots + block_slot)
+    count = tl.load(csr_offsets + group * n_block_slots + block_slot + 1) - first
+    part = tl.program_id(2)
+    return first + count * part // SPLIT, first + count * (part + 1) // SPLIT
+
+
+@triton.jit
 def _entry_rows(csr_entries, entry, last, ROWS: tl.constexpr, RP: tl.constexpr, R: tl.constexpr,
                 TOPK: tl.constexpr):
     """Rows (token, head) of the QT entries from ``entry``: token, slot, head within group, valid."""
@@ -122,14 +135,13 @@ def sparse_attention_fwd_partial_kernel(
     scale_log2, n_block_slots,
     token_offset,  # first token of the chunk the partial buffers hold
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr, SPLIT: tl.constexpr,
     WRITE_OUT: tl.constexpr,  # False: only the partial LSEs (the KL loss's teacher normalisation)
     UPCAST: tl.constexpr,
 ):
     block_slot = tl.program_id(0)
     group = tl.program_id(1)
-    first = tl.load(csr_offsets + group * n_block_slots + block_slot)
-    last = tl.load(csr_offsets + group * n_block_slots + block_slot + 1)
+    first, last = _entry_range(csr_offsets, n_block_slots, block_slot, group, SPLIT)
     if first == last:
         return
     start, seqlen, block_start = _kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
@@ -247,18 +259,23 @@ def sparse_attention_bwd_dq_kernel(
 def sparse_attention_bwd_dkv_kernel(
     q, k, v, dout, lse, delta,
     cu_seqlens, csr_offsets, csr_entries,
-    dk,  # [T, G, D], written
-    dv,  # [T, G, D], written
-    dq_accum,  # float32 [T, HQ, D], zeroed: accumulated with atomics if ATOMIC_DQ
+    dk,  # [T, G, D]: written, or float32 and zeroed if ATOMIC
+    dv,  # [T, G, D]: written, or float32 and zeroed if ATOMIC
+    dq_accum,  # float32 [T, HQ, D], zeroed: accumulated if ATOMIC (else the query-outer kernel computes dq)
     scale_log2, scale, n_block_slots,
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr, SPLIT: tl.constexpr,
+    ATOMIC: tl.constexpr,  # float32 atomics (lists split in SPLIT parts) vs one deterministic writer per block
+    UPCAST: tl.constexpr,
 ):
     block_slot = tl.program_id(0)
     group = tl.program_id(1)
     start, seqlen, block_start = _kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
-    if block_start >= seqlen:  # no such block in this sequence
+    first, last = _entry_range(csr_offsets, n_block_slots, block_slot, group, SPLIT)
+    skip = block_start >= seqlen  # no such block in this sequence
+    if ATOMIC:
+        skip = skip | (first == last)  # nothing to add
+    if skip:
         return
     k_pos = block_start + tl.arange(0, BLOCK_SIZE)
     dims = tl.arange(0, D)
@@ -270,8 +287,6 @@ def sparse_attention_bwd_dkv_kernel(
         k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
 
     ROWS: tl.constexpr = QT * RP
-    first = tl.load(csr_offsets + group * n_block_slots + block_slot)
-    last = tl.load(csr_offsets + group * n_block_slots + block_slot + 1)
     dk_acc = tl.zeros((BLOCK_SIZE, D), tl.float32)
     dv_acc = tl.zeros((BLOCK_SIZE, D), tl.float32)
     for entry in range(first, last, QT):
@@ -290,9 +305,13 @@ def sparse_attention_bwd_dkv_kernel(
         dprobs = tl.dot(do_rows, tl.trans(v_tile))
         dscores = probs * (dprobs - row_delta[:, None])
         dk_acc += tl.dot(tl.trans(dscores.to(q_rows.dtype)), q_rows)
-        if ATOMIC_DQ:
+        if ATOMIC:
             dq_rows = tl.dot(dscores.to(k_tile.dtype), k_tile) * scale
             tl.atomic_add(dq_accum + head_index[:, None] * D + dims[None, :], dq_rows, mask=row_ok[:, None],
                           sem="relaxed")
-    tl.store(dk + kv_rows, (dk_acc * scale).to(dk.dtype.element_ty), mask=key_ok[:, None])
-    tl.store(dv + kv_rows, dv_acc.to(dv.dtype.element_ty), mask=key_ok[:, None])
+    if ATOMIC:
+        tl.atomic_add(dk + kv_rows, dk_acc * scale, mask=key_ok[:, None], sem="relaxed")
+        tl.atomic_add(dv + kv_rows, dv_acc, mask=key_ok[:, None], sem="relaxed")
+    else:
+        tl.store(dk + kv_rows, (dk_acc * scale).to(dk.dtype.element_ty), mask=key_ok[:, None])
+        tl.store(dv + kv_rows, dv_acc.to(dv.dtype.element_ty), mask=key_ok[:, None])

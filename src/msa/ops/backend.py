@@ -23,9 +23,12 @@ def _pow2_between(value: int, low: int, high: int) -> bool:
     return low <= value <= high and value & (value - 1) == 0
 
 
-def unsupported_reason(*, head_dim: int | None = None, index_dim: int | None = None, block_size: int,
-                       topk: int, heads_per_group: int | None = None) -> str | None:
+def unsupported_reason(*, dtype: torch.dtype, head_dim: int | None = None, index_dim: int | None = None,
+                       block_size: int, topk: int, heads_per_group: int | None = None) -> str | None:
     """Why the Triton kernels cannot take this shape, or None if they can."""
+    widest = max(head_dim or 0, index_dim or 0)
+    if dtype == torch.float32 and widest * block_size >= 128 * 128:
+        return f"float32 tiles of {block_size} x {widest} (shared memory; use bf16/fp16 or smaller blocks)"
     if head_dim is not None and not _pow2_between(head_dim, 16, 256):
         return f"head dim {head_dim} (kernels take powers of two in 16..256)"
     if index_dim is not None and not _pow2_between(index_dim, 16, 256):

@@ -92,7 +92,7 @@ def index_kl_loss(
     index_scale = index_q.shape[-1] ** -0.5 if index_softmax_scale is None else index_softmax_scale
     packed = [layout.pack(x) for x in (q.detach(), k.detach(), index_q, index_k, block_indices)]
     n_rows = max(1, block_indices.shape[:-1].numel())
-    reason = unsupported_reason(head_dim=q.shape[-1], index_dim=index_q.shape[-1], block_size=block_size,
+    reason = unsupported_reason(dtype=q.dtype, head_dim=q.shape[-1], index_dim=index_q.shape[-1], block_size=block_size,
                                 topk=block_indices.shape[-1], heads_per_group=q.shape[-2] // n_groups)
     if use_triton("index_kl_loss", q.device, reason):
         if main_lse is not None:

@@ -48,7 +48,7 @@ def select_blocks(
     check_block_size(block_size)
     check_int("topk", topk)
     check_scale("softmax_scale", softmax_scale)
-    reason = unsupported_reason(index_dim=index_q.shape[-1], block_size=block_size, topk=topk)
+    reason = unsupported_reason(dtype=index_q.dtype, index_dim=index_q.shape[-1], block_size=block_size, topk=topk)
     if use_triton("select_blocks", index_q.device, reason):
         from msa import kernels
 

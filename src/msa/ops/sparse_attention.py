@@ -74,7 +74,7 @@ def sparse_attention(
     block_indices = check_block_indices(layout, block_indices, n_groups, block_size)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     packed = [layout.pack(x) for x in (q, k, v, block_indices)]
-    reason = unsupported_reason(head_dim=q.shape[-1], block_size=block_size, topk=block_indices.shape[-1],
+    reason = unsupported_reason(dtype=q.dtype, head_dim=q.shape[-1], block_size=block_size, topk=block_indices.shape[-1],
                                 heads_per_group=q.shape[-2] // n_groups)
     if use_triton("sparse_attention", q.device, reason):
         out, lse = SparseAttentionFunction.apply(*(x.contiguous() for x in packed), layout.packed_cu_seqlens,
