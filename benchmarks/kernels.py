@@ -92,11 +92,12 @@ def tune_kv_outer(seqlen: int, console) -> dict:
     blocks = kernels.select_blocks(randn(seqlen, c["groups"], c["index_dim"]), randn(seqlen, 1, c["index_dim"]), cu,
                                    seqlen, bs, c["topk"], c["index_dim"] ** -0.5)
     dout = torch.randn_like(q)
-    defaults = kernels.KV_OUTER_ROWS, kernels.KV_OUTER_SPLIT
+    defaults = kernels.KV_OUTER_ROWS, kernels.KV_OUTER_ROWS_BWD, kernels.KV_OUTER_SPLIT
     results = {}
     for rows in (32, 64, 128):
         for split in (1, 8, 32):
-            kernels.KV_OUTER_ROWS, kernels.KV_OUTER_SPLIT = rows, split
+            kernels.KV_OUTER_ROWS = kernels.KV_OUTER_ROWS_BWD = rows
+            kernels.KV_OUTER_SPLIT = split
             try:
                 out, lse = kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs, scale, schedule="kv")
                 results[f"rows={rows},split={split}"] = {
@@ -106,7 +107,7 @@ def tune_kv_outer(seqlen: int, console) -> dict:
                                                                         seqlen, bs, scale), 2, 5)}
             except Exception as error:  # e.g. out of shared memory or registers
                 results[f"rows={rows},split={split}"] = str(error).splitlines()[0][:100]
-    kernels.KV_OUTER_ROWS, kernels.KV_OUTER_SPLIT = defaults
+    kernels.KV_OUTER_ROWS, kernels.KV_OUTER_ROWS_BWD, kernels.KV_OUTER_SPLIT = defaults
     console.print(f"KV-outer configs at S={seqlen}: {json.dumps(results)}")
     return results
 
@@ -122,7 +123,7 @@ def dense_runner(backend, q, k, v):
     return run
 
 
-def bench_seqlen(seqlen: int, warmup: int, repeats: int, with_fa2: bool, progress, task) -> dict:
+def bench_seqlen(seqlen: int, warmup: int, repeats: int, with_fa2: bool, train: bool, progress, task) -> dict:
     c = LAYER
     gen = torch.Generator(device="cuda").manual_seed(seqlen)
 
@@ -149,15 +150,19 @@ def bench_seqlen(seqlen: int, warmup: int, repeats: int, with_fa2: bool, progres
     for schedule in ("query", "kv"):
         t[f"sparse_fwd_{schedule}"] = time_ms(lambda: kernels.sparse_attention_fwd(
             pq, pk, pv, blocks, starts, cu, seqlen, bs, scale, schedule=schedule), warmup, repeats)
-    t["sparse_bwd"] = time_ms(lambda: kernels.sparse_attention_bwd(pq, pk, pv, out, lse, dout, blocks, starts, cu,
-                                                                   seqlen, bs, scale), warmup, repeats)
+    if train:
+        t["sparse_bwd"] = time_ms(lambda: kernels.sparse_attention_bwd(pq, pk, pv, out, lse, dout, blocks, starts, cu,
+                                                                       seqlen, bs, scale), warmup, repeats)
     kl_rows, index_lse, teacher_lse = kernels.index_kl_fwd(pq, pk, piq, pik, blocks, cu, seqlen, bs, scale,
                                                            index_scale, lse)
     t["kl_fwd"] = time_ms(lambda: kernels.index_kl_fwd(pq, pk, piq, pik, blocks, cu, seqlen, bs, scale, index_scale,
                                                        lse), warmup, repeats)
-    grad_scale = torch.ones(1, device="cuda")
-    t["kl_bwd"] = time_ms(lambda: kernels.index_kl_bwd(pq, pk, piq, pik, blocks, starts, cu, seqlen, teacher_lse,
-                                                       index_lse, grad_scale, bs, scale, index_scale), warmup, repeats)
+    if train:
+        grad_scale = torch.ones(1, device="cuda")
+        t["kl_bwd"] = time_ms(lambda: kernels.index_kl_bwd(pq, pk, piq, pik, blocks, starts, cu, seqlen, teacher_lse,
+                                                           index_lse, grad_scale, bs, scale, index_scale),
+                              warmup, repeats)
+    del dout, kl_rows
     row["kernel_ms"] = t
     fraction = attended_fraction(blocks[None], c["block_size"])
     attended = fraction * seqlen * (seqlen + 1) / 2  # (query, key) pairs per group
@@ -190,7 +195,8 @@ def bench_seqlen(seqlen: int, warmup: int, repeats: int, with_fa2: bool, progres
         torch.autograd.backward((o, kl), (grad, torch.ones((), device="cuda")))
 
     row["msa_prefill_ms"] = time_ms(msa_prefill, warmup, repeats)
-    row["msa_train_ms"] = time_ms(msa_train, warmup, repeats)
+    if train:
+        row["msa_train_ms"] = time_ms(msa_train, warmup, repeats)
 
     # --- dense baselines
     dense_fwd_flops = 4 * c["heads"] * c["head_dim"] * seqlen * (seqlen + 1) / 2
@@ -202,14 +208,17 @@ def bench_seqlen(seqlen: int, warmup: int, repeats: int, with_fa2: bool, progres
         fwd = dense_runner(backend, q, k, v)
         try:
             row[f"{name}_fwd_ms"] = time_ms(fwd, warmup, repeats)
-            train_fwd = dense_runner(backend, q_, k_, v_)
-            row[f"{name}_train_ms"] = time_ms(lambda: train_fwd().backward(grad.transpose(1, 2)), warmup, repeats)
+            if train:
+                train_fwd = dense_runner(backend, q_, k_, v_)
+                row[f"{name}_train_ms"] = time_ms(lambda: train_fwd().backward(grad.transpose(1, 2)), warmup,
+                                                  repeats)
         except RuntimeError as error:  # a backend that refuses the shape
             row[f"{name}_error"] = str(error).splitlines()[0]
             continue
         row[f"{name}_fwd_tflops"] = dense_fwd_flops / row[f"{name}_fwd_ms"] / 1e9
         row[f"prefill_speedup_vs_{name}"] = row[f"{name}_fwd_ms"] / row["msa_prefill_ms"]
-        row[f"train_speedup_vs_{name}"] = row[f"{name}_train_ms"] / row["msa_train_ms"]
+        if train:
+            row[f"train_speedup_vs_{name}"] = row[f"{name}_train_ms"] / row["msa_train_ms"]
     return row
 
 
@@ -219,6 +228,8 @@ def main() -> None:
     parser.add_argument("--seqlens", default="8192,32768,131072")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tune", type=int, default=0, help="time kernel configurations at this length first")
+    parser.add_argument("--train-max", type=int, default=524288,
+                        help="longest length for backward kernels and training steps (memory)")
     parser.add_argument("--long", type=int, default=262144, help="from this length on: 1 warm-up, 2 repeats, no FA2")
     args = parser.parse_args()
     console = Console()
@@ -239,7 +250,8 @@ def main() -> None:
         task = progress.add_task("kernels", total=len(seqlens))
         for seqlen in seqlens:
             long = seqlen >= args.long
-            row = bench_seqlen(seqlen, 1 if long else 3, 2 if long else args.repeats, not long, progress, task)
+            row = bench_seqlen(seqlen, 1 if long else 3, 2 if long else args.repeats, not long,
+                               seqlen <= args.train_max, progress, task)
             rows.append(row)
             console.print(json.dumps(row))
             torch.cuda.empty_cache()

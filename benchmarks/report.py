@@ -46,7 +46,7 @@ def tables(record: dict, source: str) -> str:
         lines.append(
             f"| {fmt_len(r['seqlen'])} | {100 * r['attended_fraction']:.1f}% | {get('cudnn_fwd_ms')} | "
             f"{get('fa2_fwd_ms')} | {r['msa_prefill_ms']:.2f} | {get('prefill_speedup_vs_cudnn', '{:.2f}x')} | "
-            f"{get('prefill_speedup_vs_fa2', '{:.2f}x')} | {get('cudnn_train_ms')} | {r['msa_train_ms']:.2f} | "
+            f"{get('prefill_speedup_vs_fa2', '{:.2f}x')} | {get('cudnn_train_ms')} | {get('msa_train_ms')} | "
             f"{get('train_speedup_vs_cudnn', '{:.2f}x')} |")
     lines += ["", "## Kernels: ms (TFLOP/s, % of the matrix ceiling)\n",
               "| seq len | " + " | ".join(KERNELS) + " |", "|---|" + "---|" * len(KERNELS)]
