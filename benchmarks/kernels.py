@@ -92,22 +92,24 @@ def tune_kv_outer(seqlen: int, console) -> dict:
     blocks = kernels.select_blocks(randn(seqlen, c["groups"], c["index_dim"]), randn(seqlen, 1, c["index_dim"]), cu,
                                    seqlen, bs, c["topk"], c["index_dim"] ** -0.5)
     dout = torch.randn_like(q)
-    defaults = kernels.KV_OUTER_ROWS, kernels.KV_OUTER_ROWS_BWD, kernels.KV_OUTER_SPLIT
+    defaults = kernels.KV_OUTER_FWD, kernels.KV_OUTER_BWD
     results = {}
-    for rows in (32, 64, 128):
-        for split in (1, 8, 32):
-            kernels.KV_OUTER_ROWS = kernels.KV_OUTER_ROWS_BWD = rows
-            kernels.KV_OUTER_SPLIT = split
-            try:
-                out, lse = kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs, scale, schedule="kv")
-                results[f"rows={rows},split={split}"] = {
-                    "fwd": time_ms(lambda: kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs, scale,
-                                                                        schedule="kv"), 2, 5),
-                    "bwd": time_ms(lambda: kernels.sparse_attention_bwd(q, k, v, out, lse, dout, blocks, starts, cu,
-                                                                        seqlen, bs, scale), 2, 5)}
-            except Exception as error:  # e.g. out of shared memory or registers
-                results[f"rows={rows},split={split}"] = str(error).splitlines()[0][:100]
-    kernels.KV_OUTER_ROWS, kernels.KV_OUTER_ROWS_BWD, kernels.KV_OUTER_SPLIT = defaults
+    for rows in (32, 64):
+        for warps in (4, 8):
+            for stages in (1, 2, 3):
+                config = (rows, warps, stages)
+                kernels.KV_OUTER_FWD = kernels.KV_OUTER_BWD = config
+                try:
+                    out, lse = kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs, scale,
+                                                            schedule="kv")
+                    results[str(config)] = {
+                        "fwd": time_ms(lambda: kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs,
+                                                                            scale, schedule="kv"), 2, 5),
+                        "bwd": time_ms(lambda: kernels.sparse_attention_bwd(q, k, v, out, lse, dout, blocks, starts,
+                                                                            cu, seqlen, bs, scale), 2, 5)}
+                except Exception as error:  # e.g. out of shared memory or registers
+                    results[str(config)] = str(error).splitlines()[0][:100]
+    kernels.KV_OUTER_FWD, kernels.KV_OUTER_BWD = defaults
     console.print(f"KV-outer configs at S={seqlen}: {json.dumps(results)}")
     return results
 

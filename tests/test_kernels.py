@@ -181,6 +181,28 @@ def test_kernels_varlen_with_empty_sequence(dtype, schedule):
     assert rel_err(kl, ref_kl) < BOUNDS[dtype]
 
 
+@pytest.mark.skipif(not ON_GPU, reason="needs tensors of more than 2**31 elements")
+def test_offsets_past_2_to_31_elements():
+    """A short sequence packed after a long one: its q, out and dq rows lie past 2**31 elements."""
+    seqlens = [2**18 + 1024, 1500]
+    heads, groups, dim, block_size, topk = 64, 4, 128, 128, 16
+    q, k, v, index_q, index_k = (x[0] for x in rand_inputs(1, sum(seqlens), heads, groups, dim, dim,
+                                                           dtype=torch.bfloat16, seed=26, device=DEVICE))
+    cu_seqlens = cu_seqlens_of(seqlens, device=DEVICE)
+    blocks = msa.select_blocks(index_q, index_k, block_size=block_size, topk=topk, cu_seqlens=cu_seqlens)
+    q.requires_grad_()
+    out = msa.sparse_attention(q, k, v, blocks, block_size=block_size, cu_seqlens=cu_seqlens)
+    grad_out = torch.randn_like(out)
+    (dq,) = torch.autograd.grad(out, q, grad_out)
+    short = slice(seqlens[0], None)
+    q64 = q[short].detach().double().requires_grad_()
+    ref = msa.reference.sparse_attention(q64[None], k[short].double()[None], v[short].double()[None],
+                                         blocks[short][None], block_size=block_size)[0]
+    (ref_dq,) = torch.autograd.grad(ref, q64, grad_out[short].double())
+    assert rel_err(out[short], ref) < BOUNDS[torch.bfloat16]
+    assert rel_err(dq[short], ref_dq) < 2 * BOUNDS[torch.bfloat16]
+
+
 def test_unsupported_shape_falls_back_with_one_warning():
     q, k, v, index_q, index_k = rand_inputs(1, 40, 2, 1, 8, 8, dtype=torch.float32, seed=25, device=DEVICE)
     blocks = msa.reference.select_blocks(index_q, index_k, block_size=8, topk=2)

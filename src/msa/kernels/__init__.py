@@ -31,11 +31,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 WORKSPACE_BYTES = 4 << 30
 # From this many tokens on, the forward runs KV-outer (see benchmarks/README.md).
 KV_OUTER_MIN_TOKENS = 4096
-# (token, head) rows per KV-outer tile in the forward and backward kernels; parts each KV-outer
+# (token, head) rows per tile, warps and pipeline stages of the forward and backward KV-outer
+# kernels; parts each KV-outer
 # list is split into (non-deterministic passes); (head, slot) partial rows per merge program.
 # Chosen from benchmarks/results (tune_kv_outer at S=32K on an H100).
-KV_OUTER_ROWS = 64
-KV_OUTER_ROWS_BWD = 32
+KV_OUTER_FWD = (64, 4, 3)  # (rows, num_warps, num_stages)
+KV_OUTER_BWD = (32, 8, 3)
 KV_OUTER_SPLIT = 8
 MERGE_ROWS = 16
 # select_blocks_kernel: (rows = queries x groups per program, num_warps, num_stages)
@@ -88,9 +89,11 @@ def _csr(block_indices, cu_seqlens, max_seqlen: int, block_size: int, start: int
                            max(1, triton.cdiv(max_seqlen, block_size)), token_offset=start)
 
 
-def _kv_outer_heads(q, k, rows: int) -> dict:
+def _kv_outer_launch(q, k, config: tuple[int, int, int]) -> dict:
+    """Head constants, tokens per tile and launch options of a KV-outer kernel."""
+    rows, num_warps, num_stages = config
     heads = _heads(q, k)
-    return dict(heads, QT=max(1, rows // heads["RP"]))
+    return dict(heads, QT=max(1, rows // heads["RP"]), num_warps=num_warps, num_stages=num_stages)
 
 
 def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
@@ -107,15 +110,15 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
     partial_lse = torch.empty(chunk, n_heads, topk, dtype=torch.float32, device=q.device)
     partial_out = torch.empty(chunk, n_heads, topk, head_dim, dtype=q.dtype, device=q.device) if out is not None \
         else partial_lse
-    heads = _kv_outer_heads(q, k, KV_OUTER_ROWS)
+    launch = _kv_outer_launch(q, k, KV_OUTER_FWD)
     for start in range(0, total, chunk):
         end = min(total, start + chunk)
         csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size, start, end)
         partial_lse.fill_(float("-inf"))
         sparse_attention_fwd_partial_kernel[(csr.n_block_slots, k.shape[1], KV_OUTER_SPLIT)](
             q, k, v, cu_seqlens, csr.offsets, csr.entries, partial_out, partial_lse, scale * LOG2E.value,
-            csr.n_block_slots, start, **heads, BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk,
-            SPLIT=KV_OUTER_SPLIT, WRITE_OUT=out is not None, UPCAST=INTERPRET, num_warps=4)
+            csr.n_block_slots, start, **launch, BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk,
+            SPLIT=KV_OUTER_SPLIT, WRITE_OUT=out is not None, UPCAST=INTERPRET)
         rows = (end - start) * n_heads
         if out is None:
             lse[start:end] = torch.logsumexp(partial_lse[: end - start], dim=-1)
@@ -168,8 +171,8 @@ def sparse_attention_bwd(q, k, v, out, lse, dout, block_indices, token_starts, c
     csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
     sparse_attention_bwd_dkv_kernel[(csr.n_block_slots, k.shape[1], split)](
         q, k, v, dout, lse, delta, cu_seqlens, csr.offsets, csr.entries, dk, dv, dq, scale * LOG2E.value, scale,
-        csr.n_block_slots, **_kv_outer_heads(q, k, KV_OUTER_ROWS_BWD), BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks,
-        TOPK=topk, SPLIT=split, ATOMIC=not deterministic, UPCAST=INTERPRET, num_warps=8)
+        csr.n_block_slots, **_kv_outer_launch(q, k, KV_OUTER_BWD), BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks,
+        TOPK=topk, SPLIT=split, ATOMIC=not deterministic, UPCAST=INTERPRET)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -192,9 +195,9 @@ def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: 
         csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
         index_kl_fwd_partial_kernel[(csr.n_block_slots, n_groups, KV_OUTER_SPLIT)](
             q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, stats, scale * LOG2E.value,
-            index_scale, csr.n_block_slots, stats[0].numel(), **_kv_outer_heads(q, k, KV_OUTER_ROWS), DI=index_q.shape[2],
-            BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=KV_OUTER_SPLIT, UPCAST=INTERPRET,
-            num_warps=8)
+            index_scale, csr.n_block_slots, stats[0].numel(), **_kv_outer_launch(q, k, KV_OUTER_FWD),
+            DI=index_q.shape[2], BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=KV_OUTER_SPLIT,
+            UPCAST=INTERPRET)
     p_log_p, p_z, p_sum, block_lse = stats
     index_lse = torch.logsumexp(block_lse, dim=-1)
     p_sum = p_sum.sum(-1)
@@ -224,8 +227,7 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
     csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
     index_kl_bwd_dk_kernel[(csr.n_block_slots, n_groups, split)](
         q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, index_lse, grad_scale, d_index_k,
-        d_index_q, scale * LOG2E.value, index_scale, csr.n_block_slots, total, **_kv_outer_heads(q, k, KV_OUTER_ROWS_BWD),
-        DI=index_dim,
-        BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=split, ATOMIC=not deterministic,
-        UPCAST=INTERPRET, num_warps=8)
+        d_index_q, scale * LOG2E.value, index_scale, csr.n_block_slots, total, **_kv_outer_launch(q, k, KV_OUTER_BWD),
+        DI=index_dim, BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=split,
+        ATOMIC=not deterministic, UPCAST=INTERPRET)
     return d_index_q, d_index_k.sum(0).unsqueeze(1)

@@ -112,7 +112,7 @@ def index_kl_bwd_dq_kernel(
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # offsets like token * HQ * D pass 2**31
     group = tl.program_id(1)
     start = tl.load(token_starts + token)
     pos = token - start

@@ -110,7 +110,7 @@ def support_lse_kernel(
     TOPK: tl.constexpr,
 ):
     """Logsumexp of the index logits over the visible keys of the selected blocks, per (token, group)."""
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # offsets like token * HQ * D pass 2**31
     group = tl.program_id(1)
     start = tl.load(token_starts + token)
     pos = token - start

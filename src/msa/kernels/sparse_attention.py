@@ -55,7 +55,7 @@ def sparse_attention_fwd_kernel(
     TOPK: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # offsets like token * HQ * D pass 2**31
     group = tl.program_id(1)
     start = tl.load(token_starts + token)
     pos = token - start
@@ -123,7 +123,7 @@ def _entry_rows(csr_entries, entry, last, ROWS: tl.constexpr, RP: tl.constexpr, 
     entry_rows = entry + rows // RP
     row_ok = (entry_rows < last) & (heads < R)
     code = tl.load(csr_entries + entry_rows, mask=row_ok, other=0)
-    return code // TOPK, code % TOPK, heads, row_ok
+    return (code // TOPK).to(tl.int64), code % TOPK, heads, row_ok
 
 
 @triton.jit
@@ -186,7 +186,7 @@ def merge_partials_kernel(
     TOPK: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr,
 ):
     """LSE-weighted sum of the partial outputs of HEADS consecutive (token, head) rows."""
-    rows = tl.program_id(0) * HEADS + tl.arange(0, HEADS)
+    rows = tl.program_id(0).to(tl.int64) * HEADS + tl.arange(0, HEADS)
     row_ok = rows < n_rows
     slots = tl.arange(0, KP)
     dims = tl.arange(0, D)
@@ -224,7 +224,7 @@ def sparse_attention_bwd_dq_kernel(
     TOPK: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # offsets like token * HQ * D pass 2**31
     group = tl.program_id(1)
     start = tl.load(token_starts + token)
     pos = token - start
