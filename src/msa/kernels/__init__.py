@@ -31,12 +31,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 WORKSPACE_BYTES = 4 << 30
 # From this many tokens on, the forward runs KV-outer (see benchmarks/README.md).
 KV_OUTER_MIN_TOKENS = 4096
-# (token, head) rows per tile, warps and pipeline stages of the forward and backward KV-outer
-# kernels; parts each KV-outer
-# list is split into (non-deterministic passes); (head, slot) partial rows per merge program.
-# Chosen from benchmarks/results (tune_kv_outer at S=32K on an H100).
+# (token, head) rows per tile, warps and pipeline stages of the KV-outer kernels (attention forward,
+# attention backward, KL forward, KL backward); parts each KV-outer list is split into
+# (non-deterministic passes); (head, slot) partial rows per merge program. Chosen from the
+# tuning sweeps at S=32K on an H100 recorded in benchmarks/results.
 KV_OUTER_FWD = (64, 4, 3)  # (rows, num_warps, num_stages)
-KV_OUTER_BWD = (32, 8, 3)
+KV_OUTER_BWD = (32, 8, 2)
+KL_FWD = KL_BWD = (64, 8, 3)
 KV_OUTER_SPLIT = 8
 MERGE_ROWS = 16
 # select_blocks_kernel: (rows = queries x groups per program, num_warps, num_stages)
@@ -195,7 +196,7 @@ def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: 
         csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
         index_kl_fwd_partial_kernel[(csr.n_block_slots, n_groups, KV_OUTER_SPLIT)](
             q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, stats, scale * LOG2E.value,
-            index_scale, csr.n_block_slots, stats[0].numel(), **_kv_outer_launch(q, k, KV_OUTER_FWD),
+            index_scale, csr.n_block_slots, stats[0].numel(), **_kv_outer_launch(q, k, KL_FWD),
             DI=index_q.shape[2], BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=KV_OUTER_SPLIT,
             UPCAST=INTERPRET)
     p_log_p, p_z, p_sum, block_lse = stats
@@ -227,7 +228,7 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
     csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
     index_kl_bwd_dk_kernel[(csr.n_block_slots, n_groups, split)](
         q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, index_lse, grad_scale, d_index_k,
-        d_index_q, scale * LOG2E.value, index_scale, csr.n_block_slots, total, **_kv_outer_launch(q, k, KV_OUTER_BWD),
+        d_index_q, scale * LOG2E.value, index_scale, csr.n_block_slots, total, **_kv_outer_launch(q, k, KL_BWD),
         DI=index_dim, BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=split,
         ATOMIC=not deterministic, UPCAST=INTERPRET)
     return d_index_q, d_index_k.sum(0).unsqueeze(1)
