@@ -145,7 +145,6 @@ def bench_seqlen(seqlen: int, warmup: int, repeats: int, with_fa2: bool, train: 
     blocks = kernels.select_blocks(piq, pik, cu, seqlen, c["block_size"], c["topk"], index_scale)
     bs = c["block_size"]
     out, lse = kernels.sparse_attention_fwd(pq, pk, pv, blocks, starts, cu, seqlen, bs, scale)
-    dout = torch.randn_like(out)
     t = {}
     t["indexer"] = time_ms(lambda: kernels.select_blocks(piq, pik, cu, seqlen, bs, c["topk"], index_scale),
                            warmup, repeats)
@@ -153,6 +152,7 @@ def bench_seqlen(seqlen: int, warmup: int, repeats: int, with_fa2: bool, train: 
         t[f"sparse_fwd_{schedule}"] = time_ms(lambda: kernels.sparse_attention_fwd(
             pq, pk, pv, blocks, starts, cu, seqlen, bs, scale, schedule=schedule), warmup, repeats)
     if train:
+        dout = torch.randn_like(out)
         t["sparse_bwd"] = time_ms(lambda: kernels.sparse_attention_bwd(pq, pk, pv, out, lse, dout, blocks, starts, cu,
                                                                        seqlen, bs, scale), warmup, repeats)
     kl_rows, index_lse, teacher_lse = kernels.index_kl_fwd(pq, pk, piq, pik, blocks, cu, seqlen, bs, scale,
@@ -164,7 +164,7 @@ def bench_seqlen(seqlen: int, warmup: int, repeats: int, with_fa2: bool, train: 
         t["kl_bwd"] = time_ms(lambda: kernels.index_kl_bwd(pq, pk, piq, pik, blocks, starts, cu, seqlen, teacher_lse,
                                                            index_lse, grad_scale, bs, scale, index_scale),
                               warmup, repeats)
-    del dout, kl_rows
+    del out, kl_rows
     row["kernel_ms"] = t
     fraction = attended_fraction(blocks[None], c["block_size"])
     attended = fraction * seqlen * (seqlen + 1) / 2  # (query, key) pairs per group
@@ -187,7 +187,7 @@ def bench_seqlen(seqlen: int, warmup: int, repeats: int, with_fa2: bool, train: 
         selected = msa.select_blocks(index_q, index_k, block_size=c["block_size"], topk=c["topk"])
         return msa.sparse_attention(q, k, v, selected, block_size=c["block_size"])
 
-    grad = torch.randn_like(q)
+    grad = torch.randn_like(q) if train else None
     q_, k_, v_, iq_, ik_ = (x.detach().requires_grad_() for x in (q, k, v, index_q, index_k))
 
     def msa_train():
