@@ -149,6 +149,15 @@ def sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_s
     return out, lse
 
 
+def _row_dots(out, dout, chunk: int = 1 << 14):
+    """float32 ``[T, Hq]`` = sum over D of out * dout, upcast a chunk of tokens at a time."""
+    delta = torch.empty(out.shape[:2], dtype=torch.float32, device=out.device)
+    for start in range(0, out.shape[0], chunk):
+        end = start + chunk
+        delta[start:end] = torch.einsum("thd,thd->th", out[start:end].float(), dout[start:end].float())
+    return delta
+
+
 def sparse_attention_bwd(q, k, v, out, lse, dout, block_indices, token_starts, cu_seqlens, max_seqlen: int,
                          block_size: int, scale: float, deterministic: bool = False):
     """Returns ``dq, dk, dv`` (dtypes of q, k, v).
@@ -159,7 +168,7 @@ def sparse_attention_bwd(q, k, v, out, lse, dout, block_indices, token_starts, c
     """
     if not q.shape[0]:
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    delta = (out.float() * dout.float()).sum(-1)
+    delta = _row_dots(out, dout)
     topk = block_indices.shape[-1]
     if deterministic:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
