@@ -40,8 +40,8 @@ KV_OUTER_BWD = (32, 8, 2)
 KL_FWD = KL_BWD = (64, 8, 3)
 KV_OUTER_SPLIT = 8
 MERGE_ROWS = 16
-# select_blocks_kernel: (rows = queries x groups per program, num_warps, num_stages)
-INDEXER_CONFIG = (64, 4, 3)  # fastest of 18 at S=32K on an H100 (benchmarks/results)
+# select_blocks_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile)
+INDEXER_CONFIG = (64, 4, 3, 128)  # fastest of 18 at S=32K on an H100 (benchmarks/results)
 
 
 def _pow2(n: int, minimum: int = 1) -> int:
@@ -55,13 +55,14 @@ def _heads(q: torch.Tensor, k: torch.Tensor) -> dict:
 
 
 def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int, topk: int, scale: float,
-                  config: tuple[int, int, int] = INDEXER_CONFIG):
+                  config: tuple[int, int, int, int] | None = None):
     """``index_q`` ``[T, G, Di]``, ``index_k`` ``[T, 1, Di]`` -> int32 ``[T, G, topk]``.
 
-    ``config``: (rows per program = queries x groups, num_warps, num_stages).
+    ``config``: (rows per program = queries x groups, num_warps, num_stages, keys per tile);
+    default ``INDEXER_CONFIG``.
     """
     total, n_groups, index_dim = index_q.shape
-    rows, num_warps, num_stages = config
+    rows, num_warps, num_stages, keys_per_tile = config or INDEXER_CONFIG
     block_indices = torch.empty(total, n_groups, topk, dtype=torch.int32, device=index_q.device)
     groups_pow2 = _pow2(n_groups)
     block_m = max(1, rows // groups_pow2)
@@ -69,7 +70,8 @@ def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int
     select_blocks_kernel[grid](
         index_q, index_k, cu_seqlens, block_indices, scale,
         G=n_groups, GP=groups_pow2, DI=index_dim, BLOCK_SIZE=block_size, TOPK=topk, KP=_pow2(topk - 1),
-        BLOCK_M=block_m, BLOCK_N=max(block_size, 64), UPCAST=INTERPRET, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_M=block_m, BLOCK_N=max(block_size, keys_per_tile), UPCAST=INTERPRET, num_warps=num_warps,
+        num_stages=num_stages)
     return block_indices
 
 
