@@ -35,12 +35,10 @@ def _score_tile(index_k, start, seqlen, tile, iq, q_pos, local, dims, top_scores
         score = tl.max(tl.where(tl.arange(0, NB)[None, :] == b, pooled, float("-inf")), axis=1)
         score = tl.where(local == block, float("-inf"), score)  # the local block is added at the end
         weakest = tl.min(top_scores, axis=1)
-        enters = score > weakest
-        if tl.max(enters.to(tl.int32), axis=0) > 0:  # rare once the rows' Top-k lists have filled
-            weakest_slot = tl.min(tl.where(top_scores == weakest[:, None], slots[None, :], KP), axis=1)
-            take = enters[:, None] & (slots[None, :] == weakest_slot[:, None])
-            top_scores = tl.where(take, score[:, None], top_scores)
-            top_blocks = tl.where(take, block, top_blocks)
+        weakest_slot = tl.min(tl.where(top_scores == weakest[:, None], slots[None, :], KP), axis=1)
+        take = (score > weakest)[:, None] & (slots[None, :] == weakest_slot[:, None])
+        top_scores = tl.where(take, score[:, None], top_scores)
+        top_blocks = tl.where(take, block, top_blocks)
     return top_scores, top_blocks
 
 
