@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import statistics
-import subprocess
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import msa
 from msa import kernels
-from msa.cli.bench import attended_fraction
+from msa.cli.bench import attended_fraction, git_commit
 from msa.varlen import token_positions
 
 LAYER = dict(heads=64, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
@@ -240,8 +239,7 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     record = {"benchmark": "kernels", "device": device, "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                       text=True).stdout.strip() or None,
+              "commit": git_commit(),
               "layer": LAYER, "dtype": "bfloat16", "batch": 1}
     record["matmul_ceiling_tflops"] = matmul_ceiling_tflops()
     console.print(f"{device}: bf16 matmul ceiling {record['matmul_ceiling_tflops']:.0f} TFLOP/s")

@@ -3,7 +3,8 @@
 #     OUT=/some/dir SEQLENS=8192,32768,131072 bash scripts/gpu_check.sh
 # Runs the whole test suite on the GPU (the kernel tests then run compiled, in bf16/fp16/fp32),
 # then the kernel benchmark. Logs and JSON land under $OUT. Test wheels carried in .whl are
-# installed when the machine's Python lacks pytest, hypothesis or rich.
+# installed when the machine's Python lacks pytest, hypothesis or rich. The machine's copy of the
+# tree has no .git: pass MSA_COMMIT=<commit> so that the results name the commit they measured.
 set -uo pipefail
 OUT=${OUT:-/tmp/msa-gpu}
 mkdir -p "$OUT"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -70,12 +71,13 @@ def attended_fraction(block_indices: torch.Tensor, block_size: int) -> float:
     return keys.sum().item() / dense_keys
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """The checkout's commit, or ``$MSA_COMMIT`` where the tree has no .git (the GPU machine's copy)."""
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return os.environ.get("MSA_COMMIT")
 
 
 def _check(inputs, block_indices, out, block_size) -> dict:
@@ -144,7 +146,7 @@ def run(args) -> int:
     if args.json is not None:
         record = {"benchmark": "msa bench", "device": device_name, "torch": torch.__version__,
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "commit": _git_commit(), "config": {**config, "device": str(device)}, "rows": rows}
+                  "commit": git_commit(), "config": {**config, "device": str(device)}, "rows": rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2))
         console.print(f"wrote {args.json}")
