@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -28,25 +27,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import msa
 from msa import kernels
 from msa.cli.bench import attended_fraction, git_commit
+from msa.cli.timing import median_ms
 from msa.varlen import token_positions
 
 LAYER = dict(heads=64, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
 
 
 def time_ms(fn, warmup: int, repeats: int) -> float:
-    """Median of CUDA-event timings after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
+    return median_ms(fn, torch.device("cuda"), warmup=warmup, repeats=repeats)
 
 
 def matmul_ceiling_tflops() -> float:
@@ -76,7 +64,7 @@ def tune_indexer(seqlen: int, console) -> dict:
 
 
 def tune_kv_outer(seqlen: int, console) -> dict:
-    """Time the KV-outer forward and backward for tile rows x list splits; returns ms per config."""
+    """Time the KV-outer attention and KL kernels per (rows, warps, stages); returns ms per config."""
     c = LAYER
     gen = torch.Generator(device="cuda").manual_seed(1)
 
@@ -109,6 +97,25 @@ def tune_kv_outer(seqlen: int, console) -> dict:
                 except Exception as error:  # e.g. out of shared memory or registers
                     results[str(config)] = str(error).splitlines()[0][:100]
     kernels.KV_OUTER_FWD, kernels.KV_OUTER_BWD = defaults
+    index_q, index_k = randn(seqlen, c["groups"], c["index_dim"]), randn(seqlen, 1, c["index_dim"])
+    out, lse = kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs, scale)
+    grad_scale = torch.ones(1, device="cuda")
+    index_scale = c["index_dim"] ** -0.5
+    defaults = kernels.KL_FWD, kernels.KL_BWD
+    for config in [(64, 8, 3), (64, 4, 3), (128, 8, 3), (128, 8, 2), (32, 4, 3)]:
+        kernels.KL_FWD = kernels.KL_BWD = config
+        try:
+            _, index_lse, teacher_lse = kernels.index_kl_fwd(q, k, index_q, index_k, blocks, cu, seqlen, bs, scale,
+                                                             index_scale, lse)
+            results[f"kl {config}"] = {
+                "fwd": time_ms(lambda: kernels.index_kl_fwd(q, k, index_q, index_k, blocks, cu, seqlen, bs, scale,
+                                                            index_scale, lse), 2, 5),
+                "bwd": time_ms(lambda: kernels.index_kl_bwd(q, k, index_q, index_k, blocks, starts, cu, seqlen,
+                                                            teacher_lse, index_lse, grad_scale, bs, scale,
+                                                            index_scale), 2, 5)}
+        except Exception as error:  # e.g. out of shared memory or registers
+            results[f"kl {config}"] = str(error).splitlines()[0][:100]
+    kernels.KL_FWD, kernels.KL_BWD = defaults
     console.print(f"KV-outer configs at S={seqlen}: {json.dumps(results)}")
     return results
 

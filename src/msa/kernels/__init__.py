@@ -38,6 +38,7 @@ KV_OUTER_MIN_TOKENS = 4096
 KV_OUTER_FWD = (64, 4, 3)  # (rows, num_warps, num_stages)
 KV_OUTER_BWD = (32, 8, 2)
 KL_FWD = KL_BWD = (64, 8, 3)
+KL_TOKENS = 16  # tokens per step of the KL kernels: the student's products need 16 rows
 KV_OUTER_SPLIT = 8
 MERGE_ROWS = 16
 # select_blocks_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile)
@@ -90,6 +91,14 @@ def _csr(block_indices, cu_seqlens, max_seqlen: int, block_size: int, start: int
     sequences = token_sequences(cu_seqlens, block_indices.shape[0])[start:end]
     return build_block_csr(block_indices[start:end], sequences, cu_seqlens.numel() - 1,
                            max(1, triton.cdiv(max_seqlen, block_size)), token_offset=start)
+
+
+def _kl_launch(q, k, config: tuple[int, int, int]) -> dict:
+    """Head constants, tokens per step, heads per teacher chunk and launch options of a KL kernel."""
+    rows, num_warps, num_stages = config
+    heads = _heads(q, k)
+    return dict(HQ=heads["HQ"], G=heads["G"], R=heads["R"], D=heads["D"], QT=KL_TOKENS,
+                HC=max(1, rows // KL_TOKENS), num_warps=num_warps, num_stages=num_stages)
 
 
 def _kv_outer_launch(q, k, config: tuple[int, int, int]) -> dict:
@@ -207,7 +216,7 @@ def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: 
         csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
         index_kl_fwd_partial_kernel[(csr.n_block_slots, n_groups, KV_OUTER_SPLIT)](
             q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, stats, scale * LOG2E.value,
-            index_scale, csr.n_block_slots, stats[0].numel(), **_kv_outer_launch(q, k, KL_FWD),
+            index_scale, csr.n_block_slots, stats[0].numel(), **_kl_launch(q, k, KL_FWD),
             DI=index_q.shape[2], BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=KV_OUTER_SPLIT,
             UPCAST=INTERPRET)
     p_log_p, p_z, p_sum, block_lse = stats
@@ -239,7 +248,7 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
     csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
     index_kl_bwd_dk_kernel[(csr.n_block_slots, n_groups, split)](
         q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, index_lse, grad_scale, d_index_k,
-        d_index_q, scale * LOG2E.value, index_scale, csr.n_block_slots, total, **_kv_outer_launch(q, k, KL_BWD),
+        d_index_q, scale * LOG2E.value, index_scale, csr.n_block_slots, total, **_kl_launch(q, k, KL_BWD),
         DI=index_dim, BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=split,
         ATOMIC=not deterministic, UPCAST=INTERPRET)
     return d_index_q, d_index_k.sum(0).unsqueeze(1)

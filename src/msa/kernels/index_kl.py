@@ -12,8 +12,9 @@ LSE; the caller reduces over slots. Backward: the gradient with respect to
 per-group partials of ``d index_k`` and, with atomics, ``d index_q``; the
 query-outer kernel computes ``d index_q`` deterministically.
 
-The student logits of a token are computed on each of the token's head rows
-(the tile's rows are (token, head) pairs) and read from its first head row.
+The KV-outer kernels take QT tokens per step: the teacher's products run over
+(token, head) rows in chunks of HC heads and are summed per token, so the
+student logits, the KL terms and their gradients are computed once per token.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from msa.kernels.sparse_attention import LOG2E, _entry_range, _entry_rows, _kv_block, _load_block
+from msa.kernels.sparse_attention import LOG2E, _entry_range, _kv_block, _load_block, _query_program
 
 
 @triton.jit
@@ -31,9 +32,9 @@ def index_kl_fwd_partial_kernel(
     teacher_lse,  # float32 [T, HQ]
     stats,  # float32 [4, T, G, TOPK]: sum p log p, sum p z, sum p, student LSE of this block; written
     scale_log2, index_scale, n_block_slots, n_rows_slots,  # n_rows_slots = T * G * TOPK
-    HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr, SPLIT: tl.constexpr,
-    UPCAST: tl.constexpr,
+    HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr, HC: tl.constexpr,
+    SPLIT: tl.constexpr, UPCAST: tl.constexpr,
 ):
     block_slot = tl.program_id(0)
     group = tl.program_id(1)
@@ -43,12 +44,11 @@ def index_kl_fwd_partial_kernel(
     start, seqlen, block_start = _kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
     k_tile, ik_tile, k_pos, key_ok = _key_tiles(k, index_k, start, seqlen, block_start, group, G, D, DI, BLOCK_SIZE,
                                                 UPCAST)
-    ROWS: tl.constexpr = QT * RP
     for entry in range(first, last, QT):
-        token, slot, heads, row_ok = _entry_rows(csr_entries, entry, last, ROWS, RP, R, TOPK)
-        visible, teacher, z = _teacher_student(q, index_q, teacher_lse, token, heads, row_ok, group, start, k_pos,
-                                               key_ok, k_tile, ik_tile, scale_log2, index_scale, HQ, G, R, D, DI,
-                                               QT, RP, BLOCK_SIZE, UPCAST)
+        token, slot, token_ok = _entry_tokens(csr_entries, entry, last, QT, TOPK)
+        visible, teacher, z, _ = _teacher_student(q, index_q, teacher_lse, token, token_ok, group, start, k_pos,
+                                                  key_ok, k_tile, ik_tile, scale_log2, index_scale, HQ, G, R, D, DI,
+                                                  QT, HC, BLOCK_SIZE, UPCAST)
         p_log_p = tl.sum(teacher * tl.log(tl.maximum(teacher, 1e-30)), axis=1)  # 0 log 0 = 0
         p_z = tl.sum(tl.where(visible, teacher * z, 0.0), axis=1)
         p_sum = tl.sum(teacher, axis=1)
@@ -57,11 +57,10 @@ def index_kl_fwd_partial_kernel(
         safe_max = tl.where(z_max == float("-inf"), 0.0, z_max)
         z_lse = safe_max + tl.log(tl.sum(tl.exp(z - safe_max[:, None]), axis=1))
         out = stats + (token * G + group) * TOPK + slot
-        first_head = row_ok & (heads == 0)
-        tl.store(out, p_log_p, mask=first_head)
-        tl.store(out + n_rows_slots, p_z, mask=first_head)
-        tl.store(out + 2 * n_rows_slots, p_sum, mask=first_head)
-        tl.store(out + 3 * n_rows_slots, z_lse, mask=first_head)
+        tl.store(out, p_log_p, mask=token_ok)
+        tl.store(out + n_rows_slots, p_z, mask=token_ok)
+        tl.store(out + 2 * n_rows_slots, p_sum, mask=token_ok)
+        tl.store(out + 3 * n_rows_slots, z_lse, mask=token_ok)
 
 
 @triton.jit
@@ -80,25 +79,46 @@ def _key_tiles(k, index_k, start, seqlen, block_start, group, G: tl.constexpr, D
 
 
 @triton.jit
-def _teacher_student(q, index_q, teacher_lse, token, heads, row_ok, group, start, k_pos, key_ok, k_tile, ik_tile,
+def _entry_tokens(csr_entries, entry, last, QT: tl.constexpr, TOPK: tl.constexpr):
+    """Token, slot and validity of the QT entries from ``entry``."""
+    index = entry + tl.arange(0, QT)
+    token_ok = index < last
+    code = tl.load(csr_entries + index, mask=token_ok, other=0)
+    return (code // TOPK).to(tl.int64), code % TOPK, token_ok
+
+
+@triton.jit
+def _teacher_student(q, index_q, teacher_lse, token, token_ok, group, start, k_pos, key_ok, k_tile, ik_tile,
                      scale_log2, index_scale, HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
-                     DI: tl.constexpr, QT: tl.constexpr, RP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                     DI: tl.constexpr, QT: tl.constexpr, HC: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                      UPCAST: tl.constexpr):
-    """Per (token, head) row: visibility, the token's teacher probabilities and student logits ``[ROWS, BLOCK]``."""
-    ROWS: tl.constexpr = QT * RP
-    head_index = token * HQ + group * R + heads
-    q_rows = tl.load(q + head_index[:, None] * D + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0)
-    iq_rows = tl.load(index_q + (token * G + group)[:, None] * DI + tl.arange(0, DI)[None, :],
-                      mask=row_ok[:, None], other=0.0)
+    """Per token ``[QT, BLOCK]``: visibility, teacher probabilities (mean over the group's R heads,
+    computed HC heads at a time) and student logits; also the tokens' index queries ``[QT, DI]``."""
+    ROWS: tl.constexpr = QT * HC
+    CHUNKS: tl.constexpr = (R + HC - 1) // HC
+    visible = token_ok[:, None] & (k_pos[None, :] <= (token - start)[:, None]) & key_ok[None, :]
+    rows = tl.arange(0, ROWS)
+    row_token = tl.reshape(tl.broadcast_to(token[:, None], (QT, HC)), (ROWS,))
+    row_token_ok = tl.reshape(tl.broadcast_to(token_ok[:, None], (QT, HC)), (ROWS,))
+    row_visible = tl.reshape(tl.broadcast_to(visible[:, None, :], (QT, HC, BLOCK_SIZE)), (ROWS, BLOCK_SIZE))
+    teacher = tl.zeros((QT, BLOCK_SIZE), tl.float32)
+    for chunk in tl.static_range(CHUNKS):
+        heads = chunk * HC + rows % HC
+        row_ok = row_token_ok & (heads < R)
+        head_index = row_token * HQ + group * R + heads
+        q_rows = tl.load(q + head_index[:, None] * D + tl.arange(0, D)[None, :], mask=row_ok[:, None], other=0.0)
+        if UPCAST:
+            q_rows = q_rows.to(tl.float32)
+        head_lse = tl.load(teacher_lse + head_index, mask=row_ok, other=0.0) * LOG2E
+        head_probs = tl.where(row_visible & row_ok[:, None],
+                              tl.exp2(tl.dot(q_rows, tl.trans(k_tile)) * scale_log2 - head_lse[:, None]), 0.0)
+        teacher += tl.sum(tl.reshape(head_probs, (QT, HC, BLOCK_SIZE)), axis=1)
+    iq = tl.load(index_q + (token * G + group)[:, None] * DI + tl.arange(0, DI)[None, :], mask=token_ok[:, None],
+                 other=0.0)
     if UPCAST:
-        q_rows, iq_rows = q_rows.to(tl.float32), iq_rows.to(tl.float32)
-    head_lse = tl.load(teacher_lse + head_index, mask=row_ok, other=0.0) * LOG2E
-    visible = row_ok[:, None] & (k_pos[None, :] <= (token - start)[:, None]) & key_ok[None, :]
-    head_probs = tl.where(visible, tl.exp2(tl.dot(q_rows, tl.trans(k_tile)) * scale_log2 - head_lse[:, None]), 0.0)
-    teacher = tl.sum(tl.reshape(head_probs, (QT, RP, BLOCK_SIZE)), axis=1) / R
-    teacher = tl.reshape(tl.broadcast_to(teacher[:, None, :], (QT, RP, BLOCK_SIZE)), (ROWS, BLOCK_SIZE))
-    z = tl.dot(iq_rows, tl.trans(ik_tile)) * index_scale
-    return visible, teacher, z
+        iq = iq.to(tl.float32)
+    z = tl.dot(iq.to(ik_tile.dtype), tl.trans(ik_tile)) * index_scale
+    return visible, teacher / R, z, iq
 
 
 @triton.jit
@@ -112,18 +132,9 @@ def index_kl_bwd_dq_kernel(
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)  # offsets like token * HQ * D pass 2**31
-    group = tl.program_id(1)
-    start = tl.load(token_starts + token)
-    pos = token - start
-    heads = tl.arange(0, RP)
-    head_ok = heads < R
+    token, group, start, pos, head_index, head_ok, q_tile = _query_program(q, token_starts, HQ, R, RP, D, UPCAST)
     dims = tl.arange(0, D)
     index_dims = tl.arange(0, DI)
-    head_index = token * HQ + group * R + heads
-    q_tile = tl.load(q + head_index[:, None] * D + dims[None, :], mask=head_ok[:, None], other=0.0)
-    if UPCAST:
-        q_tile = q_tile.to(tl.float32)
     iq = tl.load(index_q + (token * G + group) * DI + index_dims).to(tl.float32)
     head_lse = tl.load(teacher_lse + head_index, mask=head_ok, other=float("inf")) * LOG2E
     head_lse = tl.where(head_lse == float("-inf"), float("inf"), head_lse)
@@ -155,9 +166,9 @@ def index_kl_bwd_dk_kernel(
     d_index_k,  # float32: [G, T, DI] per-group contributions, written; if ATOMIC [T, DI], zeroed and accumulated
     d_index_q_accum,  # float32 [T, G, DI], zeroed: accumulated if ATOMIC (else the query-outer kernel computes it)
     scale_log2, index_scale, n_block_slots, n_tokens,
-    HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr, SPLIT: tl.constexpr,
-    ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
+    HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr, HC: tl.constexpr,
+    SPLIT: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     block_slot = tl.program_id(0)
     group = tl.program_id(1)
@@ -171,24 +182,19 @@ def index_kl_bwd_dk_kernel(
     k_tile, ik_tile, k_pos, key_ok = _key_tiles(k, index_k, start, seqlen, block_start, group, G, D, DI, BLOCK_SIZE,
                                                 UPCAST)
     index_dims = tl.arange(0, DI)
-    ROWS: tl.constexpr = QT * RP
     grad = tl.load(grad_scale) * index_scale
     grad_ik = tl.zeros((BLOCK_SIZE, DI), tl.float32)
     for entry in range(first, last, QT):
-        token, _, heads, row_ok = _entry_rows(csr_entries, entry, last, ROWS, RP, R, TOPK)
-        visible, teacher, z = _teacher_student(q, index_q, teacher_lse, token, heads, row_ok, group, start, k_pos,
-                                               key_ok, k_tile, ik_tile, scale_log2, index_scale, HQ, G, R, D, DI,
-                                               QT, RP, BLOCK_SIZE, UPCAST)
-        z_lse = tl.load(index_lse + token * G + group, mask=row_ok, other=0.0)
-        # only the token's first head row carries its gradient
-        dz = tl.where(visible & (heads == 0)[:, None], tl.exp(z - z_lse[:, None]) - teacher, 0.0)
-        iq_rows = tl.load(index_q + (token * G + group)[:, None] * DI + index_dims[None, :], mask=row_ok[:, None],
-                          other=0.0).to(ik_tile.dtype)
-        grad_ik += tl.dot(tl.trans(dz.to(ik_tile.dtype)), iq_rows)
+        token, _, token_ok = _entry_tokens(csr_entries, entry, last, QT, TOPK)
+        visible, teacher, z, iq = _teacher_student(q, index_q, teacher_lse, token, token_ok, group, start, k_pos,
+                                                   key_ok, k_tile, ik_tile, scale_log2, index_scale, HQ, G, R, D,
+                                                   DI, QT, HC, BLOCK_SIZE, UPCAST)
+        z_lse = tl.load(index_lse + token * G + group, mask=token_ok, other=0.0)
+        dz = tl.where(visible, tl.exp(z - z_lse[:, None]) - teacher, 0.0).to(ik_tile.dtype)
+        grad_ik += tl.dot(tl.trans(dz), iq.to(ik_tile.dtype))
         if ATOMIC:
-            grad_iq = tl.dot(dz.to(ik_tile.dtype), ik_tile) * grad
-            tl.atomic_add(d_index_q_accum + (token * G + group)[:, None] * DI + index_dims[None, :], grad_iq,
-                          mask=(row_ok & (heads == 0))[:, None], sem="relaxed")
+            tl.atomic_add(d_index_q_accum + (token * G + group)[:, None] * DI + index_dims[None, :],
+                          tl.dot(dz, ik_tile) * grad, mask=token_ok[:, None], sem="relaxed")
     if ATOMIC:
         tl.atomic_add(d_index_k + (start + k_pos)[:, None] * DI + index_dims[None, :], grad_ik * grad,
                       mask=key_ok[:, None], sem="relaxed")

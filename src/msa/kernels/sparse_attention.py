@@ -37,6 +37,22 @@ def _load_block(ptr, start, block, pos, group, dims, G: tl.constexpr, D: tl.cons
 
 
 @triton.jit
+def _query_program(q, token_starts, HQ: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
+                   UPCAST: tl.constexpr):
+    """A query-outer program's token, group, sequence offset, position, head rows and q tile ``[RP, D]``."""
+    token = tl.program_id(0).to(tl.int64)  # offsets like token * HQ * D pass 2**31
+    group = tl.program_id(1)
+    start = tl.load(token_starts + token)
+    heads = tl.arange(0, RP)
+    head_index = token * HQ + group * R + heads
+    head_ok = heads < R
+    q_tile = tl.load(q + head_index[:, None] * D + tl.arange(0, D)[None, :], mask=head_ok[:, None], other=0.0)
+    if UPCAST:
+        q_tile = q_tile.to(tl.float32)
+    return token, group, start, token - start, head_index, head_ok, q_tile
+
+
+@triton.jit
 def sparse_attention_fwd_kernel(
     q,  # [T, HQ, D]
     k,  # [T, G, D]
@@ -55,17 +71,9 @@ def sparse_attention_fwd_kernel(
     TOPK: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)  # offsets like token * HQ * D pass 2**31
-    group = tl.program_id(1)
-    start = tl.load(token_starts + token)
-    pos = token - start
-    heads = tl.arange(0, RP)
-    head_ok = heads < R
+    token, group, start, pos, head_index, head_ok, q_tile = _query_program(q, token_starts, HQ, R, RP, D, UPCAST)
     dims = tl.arange(0, D)
-    rows = (token * HQ + group * R + heads)[:, None] * D + dims[None, :]
-    q_tile = tl.load(q + rows, mask=head_ok[:, None], other=0.0)
-    if UPCAST:
-        q_tile = q_tile.to(tl.float32)
+    rows = head_index[:, None] * D + dims[None, :]
 
     row_max = tl.full((RP,), float("-inf"), tl.float32)
     row_sum = tl.zeros((RP,), tl.float32)
@@ -89,7 +97,7 @@ def sparse_attention_fwd_kernel(
     safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     acc = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
     tl.store(out + rows, acc.to(out.dtype.element_ty), mask=head_ok[:, None])
-    tl.store(lse + token * HQ + group * R + heads, (safe_max + tl.log2(row_sum)) * LN2, mask=head_ok)
+    tl.store(lse + head_index, (safe_max + tl.log2(row_sum)) * LN2, mask=head_ok)
 
 
 @triton.jit
@@ -224,21 +232,15 @@ def sparse_attention_bwd_dq_kernel(
     TOPK: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)  # offsets like token * HQ * D pass 2**31
-    group = tl.program_id(1)
-    start = tl.load(token_starts + token)
-    pos = token - start
-    heads = tl.arange(0, RP)
-    head_ok = heads < R
+    token, group, start, pos, head_index, head_ok, q_tile = _query_program(q, token_starts, HQ, R, RP, D, UPCAST)
     dims = tl.arange(0, D)
-    rows = (token * HQ + group * R + heads)[:, None] * D + dims[None, :]
-    q_tile = tl.load(q + rows, mask=head_ok[:, None], other=0.0)
+    rows = head_index[:, None] * D + dims[None, :]
     do_tile = tl.load(dout + rows, mask=head_ok[:, None], other=0.0)
     if UPCAST:
-        q_tile, do_tile = q_tile.to(tl.float32), do_tile.to(tl.float32)
-    row_lse = tl.load(lse + token * HQ + group * R + heads, mask=head_ok, other=float("inf")) * LOG2E
+        do_tile = do_tile.to(tl.float32)
+    row_lse = tl.load(lse + head_index, mask=head_ok, other=float("inf")) * LOG2E
     row_lse = tl.where(row_lse == float("-inf"), float("inf"), row_lse)  # empty rows: no probability mass
-    row_delta = tl.load(delta + token * HQ + group * R + heads, mask=head_ok, other=0.0)
+    row_delta = tl.load(delta + head_index, mask=head_ok, other=0.0)
 
     dq_acc = tl.zeros((RP, D), tl.float32)
     for slot in range(TOPK):
