@@ -37,12 +37,22 @@ KV_OUTER_MIN_TOKENS = 4096
 # tuning sweeps at S=32K on an H100 recorded in benchmarks/results.
 KV_OUTER_FWD = (64, 4, 3)  # (rows, num_warps, num_stages)
 KV_OUTER_BWD = (32, 8, 2)
-KL_FWD = KL_BWD = (64, 8, 3)
+KL_FWD = KL_BWD = (32, 4, 3)
 KL_TOKENS = 16  # tokens per step of the KL kernels: the student's products need 16 rows
 KV_OUTER_SPLIT = 8
 MERGE_ROWS = 16
 # select_blocks_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile)
 INDEXER_CONFIG = (64, 4, 3, 128)  # fastest of the configurations swept on an H100 (benchmarks/results)
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    """Launch; a configuration that runs out of shared memory on this GPU retries with one stage."""
+    try:
+        kernel[grid](*args, **kwargs)
+    except triton.runtime.errors.OutOfResources:
+        if kwargs.get("num_stages") == 1:
+            raise
+        kernel[grid](*args, **dict(kwargs, num_stages=1))
 
 
 def _pow2(n: int, minimum: int = 1) -> int:
@@ -127,7 +137,7 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
         end = min(total, start + chunk)
         csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size, start, end)
         partial_lse.fill_(float("-inf"))
-        sparse_attention_fwd_partial_kernel[(csr.n_block_slots, k.shape[1], KV_OUTER_SPLIT)](
+        _launch(sparse_attention_fwd_partial_kernel, (csr.n_block_slots, k.shape[1], KV_OUTER_SPLIT),
             q, k, v, cu_seqlens, csr.offsets, csr.entries, partial_out, partial_lse, scale * LOG2E.value,
             csr.n_block_slots, start, **launch, BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk,
             SPLIT=KV_OUTER_SPLIT, WRITE_OUT=out is not None, UPCAST=INTERPRET)
@@ -190,7 +200,7 @@ def sparse_attention_bwd(q, k, v, out, lse, dout, block_indices, token_starts, c
         dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
     split = 1 if deterministic else KV_OUTER_SPLIT
     csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
-    sparse_attention_bwd_dkv_kernel[(csr.n_block_slots, k.shape[1], split)](
+    _launch(sparse_attention_bwd_dkv_kernel, (csr.n_block_slots, k.shape[1], split),
         q, k, v, dout, lse, delta, cu_seqlens, csr.offsets, csr.entries, dk, dv, dq, scale * LOG2E.value, scale,
         csr.n_block_slots, **_kv_outer_launch(q, k, KV_OUTER_BWD), BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks,
         TOPK=topk, SPLIT=split, ATOMIC=not deterministic, UPCAST=INTERPRET)
@@ -214,7 +224,7 @@ def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: 
     stats[3] = float("-inf")
     if total:
         csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
-        index_kl_fwd_partial_kernel[(csr.n_block_slots, n_groups, KV_OUTER_SPLIT)](
+        _launch(index_kl_fwd_partial_kernel, (csr.n_block_slots, n_groups, KV_OUTER_SPLIT),
             q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, stats, scale * LOG2E.value,
             index_scale, csr.n_block_slots, stats[0].numel(), **_kl_launch(q, k, KL_FWD),
             DI=index_q.shape[2], BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=KV_OUTER_SPLIT,
@@ -246,7 +256,7 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
             UPCAST=INTERPRET, num_warps=4)
     split = 1 if deterministic else KV_OUTER_SPLIT
     csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
-    index_kl_bwd_dk_kernel[(csr.n_block_slots, n_groups, split)](
+    _launch(index_kl_bwd_dk_kernel, (csr.n_block_slots, n_groups, split),
         q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, index_lse, grad_scale, d_index_k,
         d_index_q, scale * LOG2E.value, index_scale, csr.n_block_slots, total, **_kl_launch(q, k, KL_BWD),
         DI=index_dim, BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=split,
