@@ -30,6 +30,8 @@ from msa.cli.bench import attended_fraction, git_commit
 from msa.cli.timing import median_ms
 from msa.varlen import token_positions
 
+from flops import kernel_flops  # noqa: E402  (benchmarks/ is the script's directory)
+
 LAYER = dict(heads=64, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
 
 
@@ -175,15 +177,7 @@ def bench_seqlen(seqlen: int, warmup: int, repeats: int, with_fa2: bool, train: 
     fraction = attended_fraction(blocks[None], c["block_size"])
     attended = fraction * seqlen * (seqlen + 1) / 2  # (query, key) pairs per group
     row["attended_fraction"] = fraction
-    flops = {
-        "indexer": 2 * c["groups"] * c["index_dim"] * seqlen * (seqlen + 1) / 2,
-        "sparse_fwd_query": 4 * c["heads"] * c["head_dim"] * attended,
-        "sparse_fwd_kv": 4 * c["heads"] * c["head_dim"] * attended,
-        "sparse_bwd": 5 * 2 * c["heads"] * c["head_dim"] * attended,  # QK, P^T dO, dO V^T, dS^T Q, dS K
-        # teacher QK (Hq heads x D) and student logits (computed on each of the R head rows)
-        "kl_fwd": 2 * c["heads"] * (c["head_dim"] + c["index_dim"]) * attended,
-        "kl_bwd": 2 * c["heads"] * (c["head_dim"] + 3 * c["index_dim"]) * attended,
-    }
+    flops = kernel_flops(c, seqlen, attended)
     row["kernel_tflops"] = {name: flops[name] / t[name] / 1e9 for name in t}
 
     # --- public-op pipelines

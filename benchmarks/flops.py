@@ -1,0 +1,20 @@
+"""Useful floating-point work of each benchmarked kernel (shared by kernels.py and report.py).
+
+``attended`` counts (query, key) pairs per GQA group that the Main Branch reads.
+"""
+
+from __future__ import annotations
+
+
+def kernel_flops(layer: dict, seqlen: int, attended: float) -> dict:
+    heads, groups, dim, index_dim = layer["heads"], layer["groups"], layer["head_dim"], layer["index_dim"]
+    attention = 2 * heads * dim * attended  # one heads x dim product per attended pair
+    student = 2 * groups * index_dim * attended
+    return {
+        "indexer": 2 * groups * index_dim * seqlen * (seqlen + 1) / 2,  # every causal pair, every group
+        "sparse_fwd_query": 2 * attention,  # QK and PV
+        "sparse_fwd_kv": 2 * attention,
+        "sparse_bwd": 5 * attention,  # QK, P^T dO, dO V^T, dS^T Q, dS K
+        "kl_fwd": attention + student,  # teacher QK, student logits
+        "kl_bwd": attention + 3 * student,  # teacher QK, student logits, d index_k, d index_q
+    }
