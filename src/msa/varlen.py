@@ -5,12 +5,17 @@ from __future__ import annotations
 import torch
 
 
+def token_sequences(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """int64 ``[T]``: the sequence each packed token belongs to (no host synchronisation)."""
+    n_seqs = cu_seqlens.numel() - 1
+    return torch.repeat_interleave(torch.arange(n_seqs, device=cu_seqlens.device), cu_seqlens.long().diff(),
+                                   output_size=total)
+
+
 def token_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per packed token: the offset of its sequence and its position inside it (int64 ``[T]``).
 
     Runs on the device of ``cu_seqlens`` without synchronising with the host.
     """
-    cu = cu_seqlens.long()
-    sequence = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=cu.device), cu.diff(), output_size=total)
-    starts = cu[sequence]
-    return starts, torch.arange(total, device=cu.device) - starts
+    starts = cu_seqlens.long()[token_sequences(cu_seqlens, total)]
+    return starts, torch.arange(total, device=cu_seqlens.device) - starts

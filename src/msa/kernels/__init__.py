@@ -14,7 +14,7 @@ import os
 import torch
 import triton
 
-from msa.kernels.block_csr import build_block_csr, token_sequences
+from msa.kernels.block_csr import build_block_csr
 from msa.kernels.index_kl import index_kl_bwd_dk_kernel, index_kl_bwd_dq_kernel, index_kl_fwd_partial_kernel
 from msa.kernels.indexer import select_blocks_kernel, support_lse_kernel
 from msa.kernels.sparse_attention import (
@@ -25,6 +25,7 @@ from msa.kernels.sparse_attention import (
     sparse_attention_fwd_kernel,
     sparse_attention_fwd_partial_kernel,
 )
+from msa.varlen import token_sequences
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Workspace of the KV-outer forward's partial outputs; longer inputs run in query chunks.
@@ -34,7 +35,7 @@ KV_OUTER_MIN_TOKENS = 4096
 # (token, head) rows per tile, warps and pipeline stages of the KV-outer kernels (attention forward,
 # attention backward, KL forward, KL backward); parts each KV-outer list is split into
 # (non-deterministic passes); (head, slot) partial rows per merge program. Chosen from the
-# tuning sweeps at S=32K on an H100 recorded in benchmarks/results.
+# tuning sweeps at S=32K and 128K on an H100 recorded in benchmarks/results.
 KV_OUTER_FWD = (64, 4, 3)  # (rows, num_warps, num_stages)
 KV_OUTER_BWD = (32, 8, 2)
 KL_FWD = KL_BWD = (32, 4, 3)
@@ -98,6 +99,7 @@ def support_lse(index_q, index_k, block_indices, token_starts, block_size: int, 
 
 
 def _csr(block_indices, cu_seqlens, max_seqlen: int, block_size: int, start: int = 0, end: int | None = None):
+    """The selection of tokens ``start .. end - 1`` inverted into per-(group, block) lists."""
     sequences = token_sequences(cu_seqlens, block_indices.shape[0])[start:end]
     return build_block_csr(block_indices[start:end], sequences, cu_seqlens.numel() - 1,
                            max(1, triton.cdiv(max_seqlen, block_size)), token_offset=start)

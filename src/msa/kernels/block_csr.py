@@ -27,18 +27,11 @@ class BlockCSR:
     n_block_slots: int
 
 
-def token_sequences(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """int64 ``[T]``: the sequence each packed token belongs to."""
-    n_seqs = cu_seqlens.numel() - 1
-    return torch.repeat_interleave(torch.arange(n_seqs, device=cu_seqlens.device), cu_seqlens.long().diff(),
-                                   output_size=total)
-
-
 def build_block_csr(block_indices: torch.Tensor, sequences: torch.Tensor, n_seqs: int, max_blocks: int,
                     token_offset: int = 0) -> BlockCSR:
     """Invert ``block_indices`` int32 ``[C, G, topk]`` of tokens ``token_offset .. token_offset + C - 1``.
 
-    ``sequences`` int64 ``[C]``: their sequence numbers (see :func:`token_sequences`).
+    ``sequences`` int64 ``[C]``: their sequence numbers (see :func:`msa.varlen.token_sequences`).
     """
     n_tokens, n_groups, topk = block_indices.shape
     n_block_slots = n_seqs * max_blocks
