@@ -6,7 +6,9 @@ import torch
 
 from msa.ops import block_gather
 from msa.ops.backend import unsupported_reason, use_triton
-from msa.ops.checks import check_block_indices, check_block_size, check_like, check_lse, check_qkv, check_scale, make_layout
+from msa.ops.checks import (
+    check_block_indices, check_block_size, check_like, check_lse, check_qkv, check_scale, make_layout,
+)
 from msa.varlen import token_positions
 
 
