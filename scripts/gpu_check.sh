@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, run on the device machine from the repository root:
-#     OUT=/some/dir SEQLENS=8192,32768,131072 bash scripts/gpu_check.sh
-# Runs the whole test suite on the GPU (the kernel tests then run compiled, in bf16/fp16/fp32),
-# then the kernel benchmark. Logs and JSON land under $OUT. Test wheels carried in .whl are
+#     OUT=/some/dir SEQLENS=8192,32768,131072 INFERENCE=1 bash scripts/gpu_check.sh
+# Runs the test suite on the GPU (TESTS, default all: the kernel tests then run compiled, in
+# bf16/fp16/fp32), then the kernel benchmark (SEQLENS=none skips it) and, with INFERENCE=1,
+# `msa generate` and the inference benchmark (PARTS of benchmarks/inference.py). Logs and JSON land under $OUT. Test wheels carried in .whl are
 # installed when the machine's Python lacks pytest, hypothesis or rich. The machine's copy of the
 # tree has no .git: pass MSA_COMMIT=<commit> so that the results name the commit they measured.
 set -uo pipefail
@@ -18,5 +19,9 @@ python3 -m pytest -q ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 if [ "${SEQLENS:-}" != "none" ]; then
     python3 benchmarks/kernels.py --out "$OUT" --seqlens "${SEQLENS:-8192,32768,131072}" --tune "${TUNE:-0}" 2>&1 | tee "$OUT/bench.log"
+fi
+if [ "${INFERENCE:-0}" = "1" ]; then
+    python3 -m msa generate --json "$OUT/generate.json" 2>&1 | tee "$OUT/generate.log"
+    python3 benchmarks/inference.py --out "$OUT" --parts "${PARTS:-decode,low_latency,long,prefill}" 2>&1 | tee "$OUT/inference.log"
 fi
 exit "$tests_rc"

@@ -17,6 +17,7 @@ import triton
 from msa.kernels.block_csr import build_block_csr
 from msa.kernels.index_kl import index_kl_bwd_dk_kernel, index_kl_bwd_dq_kernel, index_kl_fwd_partial_kernel
 from msa.kernels.indexer import select_blocks_kernel, support_lse_kernel
+from msa.kernels.paged import paged_block_scores_kernel, paged_sparse_attention_kernel
 from msa.kernels.sparse_attention import (
     LOG2E,
     merge_partials_kernel,
@@ -264,3 +265,58 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
         DI=index_dim, BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=split,
         ATOMIC=not deterministic, UPCAST=INTERPRET)
     return d_index_q, d_index_k.sum(0).unsqueeze(1)
+
+
+# --------------------------------------------------------------------------- paged inference kernels
+
+# Index scan: pages per program, pages per matrix product, num_warps; attention: num_warps; at most
+# this many programs per tile and group split the attention of small batches.
+PAGED_SCAN = (16, 2, 4)
+PAGED_ATTENTION_WARPS = 4
+PAGED_MAX_SPLIT = 8
+
+
+def paged_tokens_per_tile(heads_per_group: int) -> int:
+    """Tokens per tile of the paged kernels: about 128 attention rows (tokens x heads of a group), at most 16."""
+    return max(1, min(16, 128 // _pow2(heads_per_group)))
+
+
+def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset: int, tokens_per_tile: int):
+    """Index scan of ``tiles`` into ``scores`` ``[rows, max_pages]`` (float32, rows = tokens x groups).
+
+    ``index_q`` ``[T, G, Di]``, ``index_k`` ``[P, block_size, Di]`` (one layer's pages).
+    """
+    n_groups, index_dim = index_q.shape[1:]
+    block_size, max_pages = index_k.shape[1], page_table.shape[1]
+    pages, pages_per_product, num_warps = PAGED_SCAN
+    groups = max(_pow2(n_groups), triton.cdiv(16, tokens_per_tile))
+    paged_block_scores_kernel[(tiles.shape[0], triton.cdiv(max_pages, pages))](
+        index_q, index_k, page_table, tiles, scores, token_offset, G=n_groups, GP=groups, DI=index_dim,
+        BLOCK_SIZE=block_size, MAX_PAGES=max_pages, QT=tokens_per_tile, PAGES=pages, NB=pages_per_product,
+        UPCAST=INTERPRET, num_warps=num_warps)
+
+
+def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, out, scale: float, tokens_per_tile: int,
+                           split: int = 1, partial_out=None, partial_lse=None, lse=None):
+    """Sparse attention of ``q`` ``[T, Hq, D]`` over the pages ``block_indices`` (int64 ``[T, G, topk]``) names.
+
+    ``k``, ``v``: ``[P, block_size, G, D]`` (one layer's pages). With ``split > 1``
+    the work buffers ``partial_out`` (float32 ``[T * Hq, split, D]``),
+    ``partial_lse`` (``[T * Hq, split]``) and ``lse`` (``[T * Hq]``) are used.
+    Writes ``out`` ``[T, Hq, D]``; allocates nothing.
+    """
+    n_heads, head_dim = q.shape[1:]
+    block_size, n_groups = k.shape[1:3]
+    topk = block_indices.shape[-1]
+    partial_out = out if split == 1 else partial_out
+    partial_lse = out if split == 1 else partial_lse
+    paged_sparse_attention_kernel[(tiles.shape[0], n_groups, split)](
+        q, k, v, page_table, tiles, block_indices, out, partial_out, partial_lse, scale * LOG2E.value,
+        HQ=n_heads, G=n_groups, R=n_heads // n_groups, RP=_pow2(n_heads // n_groups), D=head_dim,
+        BLOCK_SIZE=block_size, MAX_PAGES=page_table.shape[1], TOPK=topk, TOPKP=_pow2(topk), QT=tokens_per_tile,
+        SPLIT=split, UPCAST=INTERPRET, num_warps=PAGED_ATTENTION_WARPS)
+    if split > 1:
+        rows = q.shape[0] * n_heads
+        merge_partials_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
+            partial_out, partial_lse, out, lse, rows, TOPK=split, KP=_pow2(split), D=head_dim, HEADS=MERGE_ROWS,
+            num_warps=4)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -59,12 +61,17 @@ class MSAAttention(nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         max_seqlen: int | None = None,
         compute_kl_loss: bool | None = None,
+        attend: Callable[..., torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Args:
             hidden_states: ``[B, S, hidden]``, or packed ``[T, hidden]`` with ``cu_seqlens``.
             position_embeddings: ``(cos, sin)`` of shape ``[B, S, head_dim]``
                 (``[T, head_dim]`` packed), as Hugging Face rotary modules return.
             compute_kl_loss: default ``self.training``.
+            attend: replaces both branches' attention: ``attend(q, k, v, index_q,
+                index_k)`` (packed ``[T, H, D]`` tensors, ``index_k`` ``[T, 1, Di]``)
+                returns ``[T, Hq, D]``. :mod:`msa.inference` passes one that
+                attends over its paged KV cache. No KL loss is computed then.
 
         Returns:
             ``(output, kl_loss)``: output like ``hidden_states``; ``kl_loss`` a
@@ -81,6 +88,10 @@ class MSAAttention(nn.Module):
         index_k = self.index_k_proj(index_input).unsqueeze(-2)
         if self.index_rope:
             index_q, index_k = apply_rotary(index_q, cos, sin), apply_rotary(index_k, cos, sin)
+
+        if attend is not None:
+            out = attend(q, k, v, index_q, index_k)
+            return self.o_proj(out.reshape(*lead, -1)), None
 
         varlen = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         block_indices = select_blocks(index_q.detach(), index_k.detach(), block_size=self.block_size,

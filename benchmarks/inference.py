@@ -1,0 +1,241 @@
+"""GPU benchmark of msa.inference on the paper's layer: the decode suite and the production prefill workload.
+
+Decode (``workloads/decode_suite.json``): every request decodes 8
+query tokens (1 main + 7 drafts) over its paged cache. MSA = one
+``PagedSparseAttention.run`` (cache append, index scan, Top-k, sparse
+attention); dense = SDPA over the same K/V pages (the pages of a request are
+contiguous here, so SDPA reads them in place), the GQA heads folded into the
+query length (so each K/V head is read once), cuDNN, FlashAttention-2 and
+memory-efficient backends tried and the fastest kept. Both are timed as CUDA
+graphs of several calls that rotate over layers (cold L2), 5 warm-up and 20
+timed replays, median per call. The index scan alone is timed the same way and
+compared with the device copy bandwidth measured in the same run.
+
+Prefill (``workloads/prefill_production_b1.csv``): ``query_len``
+new tokens after ``prefix_len`` cached ones through ``run`` (one plan per
+row), against SDPA with a lower-right causal mask over contiguous K/V.
+
+All requests of a decode case hold the nominal length (the published suite
+varies lengths around it keeping the mean; the cost of both sides is linear
+in the total). Writes ``inference.json`` under ``--out``.
+
+    PYTHONPATH=src python benchmarks/inference.py --out benchmarks/results/<run>
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+
+from msa import kernels
+from msa.cli.bench import git_commit
+from msa.inference import PagedKVCache, PagedSparseAttention
+
+LAYER = dict(heads=64, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
+WORKLOADS = Path(__file__).resolve().parent / "workloads"  # copies of shared/workloads (see its README)
+LONG_CASES = [(8, 131072), (4, 524288), (2, 1048576)]  # beyond the suite: the paper's long-context regime
+DENSE_BACKENDS = {"cuDNN": SDPBackend.CUDNN_ATTENTION, "FlashAttention-2": SDPBackend.FLASH_ATTENTION,
+                  "memory-efficient": SDPBackend.EFFICIENT_ATTENTION}
+COLD_BYTES = 512 << 20  # rotate over enough layers that one call's data is not in L2 from the previous one
+
+
+def graph_ms(step, n_calls: int, warmup: int = 5, timed: int = 20) -> float:
+    """Median ms per call of ``step(i)``, i = 0 .. n_calls - 1, captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(n_calls):
+            step(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n_calls):
+            step(i)
+    for _ in range(warmup):
+        graph.replay()
+    samples = []
+    for _ in range(timed):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / n_calls)
+    del graph
+    return sorted(samples)[len(samples) // 2]
+
+
+def copy_gbps() -> float:
+    """Device copy bandwidth (bytes read + written per second) of a 2 GiB buffer."""
+    src = torch.empty(1 << 30, dtype=torch.int16, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = graph_ms(lambda i: dst.copy_(src), 4)
+    return 2 * src.numel() * 2 / ms / 1e6
+
+
+def paged_cache(batch: int, prefix_len: int, new_tokens: int, max_layers: int, bytes_limit: int):
+    """A cache whose ``batch`` requests hold ``prefix_len`` random tokens, with room for ``new_tokens`` more."""
+    c = LAYER
+    pages = math.ceil((prefix_len + new_tokens) / c["block_size"])
+    per_layer = batch * pages * c["block_size"] * (2 * c["groups"] * c["head_dim"] + c["index_dim"]) * 2
+    if per_layer > bytes_limit:
+        return None
+    layers = max(1, min(max_layers, math.ceil(COLD_BYTES / per_layer), bytes_limit // per_layer))
+    cache = PagedKVCache(num_layers=layers, num_pages=batch * pages, block_size=c["block_size"],
+                         num_kv_heads=c["groups"], head_dim=c["head_dim"], index_head_dim=c["index_dim"],
+                         max_requests=batch, max_pages_per_request=pages, dtype=torch.bfloat16, device="cuda")
+    for pool in (cache.k, cache.v, cache.index_k):
+        pool.normal_()
+    # pages allocated at admission, request after request: each request's pages are contiguous
+    requests = [cache.add_request(capacity=prefix_len + new_tokens) for _ in range(batch)]
+    for request in requests:
+        cache.reserve(request, prefix_len)
+    return cache, requests
+
+
+def new_tokens(n: int):
+    c = LAYER
+    shapes = ((c["heads"], c["head_dim"]), (c["groups"], c["head_dim"]), (c["groups"], c["head_dim"]),
+              (c["groups"], c["index_dim"]), (c["index_dim"],))
+    return [torch.randn(n, *shape, device="cuda", dtype=torch.bfloat16) for shape in shapes]
+
+
+def fastest_dense(call) -> tuple[float, str]:
+    """(ms, backend) of the fastest SDPA backend that accepts ``call``."""
+    best = (math.inf, "none")
+    for name, backend in DENSE_BACKENDS.items():
+        try:
+            with sdpa_kernel([backend]):
+                best = min(best, (call(), name))
+        except RuntimeError:  # this backend does not take these shapes or layouts
+            torch.cuda.synchronize()
+    return best
+
+
+def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int) -> dict | None:
+    c = LAYER
+    made = paged_cache(batch, seqlen - q_len, q_len, max_layers=4, bytes_limit=bytes_limit)
+    if made is None:
+        return None
+    cache, requests = made
+    attention = PagedSparseAttention(cache, num_heads=c["heads"], topk=c["topk"])
+    attention.plan(requests, [q_len] * batch)
+    q, k, v, index_q, index_k = new_tokens(batch * q_len)
+    layers = cache.num_layers
+    msa_ms = graph_ms(lambda i: attention.run(i % layers, q, k, v, index_q, index_k), 2 * layers)
+
+    tiles = attention._view("tiles", (attention.n_tiles, 4))
+    _, _, first_token, tokens = attention.chunks[0]
+    scores = attention._view("scores", (tokens * c["groups"], cache.max_pages_per_request))
+    scan_ms = graph_ms(lambda i: kernels.paged_block_scores(
+        index_q, cache.index_k[i % layers], cache.page_table, tiles, scores, first_token, attention.tokens_per_tile),
+        2 * layers)
+    scan_bytes = batch * seqlen * c["index_dim"] * 2
+
+    # dense: the same pages as [B, G, S, D] views, query heads folded into the query length
+    pages = cache.max_pages_per_request
+    per_group = c["heads"] // c["groups"]
+    dense_q = q.view(batch, q_len, c["groups"], per_group, c["head_dim"]).permute(0, 2, 1, 3, 4) \
+        .reshape(batch, c["groups"], q_len * per_group, c["head_dim"])
+
+    def kv(pool, layer):
+        return pool[layer][: batch * pages].view(batch, pages * c["block_size"], c["groups"], c["head_dim"])[
+            :, :seqlen].transpose(1, 2)
+
+    dense_ms, dense_backend = fastest_dense(lambda: graph_ms(
+        lambda i: F.scaled_dot_product_attention(dense_q, kv(cache.k, i % layers), kv(cache.v, i % layers)),
+        2 * layers))
+    return dict(batch=batch, seqlen=seqlen, q_len=q_len, msa_ms=msa_ms, dense_ms=dense_ms,
+                dense_backend=dense_backend, speedup=dense_ms / msa_ms, scan_ms=scan_ms,
+                scan_gbps=scan_bytes / scan_ms / 1e6, kv_splits=attention.split, layers_rotated=layers)
+
+
+def prefill_case(query_len: int, prefix_len: int, bytes_limit: int) -> dict:
+    c = LAYER
+    cache, requests = paged_cache(1, prefix_len, query_len, max_layers=2, bytes_limit=bytes_limit)
+    attention = PagedSparseAttention(cache, num_heads=c["heads"], topk=c["topk"])
+    attention.plan(requests, [query_len])
+    q, k, v, index_q, index_k = new_tokens(query_len)
+    layers = cache.num_layers
+    msa_ms = graph_ms(lambda i: attention.run(i % layers, q, k, v, index_q, index_k), 2 * layers)
+
+    seqlen = prefix_len + query_len
+    dense_q = q.transpose(0, 1)[None]
+    dense_k, dense_v = (torch.randn(1, c["heads"], seqlen, c["head_dim"], device="cuda", dtype=torch.bfloat16)
+                        for _ in range(2))  # K/V already expanded to the query heads (not timed)
+    mask = causal_lower_right(query_len, seqlen)
+    dense_ms, dense_backend = fastest_dense(lambda: graph_ms(
+        lambda i: F.scaled_dot_product_attention(dense_q, dense_k, dense_v, attn_mask=mask), 2))
+    return dict(query_len=query_len, prefix_len=prefix_len, msa_ms=msa_ms, dense_ms=dense_ms,
+                dense_backend=dense_backend, speedup=dense_ms / msa_ms)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--parts", default="decode,low_latency,long,prefill")
+    parser.add_argument("--memory-gb", type=float, default=60.0, help="largest KV cache to build (GB)")
+    args = parser.parse_args()
+    parts = args.parts.split(",")
+    console = Console()
+    suite = json.loads((WORKLOADS / "decode_suite.json").read_text())
+    q_len = suite["queries_per_request"]
+    cases = []
+    if "decode" in parts:
+        cases += [("decode", b, n) for b in suite["batch_sizes"] for n in suite["nominal_seq_lens"]]
+    if "low_latency" in parts:
+        low = suite["low_latency"]
+        cases += [("low_latency", b, n) for b in low["batch_sizes"] for n in low["seq_lens"]]
+    if "long" in parts:
+        cases += [("long", b, n) for b, n in LONG_CASES]
+    with (WORKLOADS / "prefill_production_b1.csv").open() as f:
+        prefill_rows = list(csv.DictReader(f)) if "prefill" in parts else []
+
+    limit = int(args.memory_gb * 1e9)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "inference.json"
+    record = dict(benchmark="msa inference", device=torch.cuda.get_device_name(), torch=torch.__version__,
+                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  commit=git_commit(), layer=LAYER, copy_gbps=copy_gbps(), decode=[], prefill=[], skipped=[])
+    torch.cuda.empty_cache()
+    console.print(f"copy bandwidth {record['copy_gbps']:.0f} GB/s")
+    with Progress(console=console) as progress:
+        task = progress.add_task("inference", total=len(cases) + len(prefill_rows))
+        for suite_name, batch, seqlen in cases:
+            progress.update(task, description=f"{suite_name} B={batch} S={seqlen}")
+            row = decode_case(batch, seqlen, q_len, limit)
+            if row is None:
+                record["skipped"].append(dict(suite=suite_name, batch=batch, seqlen=seqlen, why="cache > --memory-gb"))
+            else:
+                record["decode"].append(dict(row, suite=suite_name))
+                console.print(f"{suite_name} B={batch} S={seqlen}: MSA {row['msa_ms']:.3f} ms, dense "
+                              f"{row['dense_ms']:.3f} ms ({row['dense_backend']}) = {row['speedup']:.2f}x; scan "
+                              f"{row['scan_gbps']:.0f} GB/s")
+            torch.cuda.empty_cache()
+            path.write_text(json.dumps(record, indent=2))  # after every case: a cut-off run keeps its rows
+            progress.advance(task)
+        for csv_row in prefill_rows:
+            query_len, prefix_len = int(csv_row["query_len"]), int(csv_row["prefix_len"])
+            progress.update(task, description=f"prefill {query_len} after {prefix_len}")
+            row = dict(prefill_case(query_len, prefix_len, limit), case_id=csv_row["case_id"], tag=csv_row["tag"],
+                       weight=int(csv_row["weight"]))
+            record["prefill"].append(row)
+            torch.cuda.empty_cache()
+            path.write_text(json.dumps(record, indent=2))
+            progress.advance(task)
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

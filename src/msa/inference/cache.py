@@ -1,0 +1,128 @@
+"""A paged KV cache for MSA: pages of ``block_size`` tokens, one page per key block.
+
+A page holds, for every layer, the K and V of the ``G`` KV heads and the one
+index-key head of ``block_size`` consecutive tokens of one request. Because a
+page is exactly one MSA key block, the Index Branch's block ``b`` of a request
+is page ``page_table[request, b]``: the kernels read the selected blocks
+straight from the pages, with no gather.
+
+Page bookkeeping (which pages are free, how many tokens each request holds)
+lives on the host; :meth:`PagedKVCache.reserve` mirrors it into the device
+``page_table`` that the kernels read.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class PagedKVCache:
+    """K, V and index-key pages for ``num_layers`` layers, shared by up to ``max_requests`` requests.
+
+    Tensors (``P = num_pages``, ``BS = block_size``):
+
+    - ``k``, ``v``: ``[num_layers, P, BS, G, D]``
+    - ``index_k``: ``[num_layers, P, BS, Di]``
+    - ``page_table``: int32 ``[max_requests, max_pages_per_request]``; row ``r``
+      lists the pages of request ``r`` in sequence order (unused entries 0).
+
+    ``seq_lens[r]`` (host ints) counts the tokens request ``r`` holds.
+    """
+
+    def __init__(self, *, num_layers: int, num_pages: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 index_head_dim: int, max_requests: int, max_pages_per_request: int | None = None,
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+        for name, value in dict(num_layers=num_layers, num_pages=num_pages, block_size=block_size,
+                                num_kv_heads=num_kv_heads, head_dim=head_dim, index_head_dim=index_head_dim,
+                                max_requests=max_requests).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {block_size}")
+        self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
+        self.index_head_dim, self.num_layers = index_head_dim, num_layers
+        self.max_pages_per_request = max_pages_per_request or num_pages
+        self.dtype, self.device = dtype, torch.device(device)
+        shape = (num_layers, num_pages, block_size)
+        self.k = torch.zeros(*shape, num_kv_heads, head_dim, dtype=dtype, device=self.device)
+        self.v = torch.zeros_like(self.k)
+        self.index_k = torch.zeros(*shape, index_head_dim, dtype=dtype, device=self.device)
+        self.page_table = torch.zeros(max_requests, self.max_pages_per_request, dtype=torch.int32, device=self.device)
+        self.seq_lens = [0] * max_requests
+        self._pages: list[list[int] | None] = [None] * max_requests
+        self._free_pages = list(range(num_pages - 1, -1, -1))  # pop() hands out low pages first
+
+    @property
+    def max_requests(self) -> int:
+        return len(self._pages)
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free_pages)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_pages_per_request * self.block_size
+
+    def add_request(self, capacity: int = 0) -> int:
+        """A free request slot, holding no tokens yet, with pages for ``capacity`` tokens allocated up front."""
+        for request, pages in enumerate(self._pages):
+            if pages is None:
+                self._pages[request], self.seq_lens[request] = [], 0
+                try:
+                    self._allocate(request, capacity)
+                except (ValueError, RuntimeError):
+                    self._pages[request] = None
+                    raise
+                return request
+        raise RuntimeError(f"all {self.max_requests} request slots are in use; free one or raise max_requests")
+
+    def free(self, request: int) -> None:
+        """Return the request's pages to the pool and its slot to the free slots."""
+        self._free_pages.extend(reversed(self._pages_of(request)))
+        self._pages[request], self.seq_lens[request] = None, 0
+
+    def pages(self, request: int) -> list[int]:
+        return list(self._pages_of(request))
+
+    def reserve(self, request: int, n_new_tokens: int) -> int:
+        """Make room for ``n_new_tokens`` more tokens; returns the request's length before them.
+
+        Allocates pages as needed, writes them into ``page_table`` and counts
+        the tokens as held (the next ``PagedSparseAttention.run`` writes them).
+        """
+        self._pages_of(request)  # validates request
+        prefix_len = self.seq_lens[request]
+        self._allocate(request, prefix_len + n_new_tokens)
+        self.seq_lens[request] = prefix_len + n_new_tokens
+        return prefix_len
+
+    def _allocate(self, request: int, n_tokens: int) -> None:
+        """Give the request pages for ``n_tokens`` tokens (keeps the pages it has) and list them in ``page_table``."""
+        pages = self._pages_of(request)
+        n_pages = math.ceil(n_tokens / self.block_size)
+        if n_pages > self.max_pages_per_request:
+            raise ValueError(f"request {request} would hold {n_tokens} tokens, more than max_pages_per_request "
+                             f"({self.max_pages_per_request}) x block_size ({self.block_size})")
+        if n_pages - len(pages) > len(self._free_pages):
+            raise RuntimeError(f"out of KV-cache pages: request {request} needs {n_pages - len(pages)} more, "
+                               f"{len(self._free_pages)} free")
+        first_new = len(pages)
+        while len(pages) < n_pages:
+            pages.append(self._free_pages.pop())
+        if n_pages > first_new:
+            new_pages = torch.tensor(pages[first_new:], dtype=torch.int32)
+            self.page_table[request, first_new:n_pages].copy_(new_pages, non_blocking=True)
+
+    def slots(self, request: int, start: int, end: int) -> torch.Tensor:
+        """int64 flat cache slots (``page * block_size + offset``) of the request's positions ``start .. end - 1``."""
+        pages = torch.tensor(self._pages_of(request), dtype=torch.int64)
+        positions = torch.arange(start, end)
+        return pages[positions // self.block_size] * self.block_size + positions % self.block_size
+
+    def _pages_of(self, request: int) -> list[int]:
+        if not 0 <= request < self.max_requests or self._pages[request] is None:
+            raise ValueError(f"request {request} is not an active request of this cache")
+        return self._pages[request]

@@ -1,0 +1,220 @@
+"""``PagedSparseAttention``: MSA prefill and decode over a :class:`PagedKVCache`, in plan()/run() style.
+
+One step of an engine:
+
+1. ``attention.plan(requests, q_lens)`` once per step (host work): makes room
+   for each request's ``q_len`` new tokens in the cache, and writes the step's
+   metadata (work tiles, cache slots of the new tokens) into device buffers
+   that it keeps from step to step.
+2. ``attention.run(layer, q, k, v, index_q, index_k)`` per layer: writes the
+   new K, V and index keys into the cache, runs the index scan (max-pooled
+   index logits per page), the exp-free Top-k, and sparse attention over the
+   selected pages. On the GPU it allocates nothing and never synchronises with
+   the host, so a decode step can be captured in a CUDA graph and replayed
+   after each ``plan`` of the same shape (same requests' ``q_lens``).
+
+Query ``i`` of a request with ``prefix_len`` cached tokens sits at position
+``prefix_len + i`` and sees keys ``0 .. prefix_len + i``: prefill chunks and
+multi-token (MTP) decode steps are the same operation. A long chunk's index
+scores are processed in query chunks (two-phase chunking) so that memory
+stays bounded by ``score_workspace_bytes``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from msa.inference.cache import PagedKVCache
+from msa.inference.naive import paged_attention_torch
+from msa.ops.backend import unsupported_reason, use_triton
+
+
+class PagedSparseAttention:
+    """Plans and runs MSA attention of new tokens over a paged KV cache.
+
+    Args:
+        cache: the :class:`PagedKVCache` (its ``block_size`` is the MSA block size).
+        num_heads: query heads ``Hq`` (a multiple of the cache's ``G`` KV heads).
+        topk: blocks per (query, group), the local block included.
+        softmax_scale: default ``head_dim ** -0.5``.
+        score_workspace_bytes: bound of the index-score buffer (float32,
+            ``rows x max_pages_per_request``); longer chunks run in parts.
+        kv_splits: parts the blocks of each (tile, group) are split into
+            (split-KV); default: enough to fill the GPU when a batch is small.
+    """
+
+    def __init__(self, cache: PagedKVCache, *, num_heads: int, topk: int = 16, softmax_scale: float | None = None,
+                 score_workspace_bytes: int = 256 << 20, kv_splits: int | None = None):
+        if num_heads % cache.num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of the cache's num_kv_heads "
+                             f"({cache.num_kv_heads})")
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        self.cache, self.num_heads, self.topk = cache, num_heads, topk
+        self.softmax_scale = cache.head_dim**-0.5 if softmax_scale is None else softmax_scale
+        self.score_workspace_bytes, self.kv_splits = score_workspace_bytes, kv_splits
+        from msa import kernels  # noqa: F401  (imported lazily: CPU-only installs need no triton)
+
+        self.tokens_per_tile = kernels.paged_tokens_per_tile(num_heads // cache.num_kv_heads)
+        self.selected = min(topk, cache.max_pages_per_request)  # Top-k width of the page scores
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.buffers_version = 0  # bumped when a buffer is reallocated: CUDA graphs captured before are stale
+        self._planned = False
+
+    # ------------------------------------------------------------------ plan
+
+    def plan(self, requests: Sequence[int], q_lens: Sequence[int]) -> None:
+        """Reserve cache room for ``q_lens[i]`` new tokens of ``requests[i]`` and prepare the step.
+
+        The new tokens of ``run``'s inputs are packed in this order. Host work;
+        the device buffers are reused while they are large enough.
+        """
+        if len(requests) != len(q_lens) or not requests:
+            raise ValueError(f"requests and q_lens must be non-empty and of equal length, got {len(requests)} "
+                             f"and {len(q_lens)}")
+        if len(set(requests)) != len(requests):
+            raise ValueError(f"requests must be distinct, got {list(requests)}")
+        if any(n < 1 for n in q_lens):
+            raise ValueError(f"q_lens must be >= 1, got {list(q_lens)}")
+        cache, qt = self.cache, self.tokens_per_tile
+        tiles, slots, self.prefix_lens = [], [], []
+        first_token = 0
+        for request, q_len in zip(requests, q_lens):
+            prefix_len = cache.reserve(request, q_len)
+            self.prefix_lens.append(prefix_len)
+            slots.append(cache.slots(request, prefix_len, prefix_len + q_len))
+            tiles += [(request, first_token + i, min(qt, q_len - i), prefix_len + i) for i in range(0, q_len, qt)]
+            first_token += q_len
+        self.requests, self.q_lens, self.total_tokens = list(requests), list(q_lens), first_token
+        self.n_tiles = len(tiles)
+        self.chunks = self._score_chunks(tiles)
+        self.split = self._split()
+
+        n_heads, head_dim = self.num_heads, cache.head_dim
+        groups = cache.num_kv_heads
+        self._buffer("tiles", (self.n_tiles, 4), torch.int32).copy_(torch.tensor(tiles, dtype=torch.int32))
+        self._buffer("slots", (first_token,), torch.int64).copy_(torch.cat(slots))
+        max_rows = max(tokens for _, _, _, tokens in self.chunks) * groups
+        self._buffer("scores", (max_rows * cache.max_pages_per_request,), torch.float32)
+        self._buffer("top_scores", (first_token * groups * self.selected,), torch.float32)
+        self._buffer("block_indices", (first_token * groups * self.selected,), torch.int64)
+        self._buffer("out", (first_token * n_heads * head_dim,), cache.dtype)
+        if self.split > 1:
+            self._buffer("partial_out", (first_token * n_heads * self.split * head_dim,), torch.float32)
+            self._buffer("partial_lse", (first_token * n_heads * self.split,), torch.float32)
+            self._buffer("lse", (first_token * n_heads,), torch.float32)
+        self._planned = True
+
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A view of a grow-only device buffer."""
+        size = math.prod(shape)
+        held = self._buffers.get(name)
+        if held is None or held.numel() < size:
+            held = self._buffers[name] = torch.empty(size, dtype=dtype, device=self.cache.device)
+            self.buffers_version += 1
+        return held[:size].view(shape)
+
+    def _view(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._buffers[name][: math.prod(shape)].view(shape)
+
+    def _score_chunks(self, tiles) -> list[tuple[int, int, int, int]]:
+        """(first tile, end tile, first token, tokens) runs of whole tiles whose scores fit the workspace."""
+        per_token = self.cache.num_kv_heads * self.cache.max_pages_per_request * 4
+        budget = max(self.tokens_per_tile, self.score_workspace_bytes // per_token)
+        chunks, first = [], 0
+        for index, (_, token, count, _) in enumerate(tiles):
+            start_token = tiles[first][1]
+            if token + count - start_token > budget and index > first:
+                chunks.append((first, index, start_token, token - start_token))
+                first = index
+        start_token = tiles[first][1]
+        chunks.append((first, len(tiles), start_token, self.total_tokens - start_token))
+        return chunks
+
+    def _split(self) -> int:
+        """Parts each (tile, group)'s blocks are split into, so that small batches fill the GPU."""
+        if self.kv_splits is not None:
+            return self.kv_splits
+        if self.cache.device.type != "cuda":
+            return 1
+        from msa import kernels
+
+        programs = self.n_tiles * self.cache.num_kv_heads
+        sms = torch.cuda.get_device_properties(self.cache.device).multi_processor_count
+        return max(1, min(kernels.PAGED_MAX_SPLIT, (2 * sms) // programs))
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index_q: torch.Tensor,
+            index_k: torch.Tensor, *, return_block_indices: bool = False):
+        """Attention of the planned new tokens of one layer.
+
+        Args (``T`` = the planned tokens, packed request by request):
+            q: ``[T, Hq, D]``; k, v: ``[T, G, D]``; index_q: ``[T, G, Di]``;
+            index_k: ``[T, Di]`` or ``[T, 1, Di]``. Same dtype as the cache.
+
+        Returns ``out`` ``[T, Hq, D]`` (a view of a buffer the next ``run``
+        overwrites: consume or copy it first), and with
+        ``return_block_indices`` also the selected blocks, int64
+        ``[T, G, topk]`` with -1 for unused slots (allocates; not for graphs).
+        """
+        if not self._planned:
+            raise RuntimeError("call plan(requests, q_lens) before run()")
+        cache = self.cache
+        if not 0 <= layer < cache.num_layers:
+            raise ValueError(f"layer must be in 0..{cache.num_layers - 1}, got {layer}")
+        if index_k.dim() == 3:
+            index_k = index_k.squeeze(1)
+        total, groups, n_heads = self.total_tokens, cache.num_kv_heads, self.num_heads
+        expected = dict(q=(q, (total, n_heads, cache.head_dim)), k=(k, (total, groups, cache.head_dim)),
+                        v=(v, (total, groups, cache.head_dim)), index_q=(index_q, (total, groups, cache.index_head_dim)),
+                        index_k=(index_k, (total, cache.index_head_dim)))
+        for name, (x, shape) in expected.items():
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor of shape {list(shape)}, got {type(x).__name__}")
+            if tuple(x.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)} (the planned tokens), got {tuple(x.shape)}")
+            if x.dtype != cache.dtype or x.device != cache.device:
+                raise ValueError(f"{name} must be {cache.dtype} on {cache.device} like the cache, got {x.dtype} on "
+                                 f"{x.device}")
+
+        slots = self._view("slots", (total,))
+        cache.k[layer].view(-1, groups, cache.head_dim).index_copy_(0, slots, k)
+        cache.v[layer].view(-1, groups, cache.head_dim).index_copy_(0, slots, v)
+        cache.index_k[layer].view(-1, cache.index_head_dim).index_copy_(0, slots, index_k)
+
+        reason = unsupported_reason(dtype=q.dtype, head_dim=cache.head_dim, index_dim=cache.index_head_dim,
+                                    block_size=cache.block_size, topk=self.topk, heads_per_group=n_heads // groups)
+        if not use_triton("inference.PagedSparseAttention", q.device, reason):
+            out, block_indices = paged_attention_torch(cache, layer, self.requests, self.prefix_lens, self.q_lens, q,
+                                                       index_q, topk=self.topk, softmax_scale=self.softmax_scale)
+            return (out, block_indices) if return_block_indices else out
+
+        from msa import kernels
+
+        q, index_q = q.contiguous(), index_q.contiguous()
+        tiles = self._view("tiles", (self.n_tiles, 4))
+        block_indices = self._view("block_indices", (total, groups, self.selected))
+        top_scores = self._view("top_scores", (total, groups, self.selected))
+        max_pages = cache.max_pages_per_request
+        for first_tile, end_tile, first_token, tokens in self.chunks:
+            scores = self._view("scores", (tokens * groups, max_pages))
+            kernels.paged_block_scores(index_q, cache.index_k[layer], cache.page_table, tiles[first_tile:end_tile],
+                                       scores, first_token, self.tokens_per_tile)
+            rows = slice(first_token, first_token + tokens)
+            torch.topk(scores, self.selected, dim=-1, out=(top_scores[rows].view(-1, self.selected),
+                                                           block_indices[rows].view(-1, self.selected)))
+        out = self._view("out", (total, n_heads, cache.head_dim))
+        work = {}
+        if self.split > 1:
+            work = dict(partial_out=self._view("partial_out", (total * n_heads, self.split, cache.head_dim)),
+                        partial_lse=self._view("partial_lse", (total * n_heads, self.split)),
+                        lse=self._view("lse", (total * n_heads,)))
+        kernels.paged_sparse_attention(q, cache.k[layer], cache.v[layer], cache.page_table, tiles, block_indices, out,
+                                       self.softmax_scale, self.tokens_per_tile, self.split, **work)
+        if not return_block_indices:
+            return out
+        return out, block_indices.masked_fill(top_scores == -math.inf, -1)

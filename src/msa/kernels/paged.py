@@ -1,0 +1,192 @@
+"""Triton kernels of MSA over a paged KV cache: block scores of the index scan, and sparse attention.
+
+Both take the same work list, ``tiles`` (int32 ``[n_tiles, 4]``: request,
+first packed token, token count, position of the first token): a tile is up
+to QT consecutive new tokens of one request. Query ``i`` of a tile sits at
+position ``first_position + i`` and sees the cached keys up to it. A page is
+one key block (``BLOCK_SIZE`` tokens), so block ``b`` of a request lives in
+page ``page_table[request, b]``.
+
+``paged_block_scores_kernel`` is the index scan: each program scores one
+tile's (token, group) rows against a run of pages of the index-key cache and
+writes each page's max-pooled logit (-inf for pages after a row's local block,
++inf for the local block, which is always kept). No exponential, no softmax
+scale (it does not change the ranking): the Top-k over these scores is the
+Index Branch's selection. Splitting over pages keeps the GPU busy at any batch
+size, and the scores are ~1 byte per key read (the scan is memory-bound on
+the index keys, 2 * Di bytes per key).
+
+``paged_sparse_attention_kernel`` runs one tile x one GQA group per program:
+rows are the tile's tokens x the group's query heads, and the program walks
+the union of the blocks its tokens selected, each block loaded once for all
+the rows that selected it (exact online softmax, per-row masks). With
+SPLIT > 1 the union is divided among SPLIT programs that write normalised
+partial outputs and LSEs for :func:`msa.kernels.sparse_attention.merge_partials_kernel`.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from msa.kernels.sparse_attention import LN2
+
+
+@triton.jit
+def _tile(tiles):
+    tile = tl.program_id(0)
+    request = tl.load(tiles + tile * 4)
+    first_token = tl.load(tiles + tile * 4 + 1).to(tl.int64)
+    count = tl.load(tiles + tile * 4 + 2)
+    first_position = tl.load(tiles + tile * 4 + 3)
+    return request, first_token, count, first_position
+
+
+@triton.jit
+def paged_block_scores_kernel(
+    index_q,  # [T, G, DI]
+    index_k,  # [P, BLOCK_SIZE, DI]: one layer's index-key pages
+    page_table,  # int32 [max_requests, MAX_PAGES]
+    tiles,  # int32 [n_tiles, 4]
+    scores,  # float32 [rows, MAX_PAGES], row = (token - token_offset) * G + group; written
+    token_offset,  # first token of the chunk ``scores`` holds
+    G: tl.constexpr,
+    GP: tl.constexpr,  # G rounded up to a power of two, and so that QT * GP >= 16
+    DI: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    MAX_PAGES: tl.constexpr,
+    QT: tl.constexpr,  # tokens per tile
+    PAGES: tl.constexpr,  # pages per program
+    NB: tl.constexpr,  # pages per matrix product (divides PAGES)
+    UPCAST: tl.constexpr,
+):
+    request, first_token, count, first_position = _tile(tiles)
+    ROWS: tl.constexpr = QT * GP
+    rows = tl.arange(0, ROWS)
+    token = rows // GP
+    group = rows % GP
+    row_ok = (token < count) & (group < G)
+    position = first_position + token
+    local = position // BLOCK_SIZE
+    last_local = (first_position + count - 1) // BLOCK_SIZE
+    score_rows = scores + ((first_token + token - token_offset) * G + group).to(tl.int64)[:, None] * MAX_PAGES
+    page_run = tl.arange(0, NB)
+
+    first_page = tl.program_id(1) * PAGES
+    if first_page > last_local:  # every page of this run is after every row's local block
+        for step in tl.static_range(0, PAGES, NB):
+            page = first_page + step + page_run
+            tl.store(score_rows + page[None, :], tl.full((ROWS, NB), float("-inf"), tl.float32),
+                     mask=row_ok[:, None] & (page[None, :] < MAX_PAGES))
+        return
+
+    dims = tl.arange(0, DI)
+    iq = tl.load(index_q + ((first_token + token) * G + group)[:, None] * DI + dims[None, :], mask=row_ok[:, None],
+                 other=0.0)
+    if UPCAST:
+        iq = iq.to(tl.float32)
+    offsets = tl.arange(0, BLOCK_SIZE)
+    for step in tl.static_range(0, PAGES, NB):
+        page = first_page + step + page_run
+        read = page <= last_local
+        physical = tl.load(page_table + request * MAX_PAGES + page, mask=read, other=0).to(tl.int64)
+        key_rows = tl.reshape(physical[:, None] * BLOCK_SIZE + offsets[None, :], (NB * BLOCK_SIZE,))
+        key_read = tl.reshape(read[:, None] & (offsets[None, :] >= 0), (NB * BLOCK_SIZE,))
+        ik = tl.load(index_k + key_rows[:, None] * DI + dims[None, :], mask=key_read[:, None], other=0.0)
+        if UPCAST:
+            ik = ik.to(tl.float32)
+        logits = tl.dot(iq, tl.trans(ik))
+        key_position = tl.reshape((page * BLOCK_SIZE)[:, None] + offsets[None, :], (NB * BLOCK_SIZE,))
+        logits = tl.where(key_position[None, :] <= position[:, None], logits, float("-inf"))
+        pooled = tl.max(tl.reshape(logits, (ROWS, NB, BLOCK_SIZE)), axis=2)
+        pooled = tl.where(page[None, :] == local[:, None], float("inf"), pooled)
+        tl.store(score_rows + page[None, :], pooled, mask=row_ok[:, None] & (page[None, :] < MAX_PAGES))
+
+
+@triton.jit
+def paged_sparse_attention_kernel(
+    q,  # [T, HQ, D]
+    k,  # [P, BLOCK_SIZE, G, D]: one layer's key pages
+    v,  # [P, BLOCK_SIZE, G, D]
+    page_table,  # int32 [max_requests, MAX_PAGES]
+    tiles,  # int32 [n_tiles, 4]
+    block_indices,  # int64 [T, G, TOPK]: entries after a token's local block are ignored
+    out,  # [T, HQ, D], written when SPLIT == 1
+    partial_out,  # float32 [T * HQ, SPLIT, D], written when SPLIT > 1
+    partial_lse,  # float32 [T * HQ, SPLIT], written when SPLIT > 1
+    scale_log2,
+    HQ: tl.constexpr,
+    G: tl.constexpr,
+    R: tl.constexpr,  # query heads per group
+    RP: tl.constexpr,  # R rounded up to a power of two
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    MAX_PAGES: tl.constexpr,
+    TOPK: tl.constexpr,
+    TOPKP: tl.constexpr,  # TOPK rounded up to a power of two
+    QT: tl.constexpr,  # tokens per tile; QT * RP >= 16
+    SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    request, first_token, count, first_position = _tile(tiles)
+    group = tl.program_id(1)
+    part = tl.program_id(2)
+    ROWS: tl.constexpr = QT * RP
+    rows = tl.arange(0, ROWS)
+    token = rows // RP
+    row_ok = (token < count) & (rows % RP < R)
+    position = first_position + token
+    last_position = first_position + count - 1
+    head_index = (first_token + token) * HQ + group * R + rows % RP
+    dims = tl.arange(0, D)
+    q_tile = tl.load(q + head_index[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q_tile = q_tile.to(tl.float32)
+
+    # The tile's selections, flattened: entry e = token * TOPKP + slot; -1 where unused or after the local block.
+    ENTRIES: tl.constexpr = QT * TOPKP
+    entries = tl.arange(0, ENTRIES)
+    entry_token = entries // TOPKP
+    slot = entries % TOPKP
+    entry_ok = (entry_token < count) & (slot < TOPK)
+    selected = tl.load(block_indices + ((first_token + entry_token) * G + group) * TOPK + slot, mask=entry_ok, other=-1)
+    selected = tl.where(selected <= (first_position + entry_token) // BLOCK_SIZE, selected, -1)
+    # Each row's own list, to mask the blocks its token did not select.
+    slots = tl.arange(0, TOPKP)
+    row_selected = tl.load(block_indices + ((first_token + token) * G + group)[:, None] * TOPK + slots[None, :],
+                           mask=row_ok[:, None] & (slots[None, :] < TOPK), other=-1)
+
+    row_max = tl.full((ROWS,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, D), tl.float32)
+    offsets = tl.arange(0, BLOCK_SIZE)
+    for entry in range(part * ENTRIES // SPLIT, (part + 1) * ENTRIES // SPLIT):
+        block = tl.max(tl.where(entries == entry, selected, -1), axis=0)
+        seen = tl.sum(((selected == block) & (entries < entry)).to(tl.int32), axis=0)
+        if (block >= 0) & (seen == 0):  # the first entry naming this block loads it for all rows
+            physical = tl.load(page_table + request * MAX_PAGES + block).to(tl.int64)
+            kv_rows = ((physical * BLOCK_SIZE + offsets) * G + group)[:, None] * D + dims[None, :]
+            written = (block * BLOCK_SIZE + offsets <= last_position)[:, None]  # the rest of a page is stale
+            k_tile = tl.load(k + kv_rows, mask=written, other=0.0)
+            v_tile = tl.load(v + kv_rows, mask=written, other=0.0)
+            if UPCAST:
+                k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
+            member = tl.max((row_selected == block).to(tl.int32), axis=1) > 0
+            visible = member[:, None] & ((block * BLOCK_SIZE + offsets)[None, :] <= position[:, None])
+            scores = tl.where(visible, tl.dot(q_tile, tl.trans(k_tile)) * scale_log2, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+            alpha = tl.exp2(row_max - safe_max)
+            probs = tl.exp2(scores - safe_max[:, None])
+            row_sum = row_sum * alpha + tl.sum(probs, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(probs.to(v_tile.dtype), v_tile)
+            row_max = new_max
+
+    acc = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
+    if SPLIT == 1:
+        tl.store(out + head_index[:, None] * D + dims[None, :], acc.to(out.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+        partial_rows = head_index * SPLIT + part
+        tl.store(partial_out + partial_rows[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
+        tl.store(partial_lse + partial_rows, (safe_max + tl.log2(row_sum)) * LN2, mask=row_ok)

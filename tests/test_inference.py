@@ -1,0 +1,246 @@
+"""msa.inference: the paged KV cache, plan()/run() prefill and MTP decode, CUDA graphs, the generator.
+
+Every step's outputs are checked against the whole sequence: the selection
+against the float64 reference scores, the attention against the float64
+reference on that selection, and both against the public ops run on the
+whole sequence at once. Both backends: the PyTorch path and the Triton
+kernels (under the interpreter without a GPU); outputs poisoned with NaN.
+"""
+
+import math
+
+import pytest
+import torch
+
+import msa
+from helpers import assert_selection_matches, poison_allocations, rand_inputs, rel_err
+from msa.inference import PagedKVCache, PagedSparseAttention
+from msa.inference.generate import Generator
+from msa.nn import MSAConfig, MSATransformer
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+BOUNDS = {torch.float32: 2e-3 if ON_GPU else 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+# (heads, groups, head_dim, index_dim, block_size, topk), request lengths, prefill chunk, decode tokens per step
+if ON_GPU:
+    SHAPES = [(64, 4, 128, 128, 128, 16), (12, 4, 64, 128, 64, 8), (16, 2, 64, 64, 128, 4)]
+    LENGTHS, CHUNK, DECODE = [2600, 1500, 700], 1000, 8
+    DTYPES = [torch.bfloat16, torch.float16]
+else:
+    SHAPES = [(4, 2, 16, 16, 16, 3), (6, 2, 16, 32, 16, 2), (8, 1, 32, 16, 32, 4)]
+    LENGTHS, CHUNK, DECODE = [90, 61, 40], 23, 3
+    DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv("MSA_BACKEND", request.param)
+    poison_allocations(monkeypatch)
+    return request.param
+
+
+def schedule(lengths, chunk, decode):
+    """Steps of (request, new tokens): interleaved prefill chunks, then decode steps, ragged at the end."""
+    steps, done = [], [0] * len(lengths)
+    prefill_ends = [max(1, n - 2 * decode - r) for r, n in enumerate(lengths)]
+    while any(d < e for d, e in zip(done, prefill_ends)):
+        step = [(r, min(chunk, e - d)) for r, (d, e) in enumerate(zip(done, prefill_ends)) if d < e]
+        steps.append(step)
+        for r, n in step:
+            done[r] += n
+    while any(d < n for d, n in zip(done, lengths)):
+        step = [(r, min(decode, n - d)) for r, (d, n) in enumerate(zip(done, lengths)) if d < n]
+        steps.append(step)
+        for r, n in step:
+            done[r] += n
+    return steps
+
+
+def serve(shape, dtype, lengths, chunk, decode, seed, **attention_options):
+    """Runs the schedule through one layer; returns the full sequences and, per request, the outputs and
+    selections that the steps produced for every position."""
+    heads, groups, head_dim, index_dim, block_size, topk = shape
+    sequences = [rand_inputs(1, n, heads, groups, head_dim, index_dim, dtype=dtype, seed=seed + r, device=DEVICE)
+                 for r, n in enumerate(lengths)]
+    pages_per_request = max(topk, math.ceil(max(lengths) / block_size))
+    cache = PagedKVCache(num_layers=2, num_pages=len(lengths) * pages_per_request, block_size=block_size,
+                         num_kv_heads=groups, head_dim=head_dim, index_head_dim=index_dim,
+                         max_requests=len(lengths) + 1, max_pages_per_request=pages_per_request, dtype=dtype,
+                         device=DEVICE)
+    attention = PagedSparseAttention(cache, num_heads=heads, topk=topk, **attention_options)
+    slot = [cache.add_request() for _ in lengths]
+    outs = [torch.full((n, heads, head_dim), math.nan, dtype=dtype, device=DEVICE) for n in lengths]
+    blocks = [torch.full((n, groups, topk), 2**30, dtype=torch.int64, device=DEVICE) for n in lengths]
+    done = [0] * len(lengths)
+    for step in schedule(lengths, chunk, decode):
+        attention.plan([slot[r] for r, _ in step], [n for _, n in step])
+        new = [torch.cat([sequences[r][i][0, done[r]:done[r] + n] for r, n in step]) for i in range(5)]
+        out, block_indices = attention.run(1, *new, return_block_indices=True)
+        first = 0
+        for r, n in step:
+            outs[r][done[r]:done[r] + n] = out[first:first + n]
+            blocks[r][done[r]:done[r] + n] = block_indices[first:first + n]
+            first, done[r] = first + n, done[r] + n
+    return sequences, outs, blocks
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kv_splits", [None, 3])
+def test_chunked_prefill_and_decode_match_the_whole_sequence(backend, shape, dtype, kv_splits):
+    block_size, topk = shape[4], shape[5]
+    sequences, outs, blocks = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=40, kv_splits=kv_splits)
+    for (q, k, v, index_q, index_k), out, selected in zip(sequences, outs, blocks):
+        tol = 1e-4 if dtype == torch.float32 and not ON_GPU else 1e-2
+        assert_selection_matches(selected[None].int(), index_q, index_k, block_size, topk, tol=tol)
+        ref = msa.reference.sparse_attention(q.double(), k.double(), v.double(), selected[None], block_size=block_size)
+        assert rel_err(out[None], ref) < BOUNDS[dtype]
+        # the public ops on the whole sequence at once
+        whole = msa.sparse_attention(q, k, v, msa.select_blocks(index_q, index_k, block_size=block_size, topk=topk),
+                                     block_size=block_size)
+        assert rel_err(out[None], whole) < 2 * BOUNDS[dtype]
+
+
+def test_long_chunks_run_in_bounded_score_parts(backend):
+    """A score workspace of a few rows splits each prefill chunk into parts: same result."""
+    shape, dtype = SHAPES[0], DTYPES[0]
+    _, outs, blocks = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=41)
+    _, part_outs, part_blocks = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=41, score_workspace_bytes=1)
+    for out, part_out, selected, part_selected in zip(outs, part_outs, blocks, part_blocks):
+        assert torch.equal(selected, part_selected)
+        assert rel_err(part_out, out) < 1e-6
+
+
+def test_cache_pages_are_reused_after_free():
+    cache = PagedKVCache(num_layers=1, num_pages=6, block_size=16, num_kv_heads=1, head_dim=16, index_head_dim=16,
+                         max_requests=2, max_pages_per_request=4, dtype=torch.float32)
+    first, second = cache.add_request(), cache.add_request()
+    assert cache.reserve(first, 40) == 0 and cache.reserve(first, 1) == 40 and cache.seq_lens[first] == 41
+    cache.reserve(second, 33)
+    assert cache.free_pages == 0 and sorted(cache.pages(first) + cache.pages(second)) == list(range(6))
+    assert cache.page_table[first, :3].tolist() == cache.pages(first)
+    assert cache.slots(first, 15, 17).tolist() == [cache.pages(first)[0] * 16 + 15, cache.pages(first)[1] * 16]
+    with pytest.raises(RuntimeError, match="out of KV-cache pages"):
+        cache.reserve(second, 16)
+    with pytest.raises(RuntimeError, match="request slots"):
+        cache.add_request()
+    cache.free(first)
+    assert cache.free_pages == 3
+    third = cache.add_request()
+    with pytest.raises(ValueError, match="max_pages_per_request"):
+        cache.reserve(third, 65)
+    with pytest.raises(ValueError, match="not an active request"):
+        cache.reserve(first + 5, 1)
+
+
+def test_freed_pages_hold_stale_values_that_never_leak(backend):
+    """A request reusing another's pages sees only its own tokens, whatever the pages held."""
+    shape, dtype = SHAPES[0], DTYPES[0]
+    heads, groups, head_dim, index_dim, block_size, topk = shape
+    cache = PagedKVCache(num_layers=1, num_pages=4, block_size=block_size, num_kv_heads=groups, head_dim=head_dim,
+                         index_head_dim=index_dim, max_requests=1, max_pages_per_request=4, dtype=dtype, device=DEVICE)
+    cache.k.fill_(1e4)
+    cache.v.fill_(math.nan)
+    cache.index_k.fill_(1e4)
+    attention = PagedSparseAttention(cache, num_heads=heads, topk=topk)
+    request = cache.add_request()
+    n = block_size + 3
+    q, k, v, index_q, index_k = rand_inputs(1, n, heads, groups, head_dim, index_dim, dtype=dtype, seed=3,
+                                            device=DEVICE)
+    attention.plan([request], [n])
+    out = attention.run(0, q[0], k[0], v[0], index_q[0], index_k[0])
+    blocks = msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=block_size, topk=topk)
+    ref = msa.reference.sparse_attention(q.double(), k.double(), v.double(), blocks, block_size=block_size)
+    assert rel_err(out[None], ref) < BOUNDS[dtype]
+
+
+def test_run_validates_its_inputs():
+    cache = PagedKVCache(num_layers=1, num_pages=4, block_size=16, num_kv_heads=2, head_dim=16, index_head_dim=16,
+                         max_requests=2, dtype=torch.float32)
+    attention = PagedSparseAttention(cache, num_heads=4, topk=2)
+    request = cache.add_request()
+    tensors = [torch.randn(5, *s) for s in ((4, 16), (2, 16), (2, 16), (2, 16), (1, 16))]
+    with pytest.raises(RuntimeError, match="plan"):
+        attention.run(0, *tensors)
+    attention.plan([request], [5])
+    with pytest.raises(ValueError, match=r"q must have shape \[5, 4, 16\]"):
+        attention.run(0, torch.randn(6, 4, 16), *tensors[1:])
+    with pytest.raises(ValueError, match="index_q must be torch.float32"):
+        attention.run(0, *tensors[:3], tensors[3].double(), tensors[4])
+    with pytest.raises(TypeError, match="v must be a torch.Tensor"):
+        attention.run(0, *tensors[:2], None, *tensors[3:])
+    with pytest.raises(ValueError, match="layer must be in 0..0"):
+        attention.run(1, *tensors)
+    with pytest.raises(ValueError, match="q_lens must be >= 1"):
+        attention.plan([request], [0])
+    with pytest.raises(ValueError, match="distinct"):
+        attention.plan([request, request], [1, 1])
+    with pytest.raises(ValueError, match="multiple of"):
+        PagedSparseAttention(cache, num_heads=3)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_decode_step_replays_as_a_cuda_graph():
+    """Capture one MTP decode step of 32 requests; after the next plan, replay it on new tokens: the result
+    equals an eager run of the same step."""
+    heads, groups, head_dim, index_dim, block_size, topk = SHAPES[0]
+    batch, q_len, dtype = 32, 8, torch.bfloat16
+    cache = PagedKVCache(num_layers=1, num_pages=batch * 40, block_size=block_size, num_kv_heads=groups,
+                         head_dim=head_dim, index_head_dim=index_dim, max_requests=batch, max_pages_per_request=40,
+                         dtype=dtype, device=DEVICE)
+    attention = PagedSparseAttention(cache, num_heads=heads, topk=topk)
+    requests = [cache.add_request() for _ in range(batch)]
+    gen = torch.Generator(device=DEVICE).manual_seed(5)
+
+    def tokens(n):
+        shapes = ((heads, head_dim), (groups, head_dim), (groups, head_dim), (groups, index_dim), (index_dim,))
+        return [torch.randn(n, *s, generator=gen, device=DEVICE, dtype=dtype) for s in shapes]
+
+    attention.plan(requests, [100 + 97 * r for r in range(batch)])  # prompts of different lengths
+    attention.run(0, *tokens(sum(100 + 97 * r for r in range(batch))))
+    attention.plan(requests, [q_len] * batch)
+    static = tokens(batch * q_len)
+    attention.run(0, *static)  # warm-up outside the graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = attention.run(0, *static)
+    attention.plan(requests, [q_len] * batch)  # the next step: same shapes, positions moved on
+    for x, fresh in zip(static, tokens(batch * q_len)):
+        x.copy_(fresh)
+    graph.replay()
+    replayed = graph_out.clone()
+    eager = attention.run(0, *static).clone()  # rewrites the same slots with the same values
+    assert torch.equal(replayed, eager)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_generator_logits_match_a_full_recompute(backend_name, monkeypatch):
+    monkeypatch.setenv("MSA_BACKEND", backend_name)
+    config = MSAConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                       intermediate_size=128, index_head_dim=16, block_size=16, topk=3)
+    torch.manual_seed(0)
+    model = MSATransformer(config).to(DEVICE).eval()
+    prompt = torch.randint(0, config.vocab_size, (150,)).tolist()
+    generator = Generator(model, max_seq_len=200, chunk_size=64)
+    tokens, logits = generator.generate(prompt, max_new_tokens=6)
+    assert generator.cache.free_pages == generator.cache.k.shape[1]  # the request's pages went back
+    with torch.no_grad():
+        full = model(torch.tensor(prompt + tokens[:-1], device=DEVICE)[None], compute_kl_loss=False)[0][0]
+    assert rel_err(logits, full[len(prompt) - 1:]) < 1e-4
+    assert tokens == full[len(prompt) - 1:].argmax(-1).tolist()
+
+
+def test_pages_allocated_at_admission_are_used_first():
+    cache = PagedKVCache(num_layers=1, num_pages=8, block_size=16, num_kv_heads=1, head_dim=16, index_head_dim=16,
+                         max_requests=3, dtype=torch.float32)
+    first = cache.add_request(capacity=40)
+    second = cache.add_request(capacity=20)
+    assert cache.pages(first) == [0, 1, 2] and cache.pages(second) == [3, 4] and cache.seq_lens[first] == 0
+    cache.reserve(first, 48)
+    assert cache.pages(first) == [0, 1, 2] and cache.seq_lens[first] == 48
+    cache.reserve(first, 1)
+    assert cache.pages(first) == [0, 1, 2, 5]
+    with pytest.raises(RuntimeError, match="out of KV-cache pages"):
+        cache.add_request(capacity=16 * 3)
+    assert cache.add_request() == 2  # the failed admission left its slot free
