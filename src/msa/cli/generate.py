@@ -63,6 +63,9 @@ def run(args) -> int:
     generator = Generator(model, max_seq_len=prompt_len + args.new_tokens, chunk_size=chunk_size,
                           cuda_graphs=False if args.no_cuda_graphs else None)
     with console.status(f"prefill {prompt_len} tokens + decode {args.new_tokens}"):
+        warm_up = generator.add_request()  # compiles the kernels outside the timings
+        generator.prefill(warm_up, prompt[:chunk_size])
+        generator.free(warm_up)
         request = generator.add_request()
         _synchronize(device)
         start = time.perf_counter()

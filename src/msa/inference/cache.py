@@ -44,9 +44,10 @@ class PagedKVCache:
         self.block_size, self.num_kv_heads, self.head_dim = block_size, num_kv_heads, head_dim
         self.index_head_dim, self.num_layers = index_head_dim, num_layers
         self.max_pages_per_request = max_pages_per_request or num_pages
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype = dtype
         shape = (num_layers, num_pages, block_size)
-        self.k = torch.zeros(*shape, num_kv_heads, head_dim, dtype=dtype, device=self.device)
+        self.k = torch.zeros(*shape, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.device = self.k.device  # "cuda" resolved to "cuda:N"
         self.v = torch.zeros_like(self.k)
         self.index_k = torch.zeros(*shape, index_head_dim, dtype=dtype, device=self.device)
         self.page_table = torch.zeros(max_requests, self.max_pages_per_request, dtype=torch.int32, device=self.device)

@@ -35,7 +35,10 @@ class Generator:
                                   max_requests=max_requests, max_pages_per_request=pages_per_request,
                                   dtype=parameter.dtype, device=parameter.device)
         self.attention = PagedSparseAttention(self.cache, num_heads=config.num_heads, topk=config.topk)
-        self.cuda_graphs = parameter.is_cuda if cuda_graphs is None else cuda_graphs
+        capturable = parameter.is_cuda and self.attention.uses_kernels()
+        if cuda_graphs and not capturable:
+            raise ValueError("cuda_graphs=True needs a CUDA model on the Triton path (MSA_BACKEND auto or triton)")
+        self.cuda_graphs = capturable if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._graphs_version = -1
 

@@ -148,6 +148,14 @@ class PagedSparseAttention:
 
     # ------------------------------------------------------------------ run
 
+    def uses_kernels(self) -> bool:
+        """Whether ``run`` takes the Triton path (capturable in CUDA graphs) or the PyTorch one (``MSA_BACKEND``)."""
+        cache = self.cache
+        reason = unsupported_reason(dtype=cache.dtype, head_dim=cache.head_dim, index_dim=cache.index_head_dim,
+                                    block_size=cache.block_size, topk=self.topk,
+                                    heads_per_group=self.num_heads // cache.num_kv_heads)
+        return use_triton("inference.PagedSparseAttention", cache.device, reason)
+
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index_q: torch.Tensor,
             index_k: torch.Tensor, *, return_block_indices: bool = False):
         """Attention of the planned new tokens of one layer.
@@ -186,9 +194,7 @@ class PagedSparseAttention:
         cache.v[layer].view(-1, groups, cache.head_dim).index_copy_(0, slots, v)
         cache.index_k[layer].view(-1, cache.index_head_dim).index_copy_(0, slots, index_k)
 
-        reason = unsupported_reason(dtype=q.dtype, head_dim=cache.head_dim, index_dim=cache.index_head_dim,
-                                    block_size=cache.block_size, topk=self.topk, heads_per_group=n_heads // groups)
-        if not use_triton("inference.PagedSparseAttention", q.device, reason):
+        if not self.uses_kernels():
             out, block_indices = paged_attention_torch(cache, layer, self.requests, self.prefix_lens, self.q_lens, q,
                                                        index_q, topk=self.topk, softmax_scale=self.softmax_scale)
             return (out, block_indices) if return_block_indices else out
