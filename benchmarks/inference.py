@@ -135,13 +135,33 @@ def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int) -> dict |
     layers = cache.num_layers
     msa_ms = graph_ms(lambda i: attention.run(i % layers, q, k, v, index_q, index_k), 2 * layers)
 
-    tiles = attention._view("tiles", (attention.n_tiles, 4))
+    # the parts of one call, each timed alone the same way
+    scan_tiles = attention._view("scan_tiles", (attention.n_scan_tiles, 4))
     _, _, first_token, tokens = attention.chunks[0]
-    scores = attention._view("scores", (tokens * c["groups"], cache.max_pages_per_request))
+    groups, selected = c["groups"], attention.selected
+    scores = attention._view("scores", (tokens * groups, cache.max_pages_per_request))
+    top_scores = attention._view("top_scores", (tokens * groups, selected))
+    block_indices = attention._view("block_indices", (tokens, groups, selected))
     scan_ms = graph_ms(lambda i: kernels.paged_block_scores(
-        index_q, cache.index_k[i % layers], cache.page_table, tiles, scores, first_token, attention.tokens_per_tile),
+        index_q, cache.index_k[i % layers], cache.page_table, scan_tiles, scores, first_token, attention.scan_tokens),
         2 * layers)
+    topk_ms = graph_ms(lambda i: torch.topk(scores, selected, dim=-1, out=(top_scores, block_indices.view(-1, selected))),
+                       2 * layers)
+    work = {}
+    if attention.split > 1:
+        work = {name: attention._buffers[name] for name in ("partial_out", "partial_lse", "lse")}
+        work = dict(partial_out=work["partial_out"][: batch * q_len * c["heads"] * attention.split * c["head_dim"]]
+                    .view(-1, attention.split, c["head_dim"]),
+                    partial_lse=work["partial_lse"][: batch * q_len * c["heads"] * attention.split]
+                    .view(-1, attention.split), lse=work["lse"][: batch * q_len * c["heads"]])
+    out = attention._view("out", (batch * q_len, c["heads"], c["head_dim"]))
+    attention_tiles = attention._view("attention_tiles", (attention.n_attention_tiles, 4))
+    attention_ms = graph_ms(lambda i: kernels.paged_sparse_attention(
+        q, cache.k[i % layers], cache.v[i % layers], cache.page_table, attention_tiles, block_indices, out,
+        c["head_dim"] ** -0.5, attention.attention_tokens, attention.split, **work), 2 * layers)
     scan_bytes = batch * seqlen * c["index_dim"] * 2
+    # K/V bytes of the selected blocks, counted once per (token, group): the selections are independent here
+    selected_bytes = batch * q_len * groups * selected * c["block_size"] * 2 * c["head_dim"] * 2
 
     # dense: the same pages as [B, G, S, D] views, query heads folded into the query length
     pages = cache.max_pages_per_request
@@ -157,8 +177,10 @@ def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int) -> dict |
         lambda i: F.scaled_dot_product_attention(dense_q, kv(cache.k, i % layers), kv(cache.v, i % layers)),
         2 * layers))
     return dict(batch=batch, seqlen=seqlen, q_len=q_len, msa_ms=msa_ms, dense_ms=dense_ms,
-                dense_backend=dense_backend, speedup=dense_ms / msa_ms, scan_ms=scan_ms,
-                scan_gbps=scan_bytes / scan_ms / 1e6, kv_splits=attention.split, layers_rotated=layers)
+                dense_backend=dense_backend, speedup=dense_ms / msa_ms, scan_ms=scan_ms, topk_ms=topk_ms,
+                attention_ms=attention_ms, scan_gbps=scan_bytes / scan_ms / 1e6,
+                attention_gbps=selected_bytes / attention_ms / 1e6, dense_bytes=2 * batch * seqlen * groups * c["head_dim"] * 2,
+                msa_bytes=scan_bytes + selected_bytes, kv_splits=attention.split, layers_rotated=layers)
 
 
 def prefill_case(query_len: int, prefix_len: int, bytes_limit: int) -> dict:
@@ -221,7 +243,8 @@ def main() -> None:
                 record["decode"].append(dict(row, suite=suite_name))
                 console.print(f"{suite_name} B={batch} S={seqlen}: MSA {row['msa_ms']:.3f} ms, dense "
                               f"{row['dense_ms']:.3f} ms ({row['dense_backend']}) = {row['speedup']:.2f}x; scan "
-                              f"{row['scan_gbps']:.0f} GB/s")
+                              f"{row['scan_ms']:.3f} ms ({row['scan_gbps']:.0f} GB/s), top-k {row['topk_ms']:.3f}, "
+                              f"attention {row['attention_ms']:.3f} ms ({row['attention_gbps']:.0f} GB/s)")
             torch.cuda.empty_cache()
             path.write_text(json.dumps(record, indent=2))  # after every case: a cut-off run keeps its rows
             progress.advance(task)

@@ -1,7 +1,7 @@
 """The PyTorch path of paged MSA attention: gathers each request's pages and applies the reference definitions.
 
-Runs on any device in the inputs' dtype (CPU inference, and the float64
-reference of the paged kernels). One request at a time, with host loops: not
+Runs on any device; half-precision inputs are computed in float32, float64
+ones in float64 (CPU inference, and the reference of the paged kernels). One request at a time, with host loops: not
 for CUDA graphs.
 """
 
@@ -11,13 +11,14 @@ import math
 
 import torch
 
+from msa.ops.block_gather import compute_dtype
 from msa.reference import masked_softmax, support_mask
 
 
 def _request_keys(cache, layer: int, request: int, seq_len: int):
     """The request's first ``seq_len`` keys, values and index keys, gathered from its pages."""
     pages = torch.tensor(cache.pages(request), dtype=torch.int64, device=cache.device)
-    gather = lambda pool: pool[layer][pages].flatten(0, 1)[:seq_len]  # noqa: E731
+    gather = lambda pool: pool[layer][pages].flatten(0, 1)[:seq_len].to(compute_dtype(pool.dtype))  # noqa: E731
     return gather(cache.k), gather(cache.v), gather(cache.index_k)
 
 
@@ -29,7 +30,8 @@ def paged_attention_torch(cache, layer: int, requests, prefix_lens, q_lens, q, i
     :func:`msa.reference.sparse_attention`, for queries at positions
     ``prefix_len .. prefix_len + q_len - 1`` of each request.
     """
-    block_size, n_heads = cache.block_size, q.shape[1]
+    block_size, n_heads, out_dtype = cache.block_size, q.shape[1], q.dtype
+    q, index_q = q.to(compute_dtype(q.dtype)), index_q.to(compute_dtype(q.dtype))
     width = min(topk, cache.max_pages_per_request)
     outs, selections = [], []
     first = 0
@@ -57,4 +59,4 @@ def paged_attention_torch(cache, layer: int, requests, prefix_lens, q_lens, q, i
         outs.append(torch.einsum("qhk,khd->qhd", probs, v.repeat_interleave(repeat, dim=1)))
         selections.append(block_indices)
         first += q_len
-    return torch.cat(outs), torch.cat(selections)
+    return torch.cat(outs).to(out_dtype), torch.cat(selections)

@@ -56,9 +56,6 @@ class PagedSparseAttention:
         self.cache, self.num_heads, self.topk = cache, num_heads, topk
         self.softmax_scale = cache.head_dim**-0.5 if softmax_scale is None else softmax_scale
         self.score_workspace_bytes, self.kv_splits = score_workspace_bytes, kv_splits
-        from msa import kernels  # noqa: F401  (imported lazily: CPU-only installs need no triton)
-
-        self.tokens_per_tile = kernels.paged_tokens_per_tile(num_heads // cache.num_kv_heads)
         self.selected = min(topk, cache.max_pages_per_request)  # Top-k width of the page scores
         self._buffers: dict[str, torch.Tensor] = {}
         self.buffers_version = 0  # bumped when a buffer is reallocated: CUDA graphs captured before are stale
@@ -79,28 +76,42 @@ class PagedSparseAttention:
             raise ValueError(f"requests must be distinct, got {list(requests)}")
         if any(n < 1 for n in q_lens):
             raise ValueError(f"q_lens must be >= 1, got {list(q_lens)}")
-        cache, qt = self.cache, self.tokens_per_tile
-        tiles, slots, self.prefix_lens = [], [], []
-        first_token = 0
+        cache = self.cache
+        self.kernels = self.uses_kernels()
+        self.requests, self.q_lens, self.prefix_lens = list(requests), list(q_lens), []
+        slots = []
         for request, q_len in zip(requests, q_lens):
             prefix_len = cache.reserve(request, q_len)
             self.prefix_lens.append(prefix_len)
             slots.append(cache.slots(request, prefix_len, prefix_len + q_len))
-            tiles += [(request, first_token + i, min(qt, q_len - i), prefix_len + i) for i in range(0, q_len, qt)]
-            first_token += q_len
-        self.requests, self.q_lens, self.total_tokens = list(requests), list(q_lens), first_token
-        self.n_tiles = len(tiles)
-        self.chunks = self._score_chunks(tiles)
-        self.split = self._split()
+        self.total_tokens = sum(q_lens)
+        self._buffer("slots", (self.total_tokens,), torch.int64).copy_(torch.cat(slots))
+        if self.kernels:
+            self._plan_kernels()
+        self._planned = True
 
-        n_heads, head_dim = self.num_heads, cache.head_dim
-        groups = cache.num_kv_heads
-        self._buffer("tiles", (self.n_tiles, 4), torch.int32).copy_(torch.tensor(tiles, dtype=torch.int32))
-        self._buffer("slots", (first_token,), torch.int64).copy_(torch.cat(slots))
+    def _plan_kernels(self) -> None:
+        """Work tiles, score chunks, split and work buffers of the Triton path."""
+        from msa import kernels  # imported here: installs without triton run the PyTorch path
+
+        cache, groups, n_heads, head_dim = self.cache, self.cache.num_kv_heads, self.num_heads, self.cache.head_dim
+        self.scan_tokens = kernels.PAGED_SCAN_TOKENS
+        self.attention_tokens = kernels.paged_attention_tokens(n_heads // groups, max(self.q_lens))
+        scan_tiles, attention_tiles = [], []
+        first_token = 0
+        for request, prefix_len, q_len in zip(self.requests, self.prefix_lens, self.q_lens):
+            for tiles, qt in ((scan_tiles, self.scan_tokens), (attention_tiles, self.attention_tokens)):
+                tiles += [(request, first_token + i, min(qt, q_len - i), prefix_len + i) for i in range(0, q_len, qt)]
+            first_token += q_len
+        self.n_scan_tiles, self.n_attention_tiles = len(scan_tiles), len(attention_tiles)
+        self.chunks = self._score_chunks(scan_tiles)
+        self.split = self._split()
+        for name, tiles in (("scan_tiles", scan_tiles), ("attention_tiles", attention_tiles)):
+            self._buffer(name, (len(tiles), 4), torch.int32).copy_(torch.tensor(tiles, dtype=torch.int32))
         max_rows = max(tokens for _, _, _, tokens in self.chunks) * groups
         self._buffer("scores", (max_rows * cache.max_pages_per_request,), torch.float32)
-        self._buffer("top_scores", (first_token * groups * self.selected,), torch.float32)
-        self._buffer("block_indices", (first_token * groups * self.selected,), torch.int64)
+        for name, dtype in (("top_scores", torch.float32), ("block_indices", torch.int64)):
+            self._buffer(name, (first_token * groups * self.selected,), dtype)
         self._buffer("out", (first_token * n_heads * head_dim,), cache.dtype)
         if self.split > 1:
             self._buffer("partial_out", (first_token * n_heads * self.split * head_dim,), torch.float32)
@@ -123,7 +134,7 @@ class PagedSparseAttention:
     def _score_chunks(self, tiles) -> list[tuple[int, int, int, int]]:
         """(first tile, end tile, first token, tokens) runs of whole tiles whose scores fit the workspace."""
         per_token = self.cache.num_kv_heads * self.cache.max_pages_per_request * 4
-        budget = max(self.tokens_per_tile, self.score_workspace_bytes // per_token)
+        budget = max(self.scan_tokens, self.score_workspace_bytes // per_token)
         chunks, first = [], 0
         for index, (_, token, count, _) in enumerate(tiles):
             start_token = tiles[first][1]
@@ -142,7 +153,7 @@ class PagedSparseAttention:
             return 1
         from msa import kernels
 
-        programs = self.n_tiles * self.cache.num_kv_heads
+        programs = self.n_attention_tiles * self.cache.num_kv_heads
         sms = torch.cuda.get_device_properties(self.cache.device).multi_processor_count
         return max(1, min(kernels.PAGED_MAX_SPLIT, (2 * sms) // programs))
 
@@ -194,7 +205,7 @@ class PagedSparseAttention:
         cache.v[layer].view(-1, groups, cache.head_dim).index_copy_(0, slots, v)
         cache.index_k[layer].view(-1, cache.index_head_dim).index_copy_(0, slots, index_k)
 
-        if not self.uses_kernels():
+        if not self.kernels:
             out, block_indices = paged_attention_torch(cache, layer, self.requests, self.prefix_lens, self.q_lens, q,
                                                        index_q, topk=self.topk, softmax_scale=self.softmax_scale)
             return (out, block_indices) if return_block_indices else out
@@ -202,14 +213,14 @@ class PagedSparseAttention:
         from msa import kernels
 
         q, index_q = q.contiguous(), index_q.contiguous()
-        tiles = self._view("tiles", (self.n_tiles, 4))
+        scan_tiles = self._view("scan_tiles", (self.n_scan_tiles, 4))
         block_indices = self._view("block_indices", (total, groups, self.selected))
         top_scores = self._view("top_scores", (total, groups, self.selected))
         max_pages = cache.max_pages_per_request
         for first_tile, end_tile, first_token, tokens in self.chunks:
             scores = self._view("scores", (tokens * groups, max_pages))
-            kernels.paged_block_scores(index_q, cache.index_k[layer], cache.page_table, tiles[first_tile:end_tile],
-                                       scores, first_token, self.tokens_per_tile)
+            kernels.paged_block_scores(index_q, cache.index_k[layer], cache.page_table,
+                                       scan_tiles[first_tile:end_tile], scores, first_token, self.scan_tokens)
             rows = slice(first_token, first_token + tokens)
             torch.topk(scores, self.selected, dim=-1, out=(top_scores[rows].view(-1, self.selected),
                                                            block_indices[rows].view(-1, self.selected)))
@@ -219,8 +230,9 @@ class PagedSparseAttention:
             work = dict(partial_out=self._view("partial_out", (total * n_heads, self.split, cache.head_dim)),
                         partial_lse=self._view("partial_lse", (total * n_heads, self.split)),
                         lse=self._view("lse", (total * n_heads,)))
-        kernels.paged_sparse_attention(q, cache.k[layer], cache.v[layer], cache.page_table, tiles, block_indices, out,
-                                       self.softmax_scale, self.tokens_per_tile, self.split, **work)
+        kernels.paged_sparse_attention(q, cache.k[layer], cache.v[layer], cache.page_table,
+                                       self._view("attention_tiles", (self.n_attention_tiles, 4)), block_indices, out,
+                                       self.softmax_scale, self.attention_tokens, self.split, **work)
         if not return_block_indices:
             return out
         return out, block_indices.masked_fill(top_scores == -math.inf, -1)

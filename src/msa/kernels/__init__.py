@@ -269,15 +269,20 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
 
 # --------------------------------------------------------------------------- paged inference kernels
 
-# Index scan: pages per program, pages per matrix product, num_warps; attention: num_warps; at most
-# this many programs per tile and group split the attention of small batches.
+# Index scan: pages per program, pages per matrix product, num_warps, tokens per tile (one read of a
+# request's index keys serves this many of its new tokens); attention: num_warps; at most this many
+# programs per tile and group split the attention of small batches.
 PAGED_SCAN = (16, 2, 4)
+PAGED_SCAN_TOKENS = 16
 PAGED_ATTENTION_WARPS = 4
 PAGED_MAX_SPLIT = 8
 
 
-def paged_tokens_per_tile(heads_per_group: int) -> int:
-    """Tokens per tile of the paged kernels: about 128 attention rows (tokens x heads of a group), at most 16."""
+def paged_attention_tokens(heads_per_group: int, max_q_len: int) -> int:
+    """Tokens per attention tile: 1 for decode steps (each token's own blocks: no wasted rows when draft
+    tokens select different blocks), else about 128 rows (consecutive prefill tokens share most blocks)."""
+    if max_q_len <= 16:
+        return 1
     return max(1, min(16, 128 // _pow2(heads_per_group)))
 
 
@@ -289,7 +294,7 @@ def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset
     n_groups, index_dim = index_q.shape[1:]
     block_size, max_pages = index_k.shape[1], page_table.shape[1]
     pages, pages_per_product, num_warps = PAGED_SCAN
-    groups = max(_pow2(n_groups), triton.cdiv(16, tokens_per_tile))
+    groups = max(_pow2(n_groups), triton.cdiv(16, tokens_per_tile))  # tl.dot needs 16 rows
     paged_block_scores_kernel[(tiles.shape[0], triton.cdiv(max_pages, pages))](
         index_q, index_k, page_table, tiles, scores, token_offset, G=n_groups, GP=groups, DI=index_dim,
         BLOCK_SIZE=block_size, MAX_PAGES=max_pages, QT=tokens_per_tile, PAGES=pages, NB=pages_per_product,
@@ -312,7 +317,8 @@ def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, out, scale
     partial_lse = out if split == 1 else partial_lse
     paged_sparse_attention_kernel[(tiles.shape[0], n_groups, split)](
         q, k, v, page_table, tiles, block_indices, out, partial_out, partial_lse, scale * LOG2E.value,
-        HQ=n_heads, G=n_groups, R=n_heads // n_groups, RP=_pow2(n_heads // n_groups), D=head_dim,
+        HQ=n_heads, G=n_groups, R=n_heads // n_groups,
+        RP=max(_pow2(n_heads // n_groups), triton.cdiv(16, tokens_per_tile)), D=head_dim,
         BLOCK_SIZE=block_size, MAX_PAGES=page_table.shape[1], TOPK=topk, TOPKP=_pow2(topk), QT=tokens_per_tile,
         SPLIT=split, UPCAST=INTERPRET, num_warps=PAGED_ATTENTION_WARPS)
     if split > 1:

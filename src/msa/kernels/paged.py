@@ -1,8 +1,8 @@
 """Triton kernels of MSA over a paged KV cache: block scores of the index scan, and sparse attention.
 
-Both take the same work list, ``tiles`` (int32 ``[n_tiles, 4]``: request,
-first packed token, token count, position of the first token): a tile is up
-to QT consecutive new tokens of one request. Query ``i`` of a tile sits at
+Both take a work list ``tiles`` (int32 ``[n_tiles, 4]``: request, first
+packed token, token count, position of the first token): a tile is up to QT
+consecutive new tokens of one request (the two kernels use different QT). Query ``i`` of a tile sits at
 position ``first_position + i`` and sees the cached keys up to it. A page is
 one key block (``BLOCK_SIZE`` tokens), so block ``b`` of a request lives in
 page ``page_table[request, b]``.
@@ -118,13 +118,13 @@ def paged_sparse_attention_kernel(
     HQ: tl.constexpr,
     G: tl.constexpr,
     R: tl.constexpr,  # query heads per group
-    RP: tl.constexpr,  # R rounded up to a power of two
+    RP: tl.constexpr,  # R rounded up to a power of two, and so that QT * RP >= 16
     D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     MAX_PAGES: tl.constexpr,
     TOPK: tl.constexpr,
     TOPKP: tl.constexpr,  # TOPK rounded up to a power of two
-    QT: tl.constexpr,  # tokens per tile; QT * RP >= 16
+    QT: tl.constexpr,  # tokens per tile
     SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
