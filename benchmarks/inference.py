@@ -147,18 +147,11 @@ def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int) -> dict |
         2 * layers)
     topk_ms = graph_ms(lambda i: torch.topk(scores, selected, dim=-1, out=(top_scores, block_indices.view(-1, selected))),
                        2 * layers)
-    work = {}
-    if attention.split > 1:
-        work = {name: attention._buffers[name] for name in ("partial_out", "partial_lse", "lse")}
-        work = dict(partial_out=work["partial_out"][: batch * q_len * c["heads"] * attention.split * c["head_dim"]]
-                    .view(-1, attention.split, c["head_dim"]),
-                    partial_lse=work["partial_lse"][: batch * q_len * c["heads"] * attention.split]
-                    .view(-1, attention.split), lse=work["lse"][: batch * q_len * c["heads"]])
     out = attention._view("out", (batch * q_len, c["heads"], c["head_dim"]))
     attention_tiles = attention._view("attention_tiles", (attention.n_attention_tiles, 4))
     attention_ms = graph_ms(lambda i: kernels.paged_sparse_attention(
         q, cache.k[i % layers], cache.v[i % layers], cache.page_table, attention_tiles, block_indices, out,
-        c["head_dim"] ** -0.5, attention.attention_tokens, attention.split, **work), 2 * layers)
+        c["head_dim"] ** -0.5, attention.attention_tokens, attention.split, **attention.split_buffers()), 2 * layers)
     scan_bytes = batch * seqlen * c["index_dim"] * 2
     # K/V bytes of the selected blocks, counted once per (token, group): the selections are independent here
     selected_bytes = batch * q_len * groups * selected * c["block_size"] * 2 * c["head_dim"] * 2

@@ -157,6 +157,14 @@ class PagedSparseAttention:
         sms = torch.cuda.get_device_properties(self.cache.device).multi_processor_count
         return max(1, min(kernels.PAGED_MAX_SPLIT, (2 * sms) // programs))
 
+    def split_buffers(self) -> dict[str, torch.Tensor]:
+        """The split-KV work buffers of ``kernels.paged_sparse_attention`` for the planned step (none unsplit)."""
+        if self.split == 1:
+            return {}
+        rows, head_dim = self.total_tokens * self.num_heads, self.cache.head_dim
+        return dict(partial_out=self._view("partial_out", (rows, self.split, head_dim)),
+                    partial_lse=self._view("partial_lse", (rows, self.split)), lse=self._view("lse", (rows,)))
+
     # ------------------------------------------------------------------ run
 
     def uses_kernels(self) -> bool:
@@ -225,14 +233,9 @@ class PagedSparseAttention:
             torch.topk(scores, self.selected, dim=-1, out=(top_scores[rows].view(-1, self.selected),
                                                            block_indices[rows].view(-1, self.selected)))
         out = self._view("out", (total, n_heads, cache.head_dim))
-        work = {}
-        if self.split > 1:
-            work = dict(partial_out=self._view("partial_out", (total * n_heads, self.split, cache.head_dim)),
-                        partial_lse=self._view("partial_lse", (total * n_heads, self.split)),
-                        lse=self._view("lse", (total * n_heads,)))
         kernels.paged_sparse_attention(q, cache.k[layer], cache.v[layer], cache.page_table,
                                        self._view("attention_tiles", (self.n_attention_tiles, 4)), block_indices, out,
-                                       self.softmax_scale, self.attention_tokens, self.split, **work)
+                                       self.softmax_scale, self.attention_tokens, self.split, **self.split_buffers())
         if not return_block_indices:
             return out
         return out, block_indices.masked_fill(top_scores == -math.inf, -1)
