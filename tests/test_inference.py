@@ -33,9 +33,13 @@ else:
     DTYPES = [torch.float32, torch.float16]
 
 
-@pytest.fixture(params=["torch", "triton"])
+@pytest.fixture(params=["torch", "triton, 1-token attention tiles", "triton, 8-token attention tiles"])
 def backend(request, monkeypatch):
-    monkeypatch.setenv("MSA_BACKEND", request.param)
+    monkeypatch.setenv("MSA_BACKEND", request.param.split(",")[0])
+    if request.param.startswith("triton"):
+        from msa import kernels
+
+        monkeypatch.setattr(kernels, "PAGED_ATTENTION_TOKENS", int(request.param.split(", ")[1].split("-")[0]))
     poison_allocations(monkeypatch)
     return request.param
 

@@ -96,7 +96,7 @@ class PagedSparseAttention:
 
         cache, groups, n_heads, head_dim = self.cache, self.cache.num_kv_heads, self.num_heads, self.cache.head_dim
         self.scan_tokens = kernels.PAGED_SCAN_TOKENS
-        self.attention_tokens = kernels.paged_attention_tokens(n_heads // groups, max(self.q_lens))
+        self.attention_tokens = kernels.PAGED_ATTENTION_TOKENS
         scan_tiles, attention_tiles = [], []
         first_token = 0
         for request, prefix_len, q_len in zip(self.requests, self.prefix_lens, self.q_lens):

@@ -274,16 +274,13 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
 # programs per tile and group split the attention of small batches.
 PAGED_SCAN = (16, 2, 4)
 PAGED_SCAN_TOKENS = 16
+# Tokens per attention tile. 1: each token reads its own blocks (no wasted rows, fastest on the
+# benchmarks' independent random selections, benchmarks/results/2026-11-23-h100-14-inference);
+# more tokens load each block once for every tile token that selected it, which pays when consecutive
+# tokens' selections overlap.
+PAGED_ATTENTION_TOKENS = 1
 PAGED_ATTENTION_WARPS = 4
 PAGED_MAX_SPLIT = 8
-
-
-def paged_attention_tokens(heads_per_group: int, max_q_len: int) -> int:
-    """Tokens per attention tile: 1 for decode steps (each token's own blocks: no wasted rows when draft
-    tokens select different blocks), else about 128 rows (consecutive prefill tokens share most blocks)."""
-    if max_q_len <= 16:
-        return 1
-    return max(1, min(16, 128 // _pow2(heads_per_group)))
 
 
 def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset: int, tokens_per_tile: int):
