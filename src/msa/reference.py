@@ -230,3 +230,38 @@ def index_kl_loss(q, k, index_q, index_k, block_indices, *, block_size=128, soft
     )
     n_rows = block_indices.shape[:-1].numel()
     return total / n_rows
+
+
+# --------------------------------------------------------------------------- queries after a cached prefix
+
+
+def msa_attention_suffix(q, k, v, index_q, index_k, *, block_size=128, topk=16, softmax_scale=None):
+    """Both branches for the last ``Sq`` positions of one sequence whose ``Sk`` keys are all given.
+
+    The decode / chunked-prefill case (flash-attn's bottom-right alignment):
+    query ``i`` sits at position ``Sk - Sq + i``. ``q`` ``[Sq, Hq, D]``, ``k, v``
+    ``[Sk, G, D]``, ``index_q`` ``[Sq, G, Di]``, ``index_k`` ``[Sk, Di]``.
+    Returns ``out`` ``[Sq, Hq, D]`` and int64 ``block_indices`` ``[Sq, G, topk]``
+    (-1 pads), the same selection and attention as :func:`select_blocks` and
+    :func:`sparse_attention` give those rows on the whole sequence.
+    """
+    n_queries, n_heads, _ = q.shape
+    n_keys, n_groups = k.shape[:2]
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    positions = torch.arange(n_keys - n_queries, n_keys, device=q.device)
+    visible = torch.arange(n_keys, device=q.device) <= positions[:, None]
+    # the index scale is left out: it does not change the ranking
+    logits = torch.einsum("qgd,kd->qgk", index_q, index_k).masked_fill(~visible[:, None], -math.inf)
+    n_blocks = math.ceil(n_keys / block_size)
+    padded = torch.nn.functional.pad(logits, (0, n_blocks * block_size - n_keys), value=-math.inf)
+    block_scores = padded.unflatten(-1, (n_blocks, block_size)).amax(-1)
+    local = (positions // block_size)[:, None, None].expand(-1, n_groups, 1)
+    block_scores.scatter_(-1, local, math.inf)
+    top_scores, top_blocks = block_scores.topk(min(topk, n_blocks), dim=-1)
+    block_indices = torch.full((n_queries, n_groups, topk), -1, dtype=torch.int64, device=q.device)
+    block_indices[..., : top_blocks.shape[-1]] = top_blocks.masked_fill(top_scores == -math.inf, -1)
+
+    mask = _expand_groups(support_mask(block_indices, positions, n_keys, block_size), n_heads)
+    logits = scale * torch.einsum("qhd,khd->qhk", q, _expand_groups(k, n_heads))
+    probs, _ = masked_softmax(logits, mask)
+    return torch.einsum("qhk,khd->qhd", probs, _expand_groups(v, n_heads)), block_indices

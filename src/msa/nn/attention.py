@@ -93,18 +93,33 @@ class MSAAttention(nn.Module):
             out = attend(q, k, v, index_q, index_k)
             return self.o_proj(out.reshape(*lead, -1)), None
 
-        varlen = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        block_indices = select_blocks(index_q.detach(), index_k.detach(), block_size=self.block_size,
-                                      topk=self.topk, **varlen)
-        main_lse = None  # the teacher's normalisation on the selected support, when the Main Branch computed it
-        if self.mode == "sparse":
-            out, main_lse = sparse_attention(q, k, v, block_indices, block_size=self.block_size, return_lse=True,
-                                             **varlen)
-        else:
-            out = dense_attention(q, k, v, **varlen)
-
-        kl_loss = None
-        if self.training if compute_kl_loss is None else compute_kl_loss:
-            kl_loss = index_kl_loss(q, k, index_q, index_k, block_indices, block_size=self.block_size,
-                                    main_lse=main_lse, **varlen)
+        compute_kl_loss = self.training if compute_kl_loss is None else compute_kl_loss
+        out, kl_loss, _ = msa_attention(q, k, v, index_q, index_k, mode=self.mode, block_size=self.block_size,
+                                        topk=self.topk, compute_kl_loss=compute_kl_loss, cu_seqlens=cu_seqlens,
+                                        max_seqlen=max_seqlen)
         return self.o_proj(out.reshape(*lead, -1)), kl_loss
+
+
+def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk: int, compute_kl_loss: bool,
+                  cu_seqlens=None, max_seqlen=None, softmax_scale=None):
+    """Both branches of an MSA layer on projected, rotated inputs (the layouts of :mod:`msa.ops`).
+
+    ``mode="sparse"``: attention over the Index Branch's blocks; ``"dense"``:
+    causal attention (indexer warm-up). The Index Branch reads detached
+    ``index_q``/``index_k`` for the selection; the KL loss, when computed,
+    trains them against the detached Main Branch. Returns
+    ``(out, kl_loss or None, block_indices)``.
+    """
+    varlen = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    block_indices = select_blocks(index_q.detach(), index_k.detach(), block_size=block_size, topk=topk, **varlen)
+    main_lse = None  # the teacher's normalisation on the selected support, when the Main Branch computed it
+    if mode == "sparse":
+        out, main_lse = sparse_attention(q, k, v, block_indices, block_size=block_size, softmax_scale=softmax_scale,
+                                         return_lse=True, **varlen)
+    else:
+        out = dense_attention(q, k, v, softmax_scale=softmax_scale, **varlen)
+    kl_loss = None
+    if compute_kl_loss:
+        kl_loss = index_kl_loss(q, k, index_q, index_k, block_indices, block_size=block_size,
+                                softmax_scale=softmax_scale, main_lse=main_lse, **varlen)
+    return out, kl_loss, block_indices

@@ -1,0 +1,1 @@
+"""Integrations of MSA into model libraries: :mod:`msa.integrations.hf` (Hugging Face transformers)."""
