@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from msa.cli import bench, generate
+from msa.cli import bench, generate, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,5 +12,6 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     bench.add_parser(commands)
     generate.add_parser(commands)
+    train.add_parser(commands)
     args = parser.parse_args(argv)
     return args.run(args)
