@@ -291,12 +291,13 @@ def report(args) -> None:
     figure.savefig(results_dir / "retrieval_heatmaps.png", dpi=110, bbox_inches="tight")
 
     lines = ["| model | " + " | ".join(f"loss @{n // 1024}K" for n in EVAL_LENGTHS)
-             + " | vs dense @16K | retrieval | needle block selected |",
+             + f" | vs dense @{SEQ_LEN // 1024}K | retrieval | needle block selected |",
              "| --- |" + " --- |" * (len(EVAL_LENGTHS) + 3)]
     dense = results.get("dense")
     for name, record in results.items():
         losses = [record["loss"][str(n)] for n in EVAL_LENGTHS]
-        relative = f"{100 * (record['loss']['16384'] / dense['loss']['16384'] - 1):+.2f}%" if dense else "-"
+        train_length = str(SEQ_LEN)
+        relative = f"{100 * (record['loss'][train_length] / dense['loss'][train_length] - 1):+.2f}%" if dense else "-"
         retrieval = 100 * np.mean(list(record["retrieval"].values()))
         selected = record["needle_block_selected"]
         lines.append(f"| {name} | " + " | ".join(f"{x:.4f}" for x in losses) + f" | {relative} | {retrieval:.1f}% | "
