@@ -204,7 +204,9 @@ def msa_attention_forward(module, query, key, value, attention_mask, dropout: fl
     if index_k.shape[1] != key.shape[2]:
         raise ValueError(f"MSA layer {module.layer_idx}: {index_k.shape[1]} index keys for {key.shape[2]} keys; the "
                          "KV cache must be a transformers Cache passed as past_key_values (the index keys live in it)")
-    q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, S, H, D]
+    # one dtype for the kernels: under autocast the family's RoPE may leave q, k in float32 and v in bf16
+    q, k, v = (x.transpose(1, 2).to(value.dtype) for x in (query, key, value))  # [B, S, H, D]
+    index_q, index_k = index_q.to(value.dtype), index_k.to(value.dtype)
     if q.shape[1] == k.shape[1]:  # the whole sequence: the fast ops (training, prefill)
         compute_kl = module.training if branch.compute_kl_loss is None else branch.compute_kl_loss
         out, branch.kl_loss, block_indices = msa_attention(
