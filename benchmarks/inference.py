@@ -201,6 +201,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--parts", default="decode,low_latency,long,prefill")
     parser.add_argument("--memory-gb", type=float, default=60.0, help="largest KV cache to build (GB)")
+    parser.add_argument("--prefill-cases", default=None, help="comma-separated case_ids (default: every row)")
     args = parser.parse_args()
     parts = args.parts.split(",")
     console = Console()
@@ -216,6 +217,8 @@ def main() -> None:
         cases += [("long", b, n) for b, n in LONG_CASES]
     with (WORKLOADS / "prefill_production_b1.csv").open() as f:
         prefill_rows = list(csv.DictReader(f)) if "prefill" in parts else []
+    if args.prefill_cases:
+        prefill_rows = [row for row in prefill_rows if row["case_id"] in args.prefill_cases.split(",")]
 
     limit = int(args.memory_gb * 1e9)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -286,7 +286,7 @@ def report(args) -> None:
         axis.set(xticks=range(len(EVAL_LENGTHS)), xticklabels=[f"{n // 1024}K" for n in EVAL_LENGTHS],
                  yticks=range(len(DEPTHS)), yticklabels=[f"{round(d * 100)}%" for d in DEPTHS],
                  xlabel="context", ylabel="needle depth",
-                 title=f"{name}: {'retrieval accuracy' if key == 'retrieval' else 'needle block selected'}")
+                 title=f"{name}\n{'retrieval accuracy' if key == 'retrieval' else 'needle block selected'}")
     figure.colorbar(image, ax=axes, shrink=0.8)
     figure.savefig(results_dir / "retrieval_heatmaps.png", dpi=110, bbox_inches="tight")
 
