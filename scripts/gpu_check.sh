@@ -4,16 +4,16 @@
 # Runs the test suite on the GPU (TESTS, default all: the kernel tests then run compiled, in
 # bf16/fp16/fp32), then the kernel benchmark (SEQLENS=none skips it) and, with INFERENCE=1,
 # `msa generate` and the inference benchmark (PARTS of benchmarks/inference.py). Logs and JSON land under $OUT. Test wheels carried in .whl are
-# installed when the machine's Python lacks pytest, hypothesis or rich. The machine's copy of the
+# installed when the machine's Python lacks pytest, hypothesis, rich or transformers (.whl/hf). The machine's copy of the
 # tree has no .git: pass MSA_COMMIT=<commit> so that the results name the commit they measured.
 set -uo pipefail
 OUT=${OUT:-/tmp/msa-gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
-if [ -d .whl ] && ! python3 -c "import pytest, hypothesis, rich" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    export PYTHONPATH=src:/tmp/site
+if [ -d .whl ] && ! python3 -c "import pytest, hypothesis, rich, transformers" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl .whl/hf/*.whl
 fi
+export PYTHONPATH=src:/tmp/site
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/device.txt"
 python3 -m pytest -q ${TESTS:-tests} 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
@@ -22,6 +22,7 @@ if [ "${SEQLENS:-}" != "none" ]; then
 fi
 if [ "${INFERENCE:-0}" = "1" ]; then
     python3 -m msa generate --json "$OUT/generate.json" 2>&1 | tee "$OUT/generate.log"
-    python3 benchmarks/inference.py --out "$OUT" --parts "${PARTS:-decode,low_latency,long,prefill}" 2>&1 | tee "$OUT/inference.log"
+    python3 benchmarks/inference.py --out "$OUT" --parts "${PARTS:-decode,low_latency,long,prefill}" \
+        ${PREFILL_CASES:+--prefill-cases "$PREFILL_CASES"} 2>&1 | tee "$OUT/inference.log"
 fi
 exit "$tests_rc"

@@ -30,3 +30,21 @@ def test_bench_prints_table_and_writes_json(tmp_path, capsys):
 def test_bench_rejects_unknown_dtype():
     with pytest.raises(SystemExit):
         main(["bench", "--dtype", "int8"])
+
+
+def test_generate_matches_the_recompute(tmp_path, capsys):
+    path = tmp_path / "generate.json"
+    assert main(["generate", "--prompt-len", "300", "--new-tokens", "3", "--chunk-size", "128", "--dtype", "float32",
+                 "--json", str(path)]) == 0
+    record = json.loads(path.read_text())
+    assert record["logits_rel_err"] < 1e-4 and len(record["tokens"]) == 3
+    assert "msa generate" in capsys.readouterr().out
+
+
+def test_train_runs_the_recipe_and_saves_the_model(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "4", "--warmup-steps", "2", "--eval-every", "2", "--seq-len", "128",
+                 "--batch-size", "2", "--out", str(out)]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log] == ["warmup", "sparse"] and all(r["val_loss"] > 0 for r in log)
+    assert (out / "model" / "model.pt").exists() and (out / "checkpoint.pt").exists()

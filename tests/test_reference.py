@@ -131,3 +131,17 @@ def test_masked_softmax_empty_rows_are_zero_without_nan():
     assert torch.equal(probs[1], torch.zeros(5, dtype=torch.float64)) and lse[1] == -math.inf
     (probs * torch.randn_like(probs)).sum().backward()
     assert torch.isfinite(logits.grad).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("n_queries", [1, 4])
+def test_suffix_attention_equals_the_last_rows_of_the_whole_sequence(shape, n_queries):
+    q, k, v, index_q, index_k = rand_inputs(*shape[:6], seed=8)
+    block_size, topk = shape[6], shape[7]
+    blocks = reference.select_blocks(index_q, index_k, block_size=block_size, topk=topk)
+    out = reference.sparse_attention(q, k, v, blocks, block_size=block_size)
+    last = slice(q.shape[1] - n_queries, None)
+    suffix_out, suffix_blocks = reference.msa_attention_suffix(
+        q[0, last], k[0], v[0], index_q[0, last], index_k[0, :, 0], block_size=block_size, topk=topk)
+    assert torch.equal(suffix_blocks.sort(-1).values, blocks[0, last].long().sort(-1).values)
+    assert torch.allclose(suffix_out, out[0, last], atol=1e-12)

@@ -112,8 +112,8 @@ def convert(model: nn.Module, *, block_size: int = 128, topk: int = 16, index_he
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    config = model.config
     modules = _attention_modules(model)
+    config = model.config
     chosen = list(range(len(modules))) if layers is None else sorted(set(layers))
     if any(not 0 <= i < len(modules) for i in chosen):
         raise ValueError(f"layers must be in 0..{len(modules) - 1}, got {layers}")
