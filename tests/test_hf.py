@@ -8,6 +8,8 @@ transformers = pytest.importorskip("transformers")
 from msa.integrations import hf  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# float32 MSA kernels on a GPU multiply in tf32; the PyTorch path on a CPU is float32-exact
+TOL = 3e-3 if DEVICE == "cuda" else 1e-4
 SMALL = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512)
 FAMILIES = {
@@ -33,11 +35,11 @@ def test_convert_keeps_the_family_attention_and_adds_the_index_branch(family):
     # every block selected: MSA equals the family's dense attention
     hf.convert(model, block_size=16, topk=6, layers=[1])
     assert model.config._attn_implementation == "msa" and len(hf.msa_layers(model)) == 1
-    assert torch.allclose(model(ids).logits, dense, atol=1e-4)
-    hf.set_mode(model, "sparse")
+    all_blocks_error = (model(ids).logits - dense).abs().max()
+    assert all_blocks_error < TOL
     for branch in hf.msa_layers(model):
         branch.topk = 2
-    assert not torch.allclose(model(ids).logits, dense, atol=1e-3)  # now sparse: 2 of 6 blocks
+    assert (model(ids).logits - dense).abs().max() > 10 * all_blocks_error  # now sparse: 2 of 6 blocks
 
 
 def test_kl_loss_trains_only_the_index_branch_and_lm_loss_never_does():
@@ -62,8 +64,8 @@ def test_generate_with_the_kv_cache_matches_a_full_recompute():
     with torch.no_grad():
         prefill = model(ids[:, :45], past_key_values=cache, use_cache=True).logits
         steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1] for t in range(45, 70)]
-    assert torch.allclose(prefill, full[:, :45], atol=1e-5)
-    assert torch.allclose(torch.stack(steps), full[0, 45:], atol=1e-4)
+    assert torch.allclose(prefill, full[:, :45], atol=TOL)
+    assert torch.allclose(torch.stack(steps), full[0, 45:], atol=TOL)
     generated = model.generate(ids[:, :50], max_new_tokens=8, do_sample=False)
     assert torch.equal(model(generated).logits[0, 49:-1].argmax(-1), generated[0, 50:])
 

@@ -72,12 +72,15 @@ def attended_fraction(block_indices: torch.Tensor, block_size: int) -> float:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit, or ``$MSA_COMMIT`` where the tree has no .git (the GPU machine's copy)."""
+    """``$MSA_COMMIT`` when set (the GPU machine's copy of the tree: its .git, if any, is not this tree's),
+    else the checkout's commit."""
+    if os.environ.get("MSA_COMMIT"):
+        return os.environ["MSA_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("MSA_COMMIT")
+        return None
 
 
 def _check(inputs, block_indices, out, block_size) -> dict:
