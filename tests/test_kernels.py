@@ -6,7 +6,6 @@ in bfloat16/float16/float32. Every allocation made during a kernel call is
 poisoned (NaN, or 2**30 for integers) so that unwritten outputs fail.
 """
 
-import math
 import warnings
 
 import pytest

@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import lzma
-import math
 import time
 from pathlib import Path
 
@@ -90,9 +89,6 @@ def step_seconds(model, batches, steps: int = 3) -> float:
     for index in range(steps):
         step(index + 1)
     _synchronize()
-    del probe, optimizer
-    if DEVICE.type == "cuda":
-        torch.cuda.empty_cache()
     return (time.monotonic() - start) / steps
 
 

@@ -7,6 +7,7 @@
 """
 
 from msa.inference.cache import PagedKVCache
+from msa.inference.generate import Generator
 from msa.inference.paged_attention import PagedSparseAttention
 
-__all__ = ["PagedKVCache", "PagedSparseAttention"]
+__all__ = ["Generator", "PagedKVCache", "PagedSparseAttention"]

@@ -77,7 +77,7 @@ class PagedSparseAttention:
         if any(n < 1 for n in q_lens):
             raise ValueError(f"q_lens must be >= 1, got {list(q_lens)}")
         cache = self.cache
-        self.kernels = self.uses_kernels()
+        self.triton_path = self.uses_kernels()
         self.requests, self.q_lens, self.prefix_lens = list(requests), list(q_lens), []
         slots = []
         for request, q_len in zip(requests, q_lens):
@@ -86,7 +86,7 @@ class PagedSparseAttention:
             slots.append(cache.slots(request, prefix_len, prefix_len + q_len))
         self.total_tokens = sum(q_lens)
         self._buffer("slots", (self.total_tokens,), torch.int64).copy_(torch.cat(slots))
-        if self.kernels:
+        if self.triton_path:
             self._plan_kernels()
         self._planned = True
 
@@ -213,7 +213,7 @@ class PagedSparseAttention:
         cache.v[layer].view(-1, groups, cache.head_dim).index_copy_(0, slots, v)
         cache.index_k[layer].view(-1, cache.index_head_dim).index_copy_(0, slots, index_k)
 
-        if not self.kernels:
+        if not self.triton_path:
             out, block_indices = paged_attention_torch(cache, layer, self.requests, self.prefix_lens, self.q_lens, q,
                                                        index_q, topk=self.topk, softmax_scale=self.softmax_scale)
             return (out, block_indices) if return_block_indices else out

@@ -1,10 +1,12 @@
 """Triton kernels of MSA and their launchers (no autograd, no validation: see :mod:`msa.ops`).
 
-Every launcher takes packed ``[T, H, D]`` contiguous tensors with int32
-``cu_seqlens`` and/or the per-token sequence offsets ``token_starts`` (int32
-``[T]``, for the query-outer kernels), allocates its outputs and launches. Under ``TRITON_INTERPRET=1``
-the kernels compute their matrix products in float32 (the interpreter's
-bf16 ``tl.dot`` is wrong).
+The training / prefill launchers take packed ``[T, H, D]`` contiguous tensors
+with int32 ``cu_seqlens`` and/or the per-token sequence offsets
+``token_starts`` (int32 ``[T]``, for the query-outer kernels), allocate their
+outputs and launch. The paged launchers (``paged_*``, used by
+:mod:`msa.inference`) write into buffers they are given and allocate nothing.
+Under ``TRITON_INTERPRET=1`` the kernels compute their matrix products in
+float32 (the interpreter's bf16 ``tl.dot`` is wrong).
 """
 
 from __future__ import annotations
