@@ -33,13 +33,9 @@ else:
     DTYPES = [torch.float32, torch.float16]
 
 
-@pytest.fixture(params=["torch", "triton, 1-token attention tiles", "triton, 8-token attention tiles"])
+@pytest.fixture(params=["torch", "triton"])
 def backend(request, monkeypatch):
-    monkeypatch.setenv("MSA_BACKEND", request.param.split(",")[0])
-    if request.param.startswith("triton"):
-        from msa import kernels
-
-        monkeypatch.setattr(kernels, "PAGED_ATTENTION_TOKENS", int(request.param.split(", ")[1].split("-")[0]))
+    monkeypatch.setenv("MSA_BACKEND", request.param)
     poison_allocations(monkeypatch)
     return request.param
 
@@ -104,6 +100,21 @@ def test_chunked_prefill_and_decode_match_the_whole_sequence(backend, shape, dty
         whole = msa.sparse_attention(q, k, v, msa.select_blocks(index_q, index_k, block_size=block_size, topk=topk),
                                      block_size=block_size)
         assert rel_err(out[None], whole) < 2 * BOUNDS[dtype]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_multi_token_attention_tiles_match_the_whole_sequence(shape, monkeypatch):
+    """Tiles of 8 tokens walking the union of their blocks (with split-KV): the same results."""
+    from msa import kernels
+
+    monkeypatch.setenv("MSA_BACKEND", "triton")
+    monkeypatch.setattr(kernels, "PAGED_ATTENTION_TOKENS", 8)
+    poison_allocations(monkeypatch)
+    block_size, dtype = shape[4], DTYPES[0]
+    sequences, outs, blocks = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=42, kv_splits=3)
+    for (q, k, v, _, _), out, selected in zip(sequences, outs, blocks):
+        ref = msa.reference.sparse_attention(q.double(), k.double(), v.double(), selected[None], block_size=block_size)
+        assert rel_err(out[None], ref) < BOUNDS[dtype]
 
 
 def test_long_chunks_run_in_bounded_score_parts(backend):
