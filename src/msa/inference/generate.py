@@ -39,7 +39,7 @@ class Generator:
         if cuda_graphs and not capturable:
             raise ValueError("cuda_graphs=True needs a CUDA model on the Triton path (MSA_BACKEND auto or triton)")
         self.cuda_graphs = capturable if cuda_graphs is None else cuda_graphs
-        self._graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._graphs_version = -1
 
     def add_request(self) -> int:
@@ -52,10 +52,7 @@ class Generator:
         return torch.cat([torch.arange(p, p + n) for p, n in zip(self.attention.prefix_lens, self.attention.q_lens)])
 
     def _forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        def attend(layer, q, k, v, index_q, index_k):
-            return self.attention.run(layer, q, k, v, index_q, index_k)
-
-        return self.model(input_ids, position_ids=position_ids, attend=attend)[0]
+        return self.model(input_ids, position_ids=position_ids, attend=self.attention.run)[0]
 
     @torch.no_grad()
     def step(self, requests: Sequence[int], tokens: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -69,7 +66,7 @@ class Generator:
         if self._graphs_version != self.attention.buffers_version:  # graphs point into replaced buffers
             self._graphs.clear()
             self._graphs_version = self.attention.buffers_version
-        key = (*requests, *(len(t) for t in tokens))
+        key = tuple((request, len(t)) for request, t in zip(requests, tokens))
         if key not in self._graphs:
             self._graphs[key] = self._capture(input_ids, position_ids)
         graph, static_ids, static_positions, static_logits = self._graphs[key]
