@@ -29,7 +29,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from msa.kernels.sparse_attention import LN2
+from msa.kernels.sparse_attention import LN2, online_softmax_step
 
 
 @triton.jit
@@ -173,14 +173,8 @@ def paged_sparse_attention_kernel(
                 k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
             member = tl.max((row_selected == block).to(tl.int32), axis=1) > 0
             visible = member[:, None] & ((block * BLOCK_SIZE + offsets)[None, :] <= position[:, None])
-            scores = tl.where(visible, tl.dot(q_tile, tl.trans(k_tile)) * scale_log2, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            alpha = tl.exp2(row_max - safe_max)
-            probs = tl.exp2(scores - safe_max[:, None])
-            row_sum = row_sum * alpha + tl.sum(probs, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(probs.to(v_tile.dtype), v_tile)
-            row_max = new_max
+            row_max, row_sum, acc = online_softmax_step(q_tile, k_tile, v_tile, visible, row_max, row_sum, acc,
+                                                        scale_log2)
 
     acc = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
     if SPLIT == 1:

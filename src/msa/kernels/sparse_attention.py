@@ -37,6 +37,20 @@ def _load_block(ptr, start, block, pos, group, dims, G: tl.constexpr, D: tl.cons
 
 
 @triton.jit
+def online_softmax_step(q_tile, k_tile, v_tile, visible, row_max, row_sum, acc, scale_log2):
+    """One key tile of an exact online softmax: rows ``q_tile`` ``[M, D]``, keys/values ``[N, D]``,
+    ``visible`` broadcastable to ``[M, N]``; returns the updated (row max, row sum, unnormalised output)."""
+    scores = tl.where(visible, tl.dot(q_tile, tl.trans(k_tile)) * scale_log2, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    alpha = tl.exp2(row_max - safe_max)
+    probs = tl.exp2(scores - safe_max[:, None])
+    row_sum = row_sum * alpha + tl.sum(probs, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(probs.to(v_tile.dtype), v_tile)
+    return new_max, row_sum, acc
+
+
+@triton.jit
 def _query_program(q, token_starts, HQ: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
                    UPCAST: tl.constexpr):
     """A query-outer program's token, group, sequence offset, position, head rows and q tile ``[RP, D]``."""
@@ -84,15 +98,8 @@ def sparse_attention_fwd_kernel(
         v_tile, _ = _load_block(v, start, block, pos, group, dims, G, D, BLOCK_SIZE)
         if UPCAST:
             k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
-        scores = tl.dot(q_tile, tl.trans(k_tile)) * scale_log2
-        scores = tl.where(visible[None, :], scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        alpha = tl.exp2(row_max - safe_max)
-        probs = tl.exp2(scores - safe_max[:, None])
-        row_sum = row_sum * alpha + tl.sum(probs, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(probs.to(v_tile.dtype), v_tile)
-        row_max = new_max
+        row_max, row_sum, acc = online_softmax_step(q_tile, k_tile, v_tile, visible[None, :], row_max, row_sum, acc,
+                                                    scale_log2)
 
     safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     acc = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
