@@ -79,23 +79,31 @@ def _expand_groups(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- Index Branch
 
 
+def _top_blocks(logits: torch.Tensor, positions: torch.Tensor, block_size: int, topk: int) -> torch.Tensor:
+    """The selection of queries at ``positions`` ``[C]`` from their index logits ``[C, G, N]`` over keys
+    ``0 .. N - 1``: int64 ``[C, G, topk]``, the local block first, -1 pads."""
+    n_queries, n_groups, n_keys = logits.shape
+    visible = torch.arange(n_keys, device=logits.device) <= positions[:, None]
+    logits = logits.masked_fill(~visible[:, None, :], -math.inf)
+    n_blocks = math.ceil(n_keys / block_size)
+    padded = torch.nn.functional.pad(logits, (0, n_blocks * block_size - n_keys), value=-math.inf)
+    block_scores = padded.unflatten(-1, (n_blocks, block_size)).amax(dim=-1)
+    local = (positions // block_size)[:, None, None].expand(-1, n_groups, 1)
+    block_scores.scatter_(-1, local, math.inf)
+    top_scores, top_blocks = block_scores.topk(min(topk, n_blocks), dim=-1)
+    block_indices = torch.full((n_queries, n_groups, topk), -1, dtype=torch.int64, device=logits.device)
+    block_indices[..., : top_blocks.shape[-1]] = top_blocks.masked_fill(top_scores == -math.inf, -1)
+    return block_indices
+
+
 def _select_blocks_one(index_q, index_k, block_size, topk, scale, return_lse):
     seqlen, n_groups, _ = index_q.shape
-    block_indices = torch.full((seqlen, n_groups, topk), -1, dtype=torch.int64, device=index_q.device)
+    block_indices = torch.empty((seqlen, n_groups, topk), dtype=torch.int64, device=index_q.device)
     lse = torch.empty(seqlen, n_groups, dtype=index_q.dtype, device=index_q.device)
     for start, end in _chunks(seqlen, n_groups * seqlen):
         positions = torch.arange(start, end, device=index_q.device)
         logits = scale * torch.einsum("qgd,kd->qgk", index_q[start:end], index_k[:end, 0])
-        visible = torch.arange(end, device=index_q.device) <= positions[:, None]
-        logits = logits.masked_fill(~visible[:, None, :], -math.inf)
-        n_blocks = math.ceil(end / block_size)
-        padded = torch.nn.functional.pad(logits, (0, n_blocks * block_size - end), value=-math.inf)
-        block_scores = padded.view(end - start, n_groups, n_blocks, block_size).amax(dim=-1)
-        local = (positions // block_size)[:, None, None].expand(-1, n_groups, 1)
-        block_scores.scatter_(-1, local, math.inf)
-        top_scores, top_blocks = block_scores.topk(min(topk, n_blocks), dim=-1)
-        top_blocks = top_blocks.masked_fill(top_scores == -math.inf, -1)
-        block_indices[start:end, :, : top_blocks.shape[-1]] = top_blocks
+        block_indices[start:end] = _top_blocks(logits, positions, block_size, topk)
         if return_lse:
             mask = support_mask(block_indices[start:end], positions, end, block_size)
             lse[start:end] = masked_softmax(logits, mask)[1]
@@ -246,20 +254,11 @@ def msa_attention_suffix(q, k, v, index_q, index_k, *, block_size=128, topk=16, 
     :func:`sparse_attention` give those rows on the whole sequence.
     """
     n_queries, n_heads, _ = q.shape
-    n_keys, n_groups = k.shape[:2]
+    n_keys = k.shape[0]
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     positions = torch.arange(n_keys - n_queries, n_keys, device=q.device)
-    visible = torch.arange(n_keys, device=q.device) <= positions[:, None]
     # the index scale is left out: it does not change the ranking
-    logits = torch.einsum("qgd,kd->qgk", index_q, index_k).masked_fill(~visible[:, None], -math.inf)
-    n_blocks = math.ceil(n_keys / block_size)
-    padded = torch.nn.functional.pad(logits, (0, n_blocks * block_size - n_keys), value=-math.inf)
-    block_scores = padded.unflatten(-1, (n_blocks, block_size)).amax(-1)
-    local = (positions // block_size)[:, None, None].expand(-1, n_groups, 1)
-    block_scores.scatter_(-1, local, math.inf)
-    top_scores, top_blocks = block_scores.topk(min(topk, n_blocks), dim=-1)
-    block_indices = torch.full((n_queries, n_groups, topk), -1, dtype=torch.int64, device=q.device)
-    block_indices[..., : top_blocks.shape[-1]] = top_blocks.masked_fill(top_scores == -math.inf, -1)
+    block_indices = _top_blocks(torch.einsum("qgd,kd->qgk", index_q, index_k), positions, block_size, topk)
 
     mask = _expand_groups(support_mask(block_indices, positions, n_keys, block_size), n_heads)
     logits = scale * torch.einsum("qhd,khd->qhk", q, _expand_groups(k, n_heads))

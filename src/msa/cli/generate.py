@@ -18,10 +18,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from msa.cli.bench import DTYPES
 from msa.inference.generate import Generator
 from msa.nn import MSAConfig, MSATransformer
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 CPU_DEFAULTS = dict(prompt_len=2000, chunk_size=512, dtype="float32",
                     model=MSAConfig(vocab_size=512, hidden_size=256, num_layers=2, num_heads=8, num_kv_heads=2,
                                     head_dim=32, intermediate_size=512, index_head_dim=32, block_size=64, topk=4))
