@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+# The paper's layer, which the targets are set on.
+PAPER_LAYER = dict(heads=64, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
+
 
 def kernel_flops(layer: dict, seqlen: int, attended: float) -> dict:
     heads, groups, dim, index_dim = layer["heads"], layer["groups"], layer["head_dim"], layer["index_dim"]

@@ -30,9 +30,8 @@ from msa.cli.bench import attended_fraction, git_commit
 from msa.cli.timing import median_ms
 from msa.varlen import token_positions
 
-from flops import kernel_flops  # noqa: E402  (benchmarks/ is the script's directory)
+from flops import PAPER_LAYER, kernel_flops  # noqa: E402  (benchmarks/ is the script's directory)
 
-LAYER = dict(heads=64, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
 
 
 def time_ms(fn, warmup: int, repeats: int) -> float:
@@ -44,9 +43,8 @@ def matmul_ceiling_tflops() -> float:
     return 2 * 8192**3 / time_ms(lambda: a @ b, 3, 20) / 1e9
 
 
-def tune_indexer(seqlen: int, console) -> dict:
-    """Time select_blocks_kernel configurations on the paper's layer; returns ms per config."""
-    c = LAYER
+def tune_indexer(c: dict, seqlen: int, console) -> dict:
+    """Time select_blocks_kernel configurations on the layer; returns ms per config."""
     index_q = torch.randn(seqlen, c["groups"], c["index_dim"], device="cuda", dtype=torch.bfloat16)
     index_k = torch.randn(seqlen, 1, c["index_dim"], device="cuda", dtype=torch.bfloat16)
     cu = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
@@ -65,9 +63,8 @@ def tune_indexer(seqlen: int, console) -> dict:
     return results
 
 
-def tune_kv_outer(seqlen: int, console) -> dict:
+def tune_kv_outer(c: dict, seqlen: int, console) -> dict:
     """Time the KV-outer attention and KL kernels per (rows, warps, stages); returns ms per config."""
-    c = LAYER
     gen = torch.Generator(device="cuda").manual_seed(1)
 
     def randn(*shape):
@@ -133,8 +130,19 @@ def dense_runner(backend, q, k, v):
     return run
 
 
-def bench_seqlen(seqlen: int, warmup: int, repeats: int, with_fa2: bool, train: bool, progress, task) -> dict:
-    c = LAYER
+def parse_layer(text: str) -> dict:
+    """``PAPER_LAYER`` with ``name=value`` overrides, comma-separated (e.g. ``heads=8,head_dim=64``)."""
+    layer = dict(PAPER_LAYER)
+    for item in filter(None, text.split(",")):
+        name, _, value = item.partition("=")
+        if name not in PAPER_LAYER or not value.isdigit():
+            raise ValueError(f"--layer: expected name=integer with name in {sorted(PAPER_LAYER)}, got {item!r}")
+        layer[name] = int(value)
+    return layer
+
+
+def bench_seqlen(c: dict, seqlen: int, warmup: int, repeats: int, with_fa2: bool, train: bool, progress,
+                 task) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(seqlen)
 
     def randn(*shape):
@@ -235,25 +243,27 @@ def main() -> None:
     parser.add_argument("--train-max", type=int, default=524288,
                         help="longest length for backward kernels and training steps (memory)")
     parser.add_argument("--long", type=int, default=262144, help="from this length on: 1 warm-up, 2 repeats, no FA2")
+    parser.add_argument("--layer", default="", help="overrides of the paper's layer, e.g. heads=8,head_dim=64")
     args = parser.parse_args()
+    layer = parse_layer(args.layer)
     console = Console()
     device = torch.cuda.get_device_name()
     record = {"benchmark": "kernels", "device": device, "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": git_commit(),
-              "layer": LAYER, "dtype": "bfloat16", "batch": 1}
+              "layer": layer, "dtype": "bfloat16", "batch": 1}
     record["matmul_ceiling_tflops"] = matmul_ceiling_tflops()
     console.print(f"{device}: bf16 matmul ceiling {record['matmul_ceiling_tflops']:.0f} TFLOP/s")
     if args.tune:
-        record["indexer_configs_ms"] = tune_indexer(args.tune, console)
-        record["kv_outer_configs_ms"] = tune_kv_outer(args.tune, console)
+        record["indexer_configs_ms"] = tune_indexer(layer, args.tune, console)
+        record["kv_outer_configs_ms"] = tune_kv_outer(layer, args.tune, console)
     rows = []
     seqlens = [int(s) for s in args.seqlens.split(",")]
     with Progress(console=console) as progress:
         task = progress.add_task("kernels", total=len(seqlens))
         for seqlen in seqlens:
             long = seqlen >= args.long
-            row = bench_seqlen(seqlen, 1 if long else 3, 2 if long else args.repeats, not long,
+            row = bench_seqlen(layer, seqlen, 1 if long else 3, 2 if long else args.repeats, not long,
                                seqlen <= args.train_max, progress, task)
             rows.append(row)
             console.print(json.dumps(row))

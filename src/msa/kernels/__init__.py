@@ -65,8 +65,13 @@ def _pow2(n: int, minimum: int = 1) -> int:
 
 def _heads(q: torch.Tensor, k: torch.Tensor) -> dict:
     n_heads, n_groups = q.shape[1], k.shape[1]
-    per_group = n_heads // n_groups
-    return dict(HQ=n_heads, G=n_groups, R=per_group, RP=_pow2(per_group, 16), D=q.shape[2])
+    return dict(HQ=n_heads, G=n_groups, R=n_heads // n_groups, D=q.shape[2])
+
+
+def _query_outer_heads(q: torch.Tensor, k: torch.Tensor) -> dict:
+    """Head constants of a query-outer kernel: one token's R head rows, padded to RP >= 16 rows."""
+    heads = _heads(q, k)
+    return dict(heads, RP=_pow2(heads["R"], 16))
 
 
 def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int, topk: int, scale: float,
@@ -111,16 +116,16 @@ def _csr(block_indices, cu_seqlens, max_seqlen: int, block_size: int, start: int
 def _kl_launch(q, k, config: tuple[int, int, int]) -> dict:
     """Head constants, tokens per step, heads per teacher chunk and launch options of a KL kernel."""
     rows, num_warps, num_stages = config
-    heads = _heads(q, k)
-    return dict(HQ=heads["HQ"], G=heads["G"], R=heads["R"], D=heads["D"], QT=KL_TOKENS,
-                HC=max(1, rows // KL_TOKENS), num_warps=num_warps, num_stages=num_stages)
+    return dict(_heads(q, k), QT=KL_TOKENS, HC=max(1, rows // KL_TOKENS), num_warps=num_warps,
+                num_stages=num_stages)
 
 
 def _kv_outer_launch(q, k, config: tuple[int, int, int]) -> dict:
     """Head constants, tokens per tile and launch options of a KV-outer kernel."""
     rows, num_warps, num_stages = config
-    heads = _heads(q, k)
-    return dict(heads, QT=max(1, rows // heads["RP"]), num_warps=num_warps, num_stages=num_stages)
+    heads = _heads(q, k)  # a tile packs the R head rows of QT tokens, unpadded
+    rows = _pow2(max(rows, heads["R"]))
+    return dict(heads, ROWS=rows, QT=rows // heads["R"], num_warps=num_warps, num_stages=num_stages)
 
 
 def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
@@ -171,7 +176,8 @@ def sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_s
     else:
         sparse_attention_fwd_kernel[(q.shape[0], k.shape[1])](
             q, k, v, block_indices, token_starts, out, lse, scale * LOG2E.value,
-            **_heads(q, k), BLOCK_SIZE=block_size, TOPK=block_indices.shape[-1], UPCAST=INTERPRET, num_warps=4)
+            **_query_outer_heads(q, k), BLOCK_SIZE=block_size, TOPK=block_indices.shape[-1], UPCAST=INTERPRET,
+            num_warps=4)
     return out, lse
 
 
@@ -200,7 +206,7 @@ def sparse_attention_bwd(q, k, v, out, lse, dout, block_indices, token_starts, c
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         sparse_attention_bwd_dq_kernel[(q.shape[0], k.shape[1])](
             q, k, v, block_indices, token_starts, dout, lse, delta, dq, scale * LOG2E.value, scale,
-            **_heads(q, k), BLOCK_SIZE=block_size, TOPK=topk, UPCAST=INTERPRET, num_warps=4)
+            **_query_outer_heads(q, k), BLOCK_SIZE=block_size, TOPK=topk, UPCAST=INTERPRET, num_warps=4)
     else:
         dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
     split = 1 if deterministic else KV_OUTER_SPLIT
@@ -257,8 +263,8 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
     if deterministic:
         index_kl_bwd_dq_kernel[(total, n_groups)](
             q, k, index_q, index_k, block_indices, token_starts, teacher_lse, index_lse, grad_scale, d_index_q,
-            scale * LOG2E.value, index_scale, **_heads(q, k), DI=index_dim, BLOCK_SIZE=block_size, TOPK=topk,
-            UPCAST=INTERPRET, num_warps=4)
+            scale * LOG2E.value, index_scale, **_query_outer_heads(q, k), DI=index_dim, BLOCK_SIZE=block_size,
+            TOPK=topk, UPCAST=INTERPRET, num_warps=4)
     split = 1 if deterministic else KV_OUTER_SPLIT
     csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
     _launch(index_kl_bwd_dk_kernel, (csr.n_block_slots, n_groups, split),

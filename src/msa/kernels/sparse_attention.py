@@ -9,8 +9,9 @@ sequences make it memory-bound.
 KV-outer (forward partials, dk/dv): one program per (key block, group) loads
 its K/V block once and walks the (token, slot) entries that selected it (a
 CSR built on the GPU by :mod:`msa.kernels.block_csr`), QT tokens x the
-group's heads per tile. The forward writes one normalised partial output and
-LSE per (token, head, slot), merged by :func:`merge_partials_kernel`; the
+group's R heads per tile, unpadded (so groups of few heads still fill it).
+The forward writes one normalised partial output and LSE per (token, head,
+slot), merged by :func:`merge_partials_kernel`; the
 backward accumulates dk/dv in registers (one writer each) and, unless the
 pass must be deterministic, dq with float32 atomics.
 
@@ -130,13 +131,14 @@ def _entry_range(csr_offsets, n_block_slots, block_slot, group, SPLIT: tl.conste
 
 
 @triton.jit
-def _entry_rows(csr_entries, entry, last, ROWS: tl.constexpr, RP: tl.constexpr, R: tl.constexpr,
+def _entry_rows(csr_entries, entry, last, ROWS: tl.constexpr, QT: tl.constexpr, R: tl.constexpr,
                 TOPK: tl.constexpr):
-    """Rows (token, head) of the QT entries from ``entry``: token, slot, head within group, valid."""
+    """Rows (token, head) of the QT entries from ``entry``, packed ``R`` head rows per entry with no
+    padding (so groups of few heads still fill the tile): token, slot, head within group, valid."""
     rows = tl.arange(0, ROWS)
-    heads = rows % RP
-    entry_rows = entry + rows // RP
-    row_ok = (entry_rows < last) & (heads < R)
+    heads = rows % R
+    entry_rows = entry + rows // R
+    row_ok = (rows < QT * R) & (entry_rows < last)
     code = tl.load(csr_entries + entry_rows, mask=row_ok, other=0)
     return (code // TOPK).to(tl.int64), code % TOPK, heads, row_ok
 
@@ -149,8 +151,10 @@ def sparse_attention_fwd_partial_kernel(
     partial_lse,  # float32 [T, HQ, TOPK]: natural-log LSE per (token, head, slot), written
     scale_log2, n_block_slots,
     token_offset,  # first token of the chunk the partial buffers hold
-    HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr, SPLIT: tl.constexpr,
+    HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr,
+    ROWS: tl.constexpr, QT: tl.constexpr,  # (token, head) rows per tile (a power of two), tokens per tile
+    SPLIT: tl.constexpr,
     WRITE_OUT: tl.constexpr,  # False: only the partial LSEs (the KL loss's teacher normalisation)
     UPCAST: tl.constexpr,
 ):
@@ -170,9 +174,8 @@ def sparse_attention_fwd_partial_kernel(
         v_tile = tl.load(v + kv_rows, mask=key_ok[:, None], other=0.0)
     if UPCAST:
         k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
-    ROWS: tl.constexpr = QT * RP
     for entry in range(first, last, QT):
-        token, slot, heads, row_ok = _entry_rows(csr_entries, entry, last, ROWS, RP, R, TOPK)
+        token, slot, heads, row_ok = _entry_rows(csr_entries, entry, last, ROWS, QT, R, TOPK)
         head_index = token * HQ + group * R + heads
         q_rows = tl.load(q + head_index[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
         if UPCAST:
@@ -272,8 +275,10 @@ def sparse_attention_bwd_dkv_kernel(
     dv,  # [T, G, D]: written, or float32 and zeroed if ATOMIC
     dq_accum,  # float32 [T, HQ, D], zeroed: accumulated if ATOMIC (else the query-outer kernel computes dq)
     scale_log2, scale, n_block_slots,
-    HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr, SPLIT: tl.constexpr,
+    HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr,
+    ROWS: tl.constexpr, QT: tl.constexpr,  # (token, head) rows per tile (a power of two), tokens per tile
+    SPLIT: tl.constexpr,
     ATOMIC: tl.constexpr,  # float32 atomics (lists split in SPLIT parts) vs one deterministic writer per block
     UPCAST: tl.constexpr,
 ):
@@ -295,11 +300,10 @@ def sparse_attention_bwd_dkv_kernel(
     if UPCAST:
         k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
 
-    ROWS: tl.constexpr = QT * RP
     dk_acc = tl.zeros((BLOCK_SIZE, D), tl.float32)
     dv_acc = tl.zeros((BLOCK_SIZE, D), tl.float32)
     for entry in range(first, last, QT):
-        token, _, heads, row_ok = _entry_rows(csr_entries, entry, last, ROWS, RP, R, TOPK)
+        token, _, heads, row_ok = _entry_rows(csr_entries, entry, last, ROWS, QT, R, TOPK)
         head_index = token * HQ + group * R + heads
         q_rows = tl.load(q + head_index[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
         do_rows = tl.load(dout + head_index[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
