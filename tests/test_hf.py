@@ -71,11 +71,11 @@ def test_generate_with_the_kv_cache_matches_a_full_recompute():
 
 
 def test_save_pretrained_round_trip(tmp_path):
-    model = hf.convert(small_model(), block_size=16, topk=2, layers=[0], init_from_attention=False)
+    model = hf.convert(small_model(), block_size=16, topk=2, layers=[0], init_from_attention=False, kl_topk=3)
     ids = torch.randint(0, 64, (1, 60), device=DEVICE)
     model.save_pretrained(tmp_path)
     loaded = hf.from_pretrained(tmp_path).to(DEVICE).eval()
-    assert loaded.config.msa["layers"] == [0] and len(hf.msa_layers(loaded)) == 1
+    assert loaded.config.msa["layers"] == [0] and [b.kl_topk for b in hf.msa_layers(loaded)] == [3]
     assert torch.equal(loaded(ids).logits, model(ids).logits)
     with pytest.raises(ValueError, match="no MSA model"):
         small_model().save_pretrained(tmp_path / "dense") or hf.from_pretrained(tmp_path / "dense")
@@ -100,5 +100,7 @@ def test_bad_input_gets_clear_errors():
               attention_mask=torch.tensor([[1] * 20, [0] * 5 + [1] * 15], device=DEVICE))
     with pytest.raises(ValueError, match="layers must be in"):
         hf.convert(small_model(), layers=[5])
+    with pytest.raises(ValueError, match="kl_topk must be"):
+        hf.convert(small_model(), topk=4, kl_topk=2)
     with pytest.raises(TypeError, match="decoder layers"):
         hf.convert(torch.nn.Linear(2, 2))

@@ -100,6 +100,41 @@ def test_varlen_layer_equals_batched():
     assert rel_err(packed_kl, batched_kl) < 1e-5
 
 
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_kl_topk_widens_only_the_kl_support(mode):
+    """With kl_topk the output is unchanged and the KL loss is the one over the top kl_topk blocks."""
+    torch.manual_seed(0)
+    kwargs = dict(index_head_dim=8, block_size=8, topk=1, mode=mode)
+    layer = msa.MSAAttention(64, 4, 2, 16, **kwargs).train()
+    wide = msa.MSAAttention(64, 4, 2, 16, kl_topk=4, **kwargs).train()
+    wide.load_state_dict(layer.state_dict())
+    x, rope = _layer_inputs()
+    (out, kl), (wide_out, wide_kl) = layer(x, rope), wide(x, rope)
+    assert torch.equal(out, wide_out)
+    q, k, _, index_q, index_k = _projections(wide, x, rope)
+    blocks = msa.select_blocks(index_q, index_k, block_size=8, topk=4)
+    expected = msa.reference.index_kl_loss(q.double(), k.double(), index_q.double(), index_k.double(), blocks,
+                                           block_size=8)
+    assert rel_err(wide_kl.double(), expected) < 1e-5
+    assert rel_err(kl, wide_kl) > 1e-2  # the supports differ enough for the check above to tell them apart
+    with pytest.raises(ValueError, match="kl_topk must be None or an int >= topk"):
+        msa.MSAAttention(64, 4, 2, 16, **dict(kwargs, topk=2), kl_topk=1)
+
+
+def _projections(layer, x, rope):
+    """The rotated q, k, v, index_q, index_k the layer computes from ``x``."""
+    from msa.nn.rotary import apply_rotary
+
+    cos, sin = rope
+    heads = lambda proj, n, d: proj(x).unflatten(-1, (n, d))  # noqa: E731
+    q = apply_rotary(heads(layer.q_proj, 4, 16), cos, sin)
+    k = apply_rotary(heads(layer.k_proj, 2, 16), cos, sin)
+    v = heads(layer.v_proj, 2, 16)
+    index_q = apply_rotary(heads(layer.index_q_proj, 2, 8), cos, sin)
+    index_k = apply_rotary(layer.index_k_proj(x).unsqueeze(-2), cos, sin)
+    return q, k, v, index_q, index_k
+
+
 def test_bad_configuration_is_rejected():
     with pytest.raises(ValueError, match="mode must be one of"):
         msa.MSAAttention(64, 4, 2, index_head_dim=8, mode="fast")

@@ -14,5 +14,5 @@ study="python3 experiments/quality/study.py"
 case "$1" in
     1) $study pretrain --budget-s "${BUDGET:-470}" --out "$OUT" ;;
     2) $study continue --budget-s "${BUDGET:-500}" --out "$OUT" ;;
-    3) $study continue --budget-s "${BUDGET:-200}" --out "$OUT" && $study evaluate --out "$OUT" ;;
+    3) $study continue --budget-s "${BUDGET:-250}" --out "$OUT" && $study evaluate --out "$OUT" ;;
 esac

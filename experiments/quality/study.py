@@ -41,12 +41,15 @@ HERE = Path(__file__).resolve().parent
 SEQ_LEN, BATCH = 16384, 2
 MODEL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=4, max_position_embeddings=32768, rope_theta=500000.0, attention_dropout=0.0)
-VARIANTS = {"dense": None, "msa_64x8": (64, 8), "msa_128x16": (128, 16)}
+# name: None (dense) or (block size, topk, kl_topk: the KL loss's support in blocks, None = the selection)
+VARIANTS = {"dense": None, "msa_64x8": (64, 8, 32), "msa_128x16": (128, 16, 32),
+            "msa_128x16_selection_kl": (128, 16, None)}
 KL_WEIGHT = 1.0
 EVAL_LENGTHS = [4096, 8192, 16384, 32768]
 EVAL_TOKENS = 1 << 18  # validation tokens per length
 DEPTHS = [i / 10 for i in range(11)]
-SAMPLES = 4  # retrieval samples per (length, depth)
+SAMPLES = 16  # retrieval samples per (length, depth)
+DRAFT_TOKENS = 8  # consecutive query tokens whose selections are pooled (an MTP decode step's tokens)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -139,25 +142,28 @@ def continue_runs(args) -> None:
     plan_path = work / "continue_plan.json"
     if plan_path.exists():
         plan = json.loads(plan_path.read_text())
-    else:
-        probe = AutoModelForCausalLM.from_pretrained(work / "base").to(DEVICE)
-        dense_s = step_seconds(probe, batches)
-        hf.convert(probe, block_size=64, topk=8)
-        sparse_s = step_seconds(probe, batches)
-        del probe
-        per_step = dense_s + 2 * sparse_s  # one step of each run
-        steps = int((args.budget_s - 90) / (per_step * 1.1))
-        plan = dict(steps=steps, warmup_steps=max(1, steps // 5), dense_step_s=dense_s, sparse_step_s=sparse_s)
+    else:  # time one step of each run; the steps fill --plan-s (this command and the next one's continuation)
+        step_s = {}
+        for name, msa_shape in VARIANTS.items():
+            probe = AutoModelForCausalLM.from_pretrained(work / "base").to(DEVICE)
+            if msa_shape is not None:
+                hf.convert(probe, block_size=msa_shape[0], topk=msa_shape[1], kl_topk=msa_shape[2])
+            step_s[name] = step_seconds(probe, batches)
+            del probe
+        steps = max(1, int((args.plan_s - 30 * len(VARIANTS)) / (sum(step_s.values()) * 1.1)))
+        plan = dict(steps=steps, warmup_steps=max(1, steps // 5), step_s=step_s)
         plan_path.write_text(json.dumps(plan))
     deadline = time.monotonic() + args.budget_s - 30
     for name, msa_shape in VARIANTS.items():
         out = work / "runs" / name
         if (out / "model" / "config.json").exists():
             continue
+        if deadline - time.monotonic() < 20:
+            break
         model = AutoModelForCausalLM.from_pretrained(work / "base").to(DEVICE)
         warmup = 0
         if msa_shape is not None:
-            hf.convert(model, block_size=msa_shape[0], topk=msa_shape[1])
+            hf.convert(model, block_size=msa_shape[0], topk=msa_shape[1], kl_topk=msa_shape[2])
             warmup = plan["warmup_steps"]
         else:
             model.set_attn_implementation("sdpa")
@@ -196,7 +202,7 @@ def evaluate(args) -> None:
         branches = hf.msa_layers(model)
         for branch in branches:
             branch.record_block_indices = True
-        record = dict(loss={}, retrieval={}, needle_block_selected={})
+        record = dict(loss={}, retrieval={}, retrieval_hits={}, needle_block_selected={}, draft_union_blocks=[])
         for length in EVAL_LENGTHS:
             rng = np.random.default_rng(length)
             losses = []
@@ -205,6 +211,9 @@ def evaluate(args) -> None:
                 with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=DEVICE.type == "cuda"):
                     logits = model(input_ids=ids).logits
                 losses.append(torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]).item())
+                if length == SEQ_LEN:
+                    record["draft_union_blocks"] += [draft_union_blocks(b.block_indices[0], b.topk * b.block_size)
+                                                     for b in branches]
             record["loss"][str(length)] = float(np.mean(losses))
             for depth in DEPTHS:
                 hits, selected = [], []
@@ -229,8 +238,10 @@ def evaluate(args) -> None:
                             per_layer.append((blocks[..., None] == value_blocks).any(-1).any(-1).float().mean().item())
                         selected.append(float(np.mean(per_layer)))
                 record["retrieval"][f"{length}/{depth:.1f}"] = float(np.mean(hits))
+                record["retrieval_hits"][f"{length}/{depth:.1f}"] = hits
                 if selected:
                     record["needle_block_selected"][f"{length}/{depth:.1f}"] = float(np.mean(selected))
+        record["draft_union_blocks"] = float(np.mean(record["draft_union_blocks"])) if branches else None
         results[name] = record
         results_path.write_text(json.dumps(results, indent=2))
         print(name, json.dumps(record["loss"]), "retrieval", np.mean(list(record["retrieval"].values())))
@@ -238,6 +249,19 @@ def evaluate(args) -> None:
         if DEVICE.type == "cuda":
             torch.cuda.empty_cache()
     _export(work, args.out)
+
+
+def draft_union_blocks(block_indices: torch.Tensor, first: int) -> float:
+    """Mean number of distinct blocks that ``DRAFT_TOKENS`` consecutive queries select per group.
+
+    ``block_indices`` ``[S, G, topk]`` of one sequence; windows start at query ``first`` (= topk x block
+    size: earlier queries select every visible block). Independent selections would give
+    ``DRAFT_TOKENS * topk``; it is what an MTP decode step's tokens read together.
+    """
+    n_windows = (block_indices.shape[0] - first) // DRAFT_TOKENS
+    windows = block_indices[first:first + n_windows * DRAFT_TOKENS].long().unflatten(0, (n_windows, DRAFT_TOKENS))
+    windows = windows.transpose(1, 2).flatten(2).sort(-1).values  # [windows, G, DRAFT_TOKENS * topk]
+    return ((windows[..., 1:] != windows[..., :-1]).sum(-1) + 1).float().mean().item()
 
 
 def _export(work: Path, out: Path | None) -> None:
@@ -287,19 +311,35 @@ def report(args) -> None:
     figure.savefig(results_dir / "retrieval_heatmaps.png", dpi=110, bbox_inches="tight")
 
     lines = ["| model | " + " | ".join(f"loss @{n // 1024}K" for n in EVAL_LENGTHS)
-             + f" | vs dense @{SEQ_LEN // 1024}K | retrieval | needle block selected |",
-             "| --- |" + " --- |" * (len(EVAL_LENGTHS) + 3)]
+             + f" | vs dense @{SEQ_LEN // 1024}K | retrieval | vs dense (95% CI) | retrieval up to "
+             f"{SEQ_LEN // 1024}K | needle block selected | blocks read by {DRAFT_TOKENS} consecutive tokens |",
+             "| --- |" + " --- |" * (len(EVAL_LENGTHS) + 6)]
     dense = results.get("dense")
     for name, record in results.items():
         losses = [record["loss"][str(n)] for n in EVAL_LENGTHS]
         train_length = str(SEQ_LEN)
         relative = f"{100 * (record['loss'][train_length] / dense['loss'][train_length] - 1):+.2f}%" if dense else "-"
-        retrieval = 100 * np.mean(list(record["retrieval"].values()))
+        hits = _hits(record)
+        trained = _hits(record, max_length=SEQ_LEN)
+        versus = "-"
+        if dense and name != "dense":  # the same samples for every model: a paired difference
+            difference = hits - _hits(dense)
+            half_width = 1.96 * difference.std(ddof=1) / np.sqrt(len(difference))
+            versus = f"{100 * difference.mean():+.1f} ± {100 * half_width:.1f} pts"
         selected = record["needle_block_selected"]
-        lines.append(f"| {name} | " + " | ".join(f"{x:.4f}" for x in losses) + f" | {relative} | {retrieval:.1f}% | "
-                     + (f"{100 * np.mean(list(selected.values())):.1f}%" if selected else "-") + " |")
+        union = record.get("draft_union_blocks")
+        lines.append(f"| {name} | " + " | ".join(f"{x:.4f}" for x in losses) + f" | {relative} | "
+                     f"{100 * hits.mean():.1f}% | {versus} | {100 * trained.mean():.1f}% | "
+                     + (f"{100 * np.mean(list(selected.values())):.1f}%" if selected else "-") + " | "
+                     + (f"{union:.1f}" if union is not None else "-") + " |")
     (results_dir / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _hits(record: dict, max_length: int | None = None) -> np.ndarray:
+    """Every retrieval sample's 0/1 outcome, in one fixed order (cells of lengths up to ``max_length``)."""
+    return np.array([hit for cell, cell_hits in sorted(record["retrieval_hits"].items())
+                     if max_length is None or int(cell.split("/")[0]) <= max_length for hit in cell_hits], float)
 
 
 def _shrink() -> None:
@@ -308,7 +348,8 @@ def _shrink() -> None:
     SEQ_LEN, EVAL_LENGTHS, EVAL_TOKENS, DEPTHS, SAMPLES = 512, [256, 512], 1024, [0.0, 0.5, 1.0], 1
     MODEL.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     MODEL["num_key_value_heads"] = 2
-    VARIANTS = {"dense": None, "msa_64x8": (32, 4), "msa_128x16": (64, 2)}
+    VARIANTS = {"dense": None, "msa_64x8": (32, 4, 6), "msa_128x16": (64, 2, 4),
+                "msa_128x16_selection_kl": (64, 2, None)}
 
 
 def main() -> None:
@@ -318,6 +359,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="where the small results are copied")
     parser.add_argument("--results", type=Path, default=HERE / "results")
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of a training stage")
+    parser.add_argument("--plan-s", type=float, default=700.0,
+                        help="continue: training seconds the planned steps of all runs fill (over two commands)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes that run on a CPU (checks the pipeline)")
     args = parser.parse_args()
     if args.smoke:

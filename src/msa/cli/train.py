@@ -39,6 +39,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--topk", type=int, default=4)
+    parser.add_argument("--kl-topk", type=int, default=None,
+                        help="the KL loss's support: the top KL_TOPK blocks (default: the selected ones)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--needle-rate", type=float, default=0.0, help="fraction of sequences with retrieval needles")
@@ -62,7 +64,7 @@ def _new_model(args, device) -> torch.nn.Module:
         config = MSAConfig(vocab_size=VOCAB_SIZE, hidden_size=args.hidden, num_layers=args.layers,
                            num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=head_dim,
                            intermediate_size=3 * args.hidden, index_head_dim=head_dim, block_size=args.block_size,
-                           topk=args.topk)
+                           topk=args.topk, kl_topk=args.kl_topk)
         return MSATransformer(config).to(device)
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -88,7 +90,7 @@ def run(args) -> int:
     if not isinstance(model, MSATransformer) and not args.dense:
         from msa.integrations import hf
 
-        hf.convert(model, block_size=args.block_size, topk=args.topk)
+        hf.convert(model, block_size=args.block_size, topk=args.topk, kl_topk=args.kl_topk)
     recipe = RecipeConfig(**{f.name: getattr(args, f.name) for f in fields(RecipeConfig) if hasattr(args, f.name)})
     if args.dense:
         recipe.warmup_steps = 0

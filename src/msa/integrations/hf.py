@@ -32,7 +32,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-from msa.nn.attention import MODES, msa_attention
+from msa.nn.attention import MODES, check_kl_topk, msa_attention
 from msa.nn.rotary import apply_rotary
 from msa.ops.block_gather import compute_dtype
 from msa.reference import msa_attention_suffix
@@ -44,10 +44,11 @@ class IndexBranch(nn.Module):
     """The Index Branch of one layer: one index-query head per KV group, one shared index-key head."""
 
     def __init__(self, hidden_size: int, num_kv_heads: int, index_head_dim: int, *, block_size: int, topk: int,
-                 mode: str, index_rope: bool):
+                 mode: str, index_rope: bool, kl_topk: int | None = None):
         super().__init__()
         self.num_kv_heads, self.index_head_dim = num_kv_heads, index_head_dim
         self.block_size, self.topk, self.mode, self.index_rope = block_size, topk, mode, index_rope
+        self.kl_topk = kl_topk  # the KL loss's support: the top kl_topk blocks (None: the selection)
         self.index_q_proj = nn.Linear(hidden_size, num_kv_heads * index_head_dim, bias=False)
         self.index_k_proj = nn.Linear(hidden_size, index_head_dim, bias=False)
         self.compute_kl_loss: bool | None = None  # None: while training
@@ -100,7 +101,7 @@ def _project_before_attention(module, args, kwargs):
 
 def convert(model: nn.Module, *, block_size: int = 128, topk: int = 16, index_head_dim: int | None = None,
             layers: list[int] | None = None, mode: str = "sparse", index_rope: bool = True,
-            init_from_attention: bool = True) -> nn.Module:
+            init_from_attention: bool = True, kl_topk: int | None = None) -> nn.Module:
     """Make ``model``'s attention layers (all, or the indices in ``layers``) MSA, in place; returns the model.
 
     ``index_head_dim`` defaults to the model's head dim. With
@@ -109,9 +110,11 @@ def convert(model: nn.Module, *, block_size: int = 128, topk: int = 16, index_he
     the mean of group ``g``'s query projections, index key = the mean of the
     key projections; otherwise it starts random. Run the indexer warm-up
     (``set_mode(model, "dense")`` and the KL loss alone) before sparse training.
+    ``kl_topk``: the KL loss's support (see :func:`msa.nn.attention.msa_attention`).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_kl_topk(kl_topk, topk)
     modules = _attention_modules(model)
     config = model.config
     chosen = list(range(len(modules))) if layers is None else sorted(set(layers))
@@ -126,7 +129,7 @@ def convert(model: nn.Module, *, block_size: int = 128, topk: int = 16, index_he
         if _index_branch(module) is not None:
             raise ValueError(f"layer {i} is already MSA")
         branch = IndexBranch(config.hidden_size, n_kv, index_head_dim, block_size=block_size, topk=topk, mode=mode,
-                             index_rope=index_rope).to(device=parameter.device, dtype=parameter.dtype)
+                             index_rope=index_rope, kl_topk=kl_topk).to(device=parameter.device, dtype=parameter.dtype)
         if init_from_attention and index_head_dim == head_dim:
             with torch.no_grad():
                 q_weight = module.q_proj.weight.view(n_kv, n_heads // n_kv, head_dim, -1).mean(1)
@@ -135,7 +138,7 @@ def convert(model: nn.Module, *, block_size: int = 128, topk: int = 16, index_he
         module.msa_index = branch
         module.register_forward_pre_hook(_project_before_attention, with_kwargs=True)
     config.msa = dict(block_size=block_size, topk=topk, index_head_dim=index_head_dim, layers=chosen, mode=mode,
-                      index_rope=index_rope)
+                      index_rope=index_rope, kl_topk=kl_topk)
     model.set_attn_implementation(ATTENTION)
     return model
 
@@ -175,7 +178,8 @@ def from_pretrained(path, **kwargs) -> nn.Module:
     if not settings:
         raise ValueError(f"{path} holds no MSA model (its config has no 'msa' entry); use convert() on it")
     convert(model, **{k: settings[k] for k in ("block_size", "topk", "index_head_dim", "layers", "mode",
-                                               "index_rope")}, init_from_attention=False)
+                                               "index_rope")}, kl_topk=settings.get("kl_topk"),
+            init_from_attention=False)
     device = str(next(model.parameters()).device)
     index_state = {name: tensor for file in sorted(Path(path).glob("*.safetensors"))
                    for name, tensor in load_file(file, device=device).items() if ".msa_index." in name}
@@ -211,7 +215,7 @@ def msa_attention_forward(module, query, key, value, attention_mask, dropout: fl
         compute_kl = module.training if branch.compute_kl_loss is None else branch.compute_kl_loss
         out, branch.kl_loss, block_indices = msa_attention(
             q, k, v, index_q, index_k, mode=branch.mode, block_size=branch.block_size, topk=branch.topk,
-            compute_kl_loss=compute_kl, softmax_scale=scaling)
+            compute_kl_loss=compute_kl, kl_topk=branch.kl_topk, softmax_scale=scaling)
     else:  # queries after a cached prefix (generation): the exact PyTorch definition, one sequence at a time
         compute = compute_dtype(q.dtype)
         results = [msa_attention_suffix(*(x.to(compute) for x in (q[b], k[b], v[b], index_q[b], index_k[b, :, 0])),

@@ -26,19 +26,24 @@ class MSAAttention(nn.Module):
     attention while the Index Branch learns from the KL loss against it
     (restricted to the Index Branch's own selection). ``mode="sparse"`` is MSA.
     Switch with :meth:`set_mode` or by assigning ``layer.mode``.
+
+    ``kl_topk`` (default ``topk``) widens the KL loss's support to the top
+    ``kl_topk`` blocks, so that the loss also ranks the blocks just outside
+    the selection (see :func:`msa_attention`).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None, *,
                  index_head_dim: int = 128, block_size: int = 128, topk: int = 16, mode: str = "sparse",
-                 index_rope: bool = True, bias: bool = False):
+                 index_rope: bool = True, bias: bool = False, kl_topk: int | None = None):
         super().__init__()
         head_dim = head_dim or hidden_size // num_heads
+        check_kl_topk(kl_topk, topk)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if index_rope and (index_head_dim > head_dim or index_head_dim % 2):
             raise ValueError(f"index_rope needs an even index_head_dim <= head_dim ({head_dim}), got {index_head_dim}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.index_head_dim, self.block_size, self.topk = index_head_dim, block_size, topk
+        self.index_head_dim, self.block_size, self.topk, self.kl_topk = index_head_dim, block_size, topk, kl_topk
         self.index_rope = index_rope
         self.set_mode(mode)
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
@@ -95,23 +100,36 @@ class MSAAttention(nn.Module):
 
         compute_kl_loss = self.training if compute_kl_loss is None else compute_kl_loss
         out, kl_loss, _ = msa_attention(q, k, v, index_q, index_k, mode=self.mode, block_size=self.block_size,
-                                        topk=self.topk, compute_kl_loss=compute_kl_loss, cu_seqlens=cu_seqlens,
-                                        max_seqlen=max_seqlen)
+                                        topk=self.topk, compute_kl_loss=compute_kl_loss, kl_topk=self.kl_topk,
+                                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return self.o_proj(out.reshape(*lead, -1)), kl_loss
 
 
+def check_kl_topk(kl_topk: int | None, topk: int) -> None:
+    if kl_topk is not None and (not isinstance(kl_topk, int) or kl_topk < topk):
+        raise ValueError(f"kl_topk must be None or an int >= topk ({topk}), got {kl_topk!r}")
+
+
 def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk: int, compute_kl_loss: bool,
-                  cu_seqlens=None, max_seqlen=None, softmax_scale=None):
+                  kl_topk: int | None = None, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
     """Both branches of an MSA layer on projected, rotated inputs (the layouts of :mod:`msa.ops`).
 
     ``mode="sparse"``: attention over the Index Branch's blocks; ``"dense"``:
     causal attention (indexer warm-up). The Index Branch reads detached
     ``index_q``/``index_k`` for the selection; the KL loss, when computed,
-    trains them against the detached Main Branch. Returns
+    trains them against the detached Main Branch, on the selected support,
+    or with ``kl_topk`` > ``topk`` on the top ``kl_topk`` blocks: the teacher
+    is then the Main Branch's attention as it would be over that wider
+    support (the KL pass computes its normalisation), so blocks ranked just
+    below the selection get a gradient too. Returns
     ``(out, kl_loss or None, block_indices)``.
     """
     varlen = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-    block_indices = select_blocks(index_q.detach(), index_k.detach(), block_size=block_size, topk=topk, **varlen)
+
+    def select(n_blocks):
+        return select_blocks(index_q.detach(), index_k.detach(), block_size=block_size, topk=n_blocks, **varlen)
+
+    block_indices = select(topk)
     main_lse = None  # the teacher's normalisation on the selected support, when the Main Branch computed it
     if mode == "sparse":
         out, main_lse = sparse_attention(q, k, v, block_indices, block_size=block_size, softmax_scale=softmax_scale,
@@ -120,6 +138,9 @@ def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk
         out = dense_attention(q, k, v, softmax_scale=softmax_scale, **varlen)
     kl_loss = None
     if compute_kl_loss:
-        kl_loss = index_kl_loss(q, k, index_q, index_k, block_indices, block_size=block_size,
+        kl_blocks = block_indices
+        if kl_topk is not None and kl_topk > topk:
+            kl_blocks, main_lse = select(kl_topk), None
+        kl_loss = index_kl_loss(q, k, index_q, index_k, kl_blocks, block_size=block_size,
                                 softmax_scale=softmax_scale, main_lse=main_lse, **varlen)
     return out, kl_loss, block_indices

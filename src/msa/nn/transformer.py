@@ -30,6 +30,7 @@ class MSAConfig:
     index_head_dim: int = 32
     block_size: int = 64
     topk: int = 8
+    kl_topk: int | None = None  # the KL loss's support (None: the selection); see MSAAttention
     rope_theta: float = 10000.0
     mode: str = "sparse"
 
@@ -43,7 +44,7 @@ class _Block(nn.Module):
         self.attention_norm = nn.RMSNorm(config.hidden_size, eps=1e-6)
         self.attention = MSAAttention(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
                                       index_head_dim=config.index_head_dim, block_size=config.block_size,
-                                      topk=config.topk, mode=config.mode)
+                                      topk=config.topk, mode=config.mode, kl_topk=config.kl_topk)
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=1e-6)
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
