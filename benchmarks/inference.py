@@ -19,6 +19,17 @@ All requests of a decode case hold the nominal length (the published suite
 varies lengths around it keeping the mean; the cost of both sides is linear
 in the total). Writes ``inference.json`` under ``--out``.
 
+Selections: with random index queries the 8 tokens of a request select
+independent blocks (``--selections independent``, the default: the worst case
+for MSA's traffic). In a trained model consecutive tokens mostly select the
+same blocks: ``--selections overlapping`` mixes each request's 8 index queries
+with one shared query, the mix calibrated so that the 8 tokens select
+``--draft-union`` distinct blocks per group on average (default: 30.5 of 128,
+what the trained 128 x 16 model of experiments/quality selects; see its
+results table). ``--attention-tokens`` sets the attention tile (1: each token
+reads its own blocks; 8: a request's tokens load each block of their union
+once).
+
     PYTHONPATH=src python benchmarks/inference.py --out benchmarks/results/<run>
 """
 
@@ -123,7 +134,33 @@ def fastest_dense(call) -> tuple[float, str]:
     return best
 
 
-def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int) -> dict | None:
+def distinct_blocks(attention: PagedSparseAttention, batch: int, q_len: int) -> torch.Tensor:
+    """Distinct blocks the ``q_len`` tokens of each request select, per (request, group): ``[batch, G]``."""
+    groups, selected = attention.cache.num_kv_heads, attention.selected
+    blocks = attention._view("block_indices", (batch, q_len, groups, selected))
+    blocks = blocks.transpose(1, 2).flatten(2).sort(-1).values
+    return (blocks[..., 1:] != blocks[..., :-1]).sum(-1) + 1
+
+
+def overlapping_index_q(attention, index_q, batch: int, q_len: int, target: float, run) -> tuple[torch.Tensor, float]:
+    """Index queries whose tokens share one query in part, so that they select ``target`` distinct blocks per
+    (request, group) on average: ``(shared + spread * own) / sqrt(1 + spread^2)``, spread found by bisection."""
+    own = index_q.view(batch, q_len, *index_q.shape[1:])
+    shared = torch.randn_like(own[:, :1])
+
+    def mixed(spread):
+        return ((shared + spread * own) / math.sqrt(1 + spread**2)).reshape_as(index_q)
+
+    low, high = 0.0, 4.0
+    for _ in range(16):
+        spread = (low + high) / 2
+        run(mixed(spread))
+        union = distinct_blocks(attention, batch, q_len).float().mean().item()
+        low, high = (spread, high) if union < target else (low, spread)
+    return mixed((low + high) / 2), (low + high) / 2
+
+
+def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_union: float | None) -> dict | None:
     c = LAYER
     made = paged_cache(batch, seqlen - q_len, q_len, max_layers=4, bytes_limit=bytes_limit)
     if made is None:
@@ -132,6 +169,10 @@ def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int) -> dict |
     attention = PagedSparseAttention(cache, num_heads=c["heads"], topk=c["topk"])
     attention.plan(requests, [q_len] * batch)
     q, k, v, index_q, index_k = new_tokens(batch * q_len)
+    spread = None
+    if draft_union is not None:
+        index_q, spread = overlapping_index_q(attention, index_q, batch, q_len, draft_union,
+                                              lambda iq: attention.run(0, q, k, v, iq, index_k))
     layers = cache.num_layers
     msa_ms = graph_ms(lambda i: attention.run(i % layers, q, k, v, index_q, index_k), 2 * layers)
 
@@ -153,8 +194,10 @@ def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int) -> dict |
         q, cache.k[i % layers], cache.v[i % layers], cache.page_table, attention_tiles, block_indices, out,
         c["head_dim"] ** -0.5, attention.attention_tokens, attention.split, **attention.split_buffers()), 2 * layers)
     scan_bytes = batch * seqlen * c["index_dim"] * 2
-    # K/V bytes of the selected blocks, counted once per (token, group): the selections are independent here
-    selected_bytes = batch * q_len * groups * selected * c["block_size"] * 2 * c["head_dim"] * 2
+    attention.run(0, q, k, v, index_q, index_k)
+    union = distinct_blocks(attention, batch, q_len)
+    # K/V bytes of the selected blocks, each block counted once per (request, group) that selected it
+    selected_bytes = union.sum().item() * c["block_size"] * 2 * c["head_dim"] * 2
 
     # dense: the same pages as [B, G, S, D] views, query heads folded into the query length
     pages = cache.max_pages_per_request
@@ -173,7 +216,8 @@ def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int) -> dict |
                 dense_backend=dense_backend, speedup=dense_ms / msa_ms, scan_ms=scan_ms, topk_ms=topk_ms,
                 attention_ms=attention_ms, scan_gbps=scan_bytes / scan_ms / 1e6,
                 attention_gbps=selected_bytes / attention_ms / 1e6, dense_bytes=2 * batch * seqlen * groups * c["head_dim"] * 2,
-                msa_bytes=scan_bytes + selected_bytes, kv_splits=attention.split, layers_rotated=layers)
+                msa_bytes=scan_bytes + selected_bytes, kv_splits=attention.split, layers_rotated=layers,
+                distinct_blocks=union.float().mean().item(), index_q_spread=spread)
 
 
 def prefill_case(query_len: int, prefix_len: int, bytes_limit: int) -> dict:
@@ -202,7 +246,16 @@ def main() -> None:
     parser.add_argument("--parts", default="decode,low_latency,long,prefill")
     parser.add_argument("--memory-gb", type=float, default=60.0, help="largest KV cache to build (GB)")
     parser.add_argument("--prefill-cases", default=None, help="comma-separated case_ids (default: every row)")
+    parser.add_argument("--min-seqlen", type=int, default=0, help="decode: only cases at least this long")
+    parser.add_argument("--selections", choices=["independent", "overlapping"], default="independent",
+                        help="how the 8 tokens of a decode request select their blocks (see above)")
+    parser.add_argument("--draft-union", type=float, default=30.5,
+                        help="overlapping: distinct blocks the 8 tokens select per group, on average")
+    parser.add_argument("--attention-tokens", type=int, default=kernels.PAGED_ATTENTION_TOKENS,
+                        help="tokens per sparse-attention tile (kernels.PAGED_ATTENTION_TOKENS)")
     args = parser.parse_args()
+    kernels.PAGED_ATTENTION_TOKENS = args.attention_tokens
+    draft_union = args.draft_union if args.selections == "overlapping" else None
     parts = args.parts.split(",")
     console = Console()
     suite = json.loads((WORKLOADS / "decode_suite.json").read_text())
@@ -215,6 +268,7 @@ def main() -> None:
         cases += [("low_latency", b, n) for b in low["batch_sizes"] for n in low["seq_lens"]]
     if "long" in parts:
         cases += [("long", b, n) for b, n in LONG_CASES]
+    cases = [case for case in cases if case[2] >= args.min_seqlen]
     with (WORKLOADS / "prefill_production_b1.csv").open() as f:
         prefill_rows = list(csv.DictReader(f)) if "prefill" in parts else []
     if args.prefill_cases:
@@ -225,14 +279,15 @@ def main() -> None:
     path = args.out / "inference.json"
     record = dict(benchmark="msa inference", device=torch.cuda.get_device_name(), torch=torch.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  commit=git_commit(), layer=LAYER, copy_gbps=copy_gbps(), decode=[], prefill=[], skipped=[])
+                  commit=git_commit(), layer=LAYER, selections=args.selections, draft_union=draft_union,
+                  attention_tokens=args.attention_tokens, copy_gbps=copy_gbps(), decode=[], prefill=[], skipped=[])
     torch.cuda.empty_cache()
     console.print(f"copy bandwidth {record['copy_gbps']:.0f} GB/s")
     with Progress(console=console) as progress:
         task = progress.add_task("inference", total=len(cases) + len(prefill_rows))
         for suite_name, batch, seqlen in cases:
             progress.update(task, description=f"{suite_name} B={batch} S={seqlen}")
-            row = decode_case(batch, seqlen, q_len, limit)
+            row = decode_case(batch, seqlen, q_len, limit, draft_union)
             if row is None:
                 record["skipped"].append(dict(suite=suite_name, batch=batch, seqlen=seqlen, why="cache > --memory-gb"))
             else:
