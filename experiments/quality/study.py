@@ -13,9 +13,10 @@
    set from a timed calibration so that the cosine schedule ends on time.
 2. ``continue``: from that checkpoint, the same batches for every run:
    dense continuation, and MSA conversions (``msa.integrations.hf.convert``)
-   with block 64 x topk 8 (3% of 16K keys) and the paper's 128 x 16, each an
-   indexer warm-up (dense Main Branch, KL loss only) then sparse training
-   (LM + KL loss).
+   with block 64 x topk 8 (3% of 16K keys) and the paper's 128 x 16 (KL loss
+   on the top 32 blocks), and 128 x 16 with the KL loss on the selection
+   (ablation), each an indexer warm-up (dense Main Branch, KL loss only) then
+   sparse training (LM + KL loss).
 3. ``evaluate``: held-out files only: validation loss at 4K..32K tokens,
    and multi-key retrieval (3 needles, the queried one at depths 0..100%,
    lengths 4K..32K; exact match of its 5 digits), plus how often the

@@ -284,8 +284,9 @@ PAGED_SCAN = (16, 2, 4)
 PAGED_SCAN_TOKENS = 16
 # Tokens per attention tile. 1: each token reads its own blocks (no wasted rows); the fastest on the
 # benchmarks' independent random selections: decode 2.0x faster than 8-token tiles (median; 0.85-3.4x,
-# results 13 vs 14), prefill 3.3x (3.0-3.6x, results 14 vs 15; benchmarks/results/2026-11-23-h100-*). More tokens load each
-# block once for every tile token that selected it, which pays when consecutive tokens' selections overlap.
+# results 13 vs 14), prefill 3.3x (3.0-3.6x, results 14 vs 15), and still on selections that overlap as
+# much as a trained model's (results 19 vs 20: 1.2-2.1x; benchmarks/results/2026-11-23-h100-*). More
+# tokens load each block of their union once for all of them.
 PAGED_ATTENTION_TOKENS = 1
 PAGED_ATTENTION_WARPS = 4
 PAGED_MAX_SPLIT = 8
