@@ -285,7 +285,7 @@ PAGED_SCAN_TOKENS = 16
 # Tokens per attention tile. 1: each token reads its own blocks (no wasted rows); the fastest on the
 # benchmarks' independent random selections: decode 2.0x faster than 8-token tiles (median; 0.85-3.4x,
 # results 13 vs 14), prefill 3.3x (3.0-3.6x, results 14 vs 15), and still on selections that overlap as
-# much as a trained model's (results 19 vs 20: 1.2-2.1x; benchmarks/results/2026-11-23-h100-*). More
+# much as a trained model's (results 19 vs 20: 1.1-1.8x; benchmarks/results/2026-11-23-h100-*). More
 # tokens load each block of their union once for all of them.
 PAGED_ATTENTION_TOKENS = 1
 PAGED_ATTENTION_WARPS = 4
