@@ -53,7 +53,7 @@ from torch.nn.attention.bias import causal_lower_right
 from msa import kernels
 from msa.cli.bench import git_commit
 from msa.inference import PagedKVCache, PagedSparseAttention
-from msa.fp8 import FP8_DTYPE, FP8_MAX
+from msa.inference.cache import FP8_INDEX, FP8_MAX
 
 LAYER = dict(heads=64, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
 WORKLOADS = Path(__file__).resolve().parent / "workloads"  # copies of shared/workloads (see its README)
@@ -99,7 +99,7 @@ def copy_gbps() -> float:
 
 def index_key_bytes(index_dtype: torch.dtype) -> int:
     """Bytes the index scan reads per cached token (FP8 keys carry a float32 scale)."""
-    return LAYER["index_dim"] * index_dtype.itemsize + (4 if index_dtype == FP8_DTYPE else 0)
+    return LAYER["index_dim"] * index_dtype.itemsize + (4 if index_dtype == FP8_INDEX else 0)
 
 
 def paged_cache(batch: int, prefix_len: int, new_tokens: int, max_layers: int, bytes_limit: int,
@@ -273,7 +273,7 @@ def main() -> None:
     args = parser.parse_args()
     kernels.PAGED_ATTENTION_TOKENS = args.attention_tokens
     draft_union = args.draft_union if args.selections == "overlapping" else None
-    index_dtype = FP8_DTYPE if args.index_dtype == "fp8" else torch.bfloat16
+    index_dtype = FP8_INDEX if args.index_dtype == "fp8" else torch.bfloat16
     parts = args.parts.split(",")
     console = Console()
     suite = json.loads((WORKLOADS / "decode_suite.json").read_text())

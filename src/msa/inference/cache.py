@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from msa.fp8 import FP8_DTYPE, round_rows
+FP8_INDEX = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
 class PagedKVCache:
@@ -35,10 +36,9 @@ class PagedKVCache:
     ``seq_lens[r]`` (host ints) counts the tokens request ``r`` holds.
 
     ``index_dtype=torch.float8_e4m3fn`` halves the bytes the index scan reads
-    (Di + 4 per key instead of 2·Di): each appended index key, and each
-    index query of the scan, is rounded to FP8 with its own scale
-    (:mod:`msa.fp8`). The selection is then the exact one for the rounded
-    keys and queries, no longer bit-comparable to the bf16 one.
+    (Di + 4 per key instead of 2·Di): each appended index key is scaled by
+    its own amax / 448 and rounded to FP8. The selection is then the exact
+    one for the rounded keys, no longer bit-comparable to the bf16 one.
     """
 
     def __init__(self, *, num_layers: int, num_pages: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -61,11 +61,11 @@ class PagedKVCache:
         self.device = self.k.device  # "cuda" resolved to "cuda:N"
         self.v = torch.zeros_like(self.k)
         self.index_dtype = index_dtype or dtype
-        if self.index_dtype not in (dtype, FP8_DTYPE):
-            raise ValueError(f"index_dtype must be None, the cache dtype ({dtype}) or {FP8_DTYPE}, got {index_dtype}")
+        if self.index_dtype not in (dtype, FP8_INDEX):
+            raise ValueError(f"index_dtype must be None, the cache dtype ({dtype}) or {FP8_INDEX}, got {index_dtype}")
         self.index_k = torch.zeros(*shape, index_head_dim, dtype=self.index_dtype, device=self.device)
         self.index_scale = torch.ones(shape, dtype=torch.float32, device=self.device) \
-            if self.index_dtype == FP8_DTYPE else None
+            if self.index_dtype == FP8_INDEX else None
         self.page_table = torch.zeros(max_requests, self.max_pages_per_request, dtype=torch.int32, device=self.device)
         self.seq_lens = [0] * max_requests
         self._pages: list[list[int] | None] = [None] * max_requests
@@ -102,7 +102,8 @@ class PagedKVCache:
         if self.index_scale is None:
             self.index_k[layer].view(-1, self.index_head_dim).index_copy_(0, slots, index_k)
             return
-        quantized, scale = round_rows(index_k)
+        scale = index_k.float().abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
+        quantized = (index_k.float() / scale[:, None]).to(FP8_INDEX)
         bytes_view = self.index_k[layer].view(-1, self.index_head_dim).view(torch.uint8)  # FP8 lacks index_copy_
         bytes_view.index_copy_(0, slots, quantized.view(torch.uint8))
         self.index_scale[layer].view(-1).index_copy_(0, slots, scale)
@@ -111,7 +112,7 @@ class PagedKVCache:
         """The index keys of ``pages`` of ``layer``, ``[n_pages * block_size, Di]``, float32 if stored in FP8."""
         if self.index_scale is None:
             return self.index_k[layer][pages].flatten(0, 1)
-        keys = self.index_k[layer].view(torch.uint8)[pages].view(FP8_DTYPE).flatten(0, 1)  # FP8 lacks gathers
+        keys = self.index_k[layer].view(torch.uint8)[pages].view(FP8_INDEX).flatten(0, 1)  # FP8 lacks gathers
         return keys.float() * self.index_scale[layer][pages].flatten(0, 1)[:, None]
 
     def free(self, request: int) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from msa.fp8 import rounded
 from msa.ops.block_gather import compute_dtype
 from msa.reference import msa_attention_suffix
 
@@ -27,13 +26,10 @@ def paged_attention_torch(cache, layer: int, requests, prefix_lens, q_lens, q, i
     """Returns ``out`` ``[T, Hq, D]`` and int64 ``block_indices`` ``[T, G, min(topk, max_pages)]`` (-1 pads).
 
     :func:`msa.reference.msa_attention_suffix` for the queries at positions
-    ``prefix_len .. prefix_len + q_len - 1`` of each request (with an FP8
-    index-key cache, on the FP8-rounded index keys and queries).
+    ``prefix_len .. prefix_len + q_len - 1`` of each request.
     """
     width = min(topk, cache.max_pages_per_request)
     compute = compute_dtype(q.dtype)
-    if cache.index_scale is not None:  # an FP8 index-key cache: the scan's queries are rounded like its keys
-        index_q = rounded(index_q)
     outs, selections = [], []
     first = 0
     for request, prefix_len, q_len in zip(requests, prefix_lens, q_lens):

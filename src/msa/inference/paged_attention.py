@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from msa.inference.cache import PagedKVCache
+from msa.inference.cache import FP8_MAX, PagedKVCache
 from msa.inference.naive import paged_attention_torch
 from msa.ops.backend import unsupported_reason, use_triton
 
@@ -225,7 +225,7 @@ class PagedSparseAttention:
             cache.write_index_keys(layer, slots, index_k)
         else:
             pool = cache.index_k[layer].view(-1, cache.index_head_dim)
-            kernels.paged_append_index_keys(index_k.contiguous(), slots, pool, index_scale.view(-1))
+            kernels.paged_append_index_keys(index_k.contiguous(), slots, pool, index_scale.view(-1), FP8_MAX)
 
         q, index_q = q.contiguous(), index_q.contiguous()
         scan_tiles = self._view("scan_tiles", (self.n_scan_tiles, 4))

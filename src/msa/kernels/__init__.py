@@ -16,7 +16,6 @@ import os
 import torch
 import triton
 
-from msa.fp8 import FP8_MAX
 from msa.kernels.block_csr import build_block_csr
 from msa.kernels.index_kl import index_kl_bwd_dk_kernel, index_kl_bwd_dq_kernel, index_kl_fwd_partial_kernel
 from msa.kernels.indexer import select_blocks_kernel, support_lse_kernel
@@ -297,12 +296,12 @@ PAGED_ATTENTION_WARPS = 4
 PAGED_MAX_SPLIT = 8
 
 
-def paged_append_index_keys(index_k, slots, pool, scale_pool):
+def paged_append_index_keys(index_k, slots, pool, scale_pool, fp8_max: float):
     """Round ``index_k`` ``[T, Di]`` to the FP8 ``pool`` ``[P * block_size, Di]`` at ``slots`` (int64 ``[T]``),
     with per-key scales in ``scale_pool`` ``[P * block_size]``; allocates nothing."""
     rows = 16
     paged_append_index_keys_kernel[(triton.cdiv(index_k.shape[0], rows),)](
-        index_k, slots, pool, scale_pool, index_k.shape[0], DI=index_k.shape[1], ROWS=rows, FP8_MAX=FP8_MAX)
+        index_k, slots, pool, scale_pool, index_k.shape[0], DI=index_k.shape[1], ROWS=rows, FP8_MAX=fp8_max)
 
 
 def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset: int, tokens_per_tile: int,
@@ -319,8 +318,7 @@ def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset
     paged_block_scores_kernel[(tiles.shape[0], triton.cdiv(max_pages, pages))](
         index_q, index_k, index_k if index_scale is None else index_scale, page_table, tiles, scores, token_offset,
         G=n_groups, GP=groups, DI=index_dim, BLOCK_SIZE=block_size, MAX_PAGES=max_pages, QT=tokens_per_tile,
-        PAGES=pages, NB=pages_per_product, SCALED=index_scale is not None, FP8_MAX=FP8_MAX, UPCAST=INTERPRET,
-        num_warps=num_warps)
+        PAGES=pages, NB=pages_per_product, SCALED=index_scale is not None, UPCAST=INTERPRET, num_warps=num_warps)
 
 
 def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, out, scale: float, tokens_per_tile: int,

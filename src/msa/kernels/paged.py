@@ -8,8 +8,7 @@ one key block (``BLOCK_SIZE`` tokens), so block ``b`` of a request lives in
 page ``page_table[request, b]``.
 
 ``paged_append_index_keys_kernel`` stores new index keys in an FP8 cache
-(per-key scales); the scan then rounds each index query to FP8 too (per-row
-scale) and scores with FP8 products. ``paged_block_scores_kernel`` is the index scan: each program scores one
+(per-key scales). ``paged_block_scores_kernel`` is the index scan: each program scores one
 tile's (token, group) rows against a run of pages of the index-key cache and
 writes each page's max-pooled logit (-inf for pages after a row's local block,
 +inf for the local block, which is always kept). No exponential, no softmax
@@ -45,26 +44,6 @@ def _tile(tiles):
 
 
 @triton.jit
-def _nearest_e4m3(y):
-    """The float8_e4m3fn value nearest to float32 ``y`` (|y| <= 448; ties to even), as float32: the grid
-    step from y's exponent (3 mantissa bits, subnormals below 2**-6), then the 1.5 * 2**23 rounding trick."""
-    exponent = tl.maximum(((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
-    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    inverse_step = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)
-    magic = 12582912.0
-    return ((y * inverse_step + magic) - magic) * step
-
-
-@triton.jit
-def round_rows_to_fp8(x, FP8_MAX: tl.constexpr):
-    """Rows of ``x`` scaled by their amax / FP8_MAX and rounded to float8_e4m3fn as :func:`msa.fp8.round_rows`
-    does: returns (FP8 rows, float32 scales)."""
-    x = x.to(tl.float32)
-    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1.1754943508222875e-38), FP8_MAX)
-    return _nearest_e4m3(tl.div_rn(x, scale[:, None])).to(tl.float8e4nv), scale
-
-
-@triton.jit
 def paged_append_index_keys_kernel(
     index_k,  # [T, DI]: the new tokens' index keys
     slots,  # int64 [T]: their flat cache slots (page * BLOCK_SIZE + offset)
@@ -75,13 +54,15 @@ def paged_append_index_keys_kernel(
     ROWS: tl.constexpr,
     FP8_MAX: tl.constexpr,
 ):
-    """FP8 index keys: each key scaled by its amax / FP8_MAX and rounded to nearest."""
+    """FP8 index keys: each key scaled by its amax / FP8_MAX and rounded to nearest (as PyTorch does)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_tokens
     dims = tl.arange(0, DI)
     keys = tl.load(index_k + rows.to(tl.int64)[:, None] * DI + dims[None, :], mask=row_ok[:, None], other=0.0)
-    quantized, scale = round_rows_to_fp8(keys, FP8_MAX)
+    keys = keys.to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(keys), axis=1), 1.1754943508222875e-38) / FP8_MAX
     slot = tl.load(slots + rows, mask=row_ok, other=0)
+    quantized = tl.div_rn(keys, scale[:, None]).to(pool.dtype.element_ty)
     tl.store(pool + slot[:, None] * DI + dims[None, :], quantized, mask=row_ok[:, None])
     tl.store(scale_pool + slot, scale, mask=row_ok)
 
@@ -103,8 +84,7 @@ def paged_block_scores_kernel(
     QT: tl.constexpr,  # tokens per tile
     PAGES: tl.constexpr,  # pages per program
     NB: tl.constexpr,  # pages per matrix product (divides PAGES)
-    SCALED: tl.constexpr,  # FP8 keys with per-key scales: the queries are rounded to FP8 too (FP8 products)
-    FP8_MAX: tl.constexpr,
+    SCALED: tl.constexpr,  # FP8 keys with per-key scales
     UPCAST: tl.constexpr,
 ):
     request, first_token, count, first_position = _tile(tiles)
@@ -130,8 +110,6 @@ def paged_block_scores_kernel(
     dims = tl.arange(0, DI)
     iq = tl.load(index_q + ((first_token + token) * G + group)[:, None] * DI + dims[None, :], mask=row_ok[:, None],
                  other=0.0)
-    if SCALED:
-        iq, query_scale = round_rows_to_fp8(iq, FP8_MAX)
     if UPCAST:
         iq = iq.to(tl.float32)
     offsets = tl.arange(0, BLOCK_SIZE)
@@ -142,11 +120,9 @@ def paged_block_scores_kernel(
         key_rows = tl.reshape(physical[:, None] * BLOCK_SIZE + offsets[None, :], (NB * BLOCK_SIZE,))
         key_read = tl.reshape(read[:, None] & (offsets[None, :] >= 0), (NB * BLOCK_SIZE,))
         ik = tl.load(index_k + key_rows[:, None] * DI + dims[None, :], mask=key_read[:, None], other=0.0)
-        if UPCAST:
-            ik = ik.to(tl.float32)
-        logits = tl.dot(iq, tl.trans(ik))
+        logits = tl.dot(iq, tl.trans(ik.to(iq.dtype)))
         if SCALED:
-            logits *= query_scale[:, None] * tl.load(index_scale + key_rows, mask=key_read, other=1.0)[None, :]
+            logits *= tl.load(index_scale + key_rows, mask=key_read, other=1.0)[None, :]
         key_position = tl.reshape((page * BLOCK_SIZE)[:, None] + offsets[None, :], (NB * BLOCK_SIZE,))
         logits = tl.where(key_position[None, :] <= position[:, None], logits, float("-inf"))
         pooled = tl.max(tl.reshape(logits, (ROWS, NB, BLOCK_SIZE)), axis=2)
