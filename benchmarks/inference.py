@@ -26,10 +26,9 @@ same blocks: ``--selections overlapping`` mixes each request's 8 index queries
 with one shared query, the mix calibrated so that the 8 tokens select
 ``--draft-union`` distinct blocks per group on average (default: 30.5 of 128,
 what the trained 128 x 16 model of experiments/quality selects; see its
-results table). ``--attention-tokens`` sets the attention tile (1: each
-token reads its own blocks; 8: a request's tokens load each block of their
-union once). ``--index-dtype fp8`` stores the index keys in FP8 with per-key
-scales: the scan reads Di + 4 bytes per token instead of 2 Di.
+results table). ``--attention-tokens`` sets the attention tile (1: each token
+reads its own blocks; 8: a request's tokens load each block of their union
+once).
 
     PYTHONPATH=src python benchmarks/inference.py --out benchmarks/results/<run>
 """
@@ -53,7 +52,6 @@ from torch.nn.attention.bias import causal_lower_right
 from msa import kernels
 from msa.cli.bench import git_commit
 from msa.inference import PagedKVCache, PagedSparseAttention
-from msa.inference.cache import FP8_INDEX, FP8_MAX
 
 LAYER = dict(heads=64, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
 WORKLOADS = Path(__file__).resolve().parent / "workloads"  # copies of shared/workloads (see its README)
@@ -97,30 +95,19 @@ def copy_gbps() -> float:
     return 2 * src.numel() * 2 / ms / 1e6
 
 
-def index_key_bytes(index_dtype: torch.dtype) -> int:
-    """Bytes the index scan reads per cached token (FP8 keys carry a float32 scale)."""
-    return LAYER["index_dim"] * index_dtype.itemsize + (4 if index_dtype == FP8_INDEX else 0)
-
-
-def paged_cache(batch: int, prefix_len: int, new_tokens: int, max_layers: int, bytes_limit: int,
-                index_dtype: torch.dtype = torch.bfloat16):
+def paged_cache(batch: int, prefix_len: int, new_tokens: int, max_layers: int, bytes_limit: int):
     """A cache whose ``batch`` requests hold ``prefix_len`` random tokens, with room for ``new_tokens`` more."""
     c = LAYER
     pages = math.ceil((prefix_len + new_tokens) / c["block_size"])
-    per_layer = batch * pages * c["block_size"] * (4 * c["groups"] * c["head_dim"] + index_key_bytes(index_dtype))
+    per_layer = batch * pages * c["block_size"] * (2 * c["groups"] * c["head_dim"] + c["index_dim"]) * 2
     if per_layer > bytes_limit:
         return None
     layers = max(1, min(max_layers, math.ceil(COLD_BYTES / per_layer), bytes_limit // per_layer))
     cache = PagedKVCache(num_layers=layers, num_pages=batch * pages, block_size=c["block_size"],
                          num_kv_heads=c["groups"], head_dim=c["head_dim"], index_head_dim=c["index_dim"],
-                         max_requests=batch, max_pages_per_request=pages, dtype=torch.bfloat16, device="cuda",
-                         index_dtype=index_dtype)
-    for pool in (cache.k, cache.v):
+                         max_requests=batch, max_pages_per_request=pages, dtype=torch.bfloat16, device="cuda")
+    for pool in (cache.k, cache.v, cache.index_k):
         pool.normal_()
-    for layer in cache.index_k:  # random keys of unit scale (FP8: rounded, with scales around 1 / 448)
-        layer.copy_(torch.randn(layer.shape, device="cuda").to(index_dtype))
-    if cache.index_scale is not None:
-        cache.index_scale.uniform_(0.5 / FP8_MAX, 1.5 / FP8_MAX)
     # pages allocated at admission, request after request: each request's pages are contiguous
     requests = [cache.add_request(capacity=prefix_len + new_tokens) for _ in range(batch)]
     for request in requests:
@@ -173,10 +160,9 @@ def overlapping_index_q(attention, index_q, batch: int, q_len: int, target: floa
     return mixed((low + high) / 2), (low + high) / 2
 
 
-def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_union: float | None,
-                index_dtype: torch.dtype = torch.bfloat16) -> dict | None:
+def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_union: float | None) -> dict | None:
     c = LAYER
-    made = paged_cache(batch, seqlen - q_len, q_len, max_layers=4, bytes_limit=bytes_limit, index_dtype=index_dtype)
+    made = paged_cache(batch, seqlen - q_len, q_len, max_layers=4, bytes_limit=bytes_limit)
     if made is None:
         return None
     cache, requests = made
@@ -197,10 +183,9 @@ def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_uni
     scores = attention._view("scores", (tokens * groups, cache.max_pages_per_request))
     top_scores = attention._view("top_scores", (tokens * groups, selected))
     block_indices = attention._view("block_indices", (tokens, groups, selected))
-    scales = cache.index_scale if cache.index_scale is not None else [None] * layers
     scan_ms = graph_ms(lambda i: kernels.paged_block_scores(
-        index_q, cache.index_k[i % layers], cache.page_table, scan_tiles, scores, first_token, attention.scan_tokens,
-        scales[i % layers]), 2 * layers)
+        index_q, cache.index_k[i % layers], cache.page_table, scan_tiles, scores, first_token, attention.scan_tokens),
+        2 * layers)
     topk_ms = graph_ms(lambda i: torch.topk(scores, selected, dim=-1, out=(top_scores, block_indices.view(-1, selected))),
                        2 * layers)
     out = attention._view("out", (batch * q_len, c["heads"], c["head_dim"]))
@@ -208,7 +193,7 @@ def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_uni
     attention_ms = graph_ms(lambda i: kernels.paged_sparse_attention(
         q, cache.k[i % layers], cache.v[i % layers], cache.page_table, attention_tiles, block_indices, out,
         c["head_dim"] ** -0.5, attention.attention_tokens, attention.split, **attention.split_buffers()), 2 * layers)
-    scan_bytes = batch * seqlen * index_key_bytes(index_dtype)
+    scan_bytes = batch * seqlen * c["index_dim"] * 2
     attention.run(0, q, k, v, index_q, index_k)
     union = distinct_blocks(attention, batch, q_len)
     # K/V bytes of the selected blocks, each block counted once per (request, group) that selected it
@@ -266,14 +251,11 @@ def main() -> None:
                         help="how the 8 tokens of a decode request select their blocks (see above)")
     parser.add_argument("--draft-union", type=float, default=30.5,
                         help="overlapping: distinct blocks the 8 tokens select per group, on average")
-    parser.add_argument("--index-dtype", choices=["bf16", "fp8"], default="bf16",
-                        help="decode: the index-key cache (fp8: float8_e4m3fn with per-key scales)")
     parser.add_argument("--attention-tokens", type=int, default=kernels.PAGED_ATTENTION_TOKENS,
                         help="tokens per sparse-attention tile (kernels.PAGED_ATTENTION_TOKENS)")
     args = parser.parse_args()
     kernels.PAGED_ATTENTION_TOKENS = args.attention_tokens
     draft_union = args.draft_union if args.selections == "overlapping" else None
-    index_dtype = FP8_INDEX if args.index_dtype == "fp8" else torch.bfloat16
     parts = args.parts.split(",")
     console = Console()
     suite = json.loads((WORKLOADS / "decode_suite.json").read_text())
@@ -298,14 +280,14 @@ def main() -> None:
     record = dict(benchmark="msa inference", device=torch.cuda.get_device_name(), torch=torch.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   commit=git_commit(), layer=LAYER, selections=args.selections, draft_union=draft_union,
-                  attention_tokens=args.attention_tokens, index_dtype=args.index_dtype, copy_gbps=copy_gbps(), decode=[], prefill=[], skipped=[])
+                  attention_tokens=args.attention_tokens, copy_gbps=copy_gbps(), decode=[], prefill=[], skipped=[])
     torch.cuda.empty_cache()
     console.print(f"copy bandwidth {record['copy_gbps']:.0f} GB/s")
     with Progress(console=console) as progress:
         task = progress.add_task("inference", total=len(cases) + len(prefill_rows))
         for suite_name, batch, seqlen in cases:
             progress.update(task, description=f"{suite_name} B={batch} S={seqlen}")
-            row = decode_case(batch, seqlen, q_len, limit, draft_union, index_dtype)
+            row = decode_case(batch, seqlen, q_len, limit, draft_union)
             if row is None:
                 record["skipped"].append(dict(suite=suite_name, batch=batch, seqlen=seqlen, why="cache > --memory-gb"))
             else:

@@ -31,12 +31,9 @@ def load(folders: list[Path]):
         run = dict(folder=folder.name, device=record["device"], date=record["date"], commit=commit,
                    copy_gbps=record["copy_gbps"])
         runs.append(run)
-        qualifiers = []
-        if record.get("selections", "independent") != "independent":
-            qualifiers.append(f"overlapping selections, {record['attention_tokens']}-token tiles")
-        if record.get("index_dtype", "bf16") != "bf16":
-            qualifiers.append(f"{record['index_dtype'].upper()} index keys")
-        suite_label = ", ".join(["{}", *qualifiers])
+        selections = record.get("selections", "independent")
+        suite_label = "{}" if selections == "independent" else \
+            f"{{}}, overlapping selections, {record['attention_tokens']}-token tiles"
         for row in record["decode"]:
             decode[suite_label.format(row["suite"]), row["batch"], row["seqlen"]] = dict(row, run=run)
         for row in record["prefill"]:

@@ -57,11 +57,9 @@ def schedule(lengths, chunk, decode):
     return steps
 
 
-def serve(shape, dtype, lengths, chunk, decode, seed, index_dtype=None, stored_index_keys=None,
-          **attention_options):
+def serve(shape, dtype, lengths, chunk, decode, seed, **attention_options):
     """Runs the schedule through one layer; returns the full sequences and, per request, the outputs and
-    selections that the steps produced for every position. ``stored_index_keys``, a list, receives each
-    request's index keys as the cache holds them at the end."""
+    selections that the steps produced for every position."""
     heads, groups, head_dim, index_dim, block_size, topk = shape
     sequences = [rand_inputs(1, n, heads, groups, head_dim, index_dim, dtype=dtype, seed=seed + r, device=DEVICE)
                  for r, n in enumerate(lengths)]
@@ -69,7 +67,7 @@ def serve(shape, dtype, lengths, chunk, decode, seed, index_dtype=None, stored_i
     cache = PagedKVCache(num_layers=2, num_pages=len(lengths) * pages_per_request, block_size=block_size,
                          num_kv_heads=groups, head_dim=head_dim, index_head_dim=index_dim,
                          max_requests=len(lengths) + 1, max_pages_per_request=pages_per_request, dtype=dtype,
-                         device=DEVICE, index_dtype=index_dtype)
+                         device=DEVICE)
     attention = PagedSparseAttention(cache, num_heads=heads, topk=topk, **attention_options)
     slot = [cache.add_request() for _ in lengths]
     outs = [torch.full((n, heads, head_dim), math.nan, dtype=dtype, device=DEVICE) for n in lengths]
@@ -84,9 +82,6 @@ def serve(shape, dtype, lengths, chunk, decode, seed, index_dtype=None, stored_i
             outs[r][done[r]:done[r] + n] = out[first:first + n]
             blocks[r][done[r]:done[r] + n] = block_indices[first:first + n]
             first, done[r] = first + n, done[r] + n
-    if stored_index_keys is not None:
-        stored_index_keys += [cache.read_index_keys(1, torch.tensor(cache.pages(slot[r]), device=DEVICE))[:n]
-                              for r, n in enumerate(lengths)]
     return sequences, outs, blocks
 
 
@@ -105,26 +100,6 @@ def test_chunked_prefill_and_decode_match_the_whole_sequence(backend, shape, dty
         whole = msa.sparse_attention(q, k, v, msa.select_blocks(index_q, index_k, block_size=block_size, topk=topk),
                                      block_size=block_size)
         assert rel_err(out[None], whole) < 2 * BOUNDS[dtype]
-
-
-@pytest.mark.parametrize("shape", SHAPES[:1])
-def test_fp8_index_keys_select_exactly_on_the_rounded_keys(backend, shape):
-    """An FP8 index-key cache: keys within FP8 rounding of the originals, selection and output exact for them."""
-    block_size, topk, dtype = shape[4], shape[5], DTYPES[0]
-    stored = []
-    sequences, outs, blocks = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=43, index_dtype=torch.float8_e4m3fn,
-                                    stored_index_keys=stored)
-    for (q, k, v, index_q, index_k), rounded, out, selected in zip(sequences, stored, outs, blocks):
-        assert rounded.dtype == torch.float32 and 0 < rel_err(rounded, index_k[0, :, 0]) < 0.06
-        assert_selection_matches(selected[None].int(), index_q, rounded[None, :, None], block_size, topk, tol=1e-2)
-        ref = msa.reference.sparse_attention(q.double(), k.double(), v.double(), selected[None], block_size=block_size)
-        assert rel_err(out[None], ref) < BOUNDS[dtype]
-
-
-def test_index_dtype_is_checked():
-    with pytest.raises(ValueError, match="index_dtype must be None, the cache dtype"):
-        PagedKVCache(num_layers=1, num_pages=2, block_size=16, num_kv_heads=1, head_dim=16, index_head_dim=16,
-                     max_requests=1, index_dtype=torch.float16)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

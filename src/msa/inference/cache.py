@@ -17,9 +17,6 @@ import math
 
 import torch
 
-FP8_INDEX = torch.float8_e4m3fn
-FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-
 
 class PagedKVCache:
     """K, V and index-key pages for ``num_layers`` layers, shared by up to ``max_requests`` requests.
@@ -27,24 +24,16 @@ class PagedKVCache:
     Tensors (``P = num_pages``, ``BS = block_size``):
 
     - ``k``, ``v``: ``[num_layers, P, BS, G, D]``
-    - ``index_k``: ``[num_layers, P, BS, Di]``, of ``index_dtype``
-    - ``index_scale``: float32 ``[num_layers, P, BS]`` with an FP8 ``index_dtype``
-      (each index key is stored as ``index_k * index_scale``), else None
+    - ``index_k``: ``[num_layers, P, BS, Di]``
     - ``page_table``: int32 ``[max_requests, max_pages_per_request]``; row ``r``
       lists the pages of request ``r`` in sequence order (unused entries 0).
 
     ``seq_lens[r]`` (host ints) counts the tokens request ``r`` holds.
-
-    ``index_dtype=torch.float8_e4m3fn`` halves the bytes the index scan reads
-    (Di + 4 per key instead of 2·Di): each appended index key is scaled by
-    its own amax / 448 and rounded to FP8. The selection is then the exact
-    one for the rounded keys, no longer bit-comparable to the bf16 one.
     """
 
     def __init__(self, *, num_layers: int, num_pages: int, block_size: int, num_kv_heads: int, head_dim: int,
                  index_head_dim: int, max_requests: int, max_pages_per_request: int | None = None,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                 index_dtype: torch.dtype | None = None):
+                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
         for name, value in dict(num_layers=num_layers, num_pages=num_pages, block_size=block_size,
                                 num_kv_heads=num_kv_heads, head_dim=head_dim, index_head_dim=index_head_dim,
                                 max_requests=max_requests).items():
@@ -60,12 +49,7 @@ class PagedKVCache:
         self.k = torch.zeros(*shape, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.device = self.k.device  # "cuda" resolved to "cuda:N"
         self.v = torch.zeros_like(self.k)
-        self.index_dtype = index_dtype or dtype
-        if self.index_dtype not in (dtype, FP8_INDEX):
-            raise ValueError(f"index_dtype must be None, the cache dtype ({dtype}) or {FP8_INDEX}, got {index_dtype}")
-        self.index_k = torch.zeros(*shape, index_head_dim, dtype=self.index_dtype, device=self.device)
-        self.index_scale = torch.ones(shape, dtype=torch.float32, device=self.device) \
-            if self.index_dtype == FP8_INDEX else None
+        self.index_k = torch.zeros(*shape, index_head_dim, dtype=dtype, device=self.device)
         self.page_table = torch.zeros(max_requests, self.max_pages_per_request, dtype=torch.int32, device=self.device)
         self.seq_lens = [0] * max_requests
         self._pages: list[list[int] | None] = [None] * max_requests
@@ -95,25 +79,6 @@ class PagedKVCache:
                     raise
                 return request
         raise RuntimeError(f"all {self.max_requests} request slots are in use; free one or raise max_requests")
-
-    def write_index_keys(self, layer: int, slots: torch.Tensor, index_k: torch.Tensor) -> None:
-        """Store ``index_k`` ``[n, Di]`` at the flat ``slots`` (PyTorch ops; the Triton path appends with
-        :func:`msa.kernels.paged_append_index_keys`, which rounds the same way)."""
-        if self.index_scale is None:
-            self.index_k[layer].view(-1, self.index_head_dim).index_copy_(0, slots, index_k)
-            return
-        scale = index_k.float().abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
-        quantized = (index_k.float() / scale[:, None]).to(FP8_INDEX)
-        bytes_view = self.index_k[layer].view(-1, self.index_head_dim).view(torch.uint8)  # FP8 lacks index_copy_
-        bytes_view.index_copy_(0, slots, quantized.view(torch.uint8))
-        self.index_scale[layer].view(-1).index_copy_(0, slots, scale)
-
-    def read_index_keys(self, layer: int, pages: torch.Tensor) -> torch.Tensor:
-        """The index keys of ``pages`` of ``layer``, ``[n_pages * block_size, Di]``, float32 if stored in FP8."""
-        if self.index_scale is None:
-            return self.index_k[layer][pages].flatten(0, 1)
-        keys = self.index_k[layer].view(torch.uint8)[pages].view(FP8_INDEX).flatten(0, 1)  # FP8 lacks gathers
-        return keys.float() * self.index_scale[layer][pages].flatten(0, 1)[:, None]
 
     def free(self, request: int) -> None:
         """Return the request's pages to the pool and its slot to the free slots."""

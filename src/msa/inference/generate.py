@@ -21,13 +21,10 @@ from msa.nn.transformer import MSATransformer
 
 
 class Generator:
-    """Serves ``model`` for up to ``max_requests`` requests of at most ``max_seq_len`` tokens each.
-
-    ``index_dtype``: the cache's index keys (see :class:`PagedKVCache`; ``torch.float8_e4m3fn`` halves the
-    index scan's reads)."""
+    """Serves ``model`` for up to ``max_requests`` requests of at most ``max_seq_len`` tokens each."""
 
     def __init__(self, model: MSATransformer, *, max_requests: int = 1, max_seq_len: int = 8192,
-                 chunk_size: int = 4096, cuda_graphs: bool | None = None, index_dtype: torch.dtype | None = None):
+                 chunk_size: int = 4096, cuda_graphs: bool | None = None):
         config = model.config
         parameter = next(model.parameters())
         self.model, self.chunk_size = model, chunk_size
@@ -36,7 +33,7 @@ class Generator:
                                   block_size=config.block_size, num_kv_heads=config.num_kv_heads,
                                   head_dim=config.head_dim, index_head_dim=config.index_head_dim,
                                   max_requests=max_requests, max_pages_per_request=pages_per_request,
-                                  dtype=parameter.dtype, device=parameter.device, index_dtype=index_dtype)
+                                  dtype=parameter.dtype, device=parameter.device)
         self.attention = PagedSparseAttention(self.cache, num_heads=config.num_heads, topk=config.topk)
         capturable = parameter.is_cuda and self.attention.uses_kernels()
         if cuda_graphs and not capturable:

@@ -16,9 +16,8 @@ from msa.reference import msa_attention_suffix
 def _request_keys(cache, layer: int, request: int, seq_len: int):
     """The request's first ``seq_len`` keys, values and index keys, gathered from its pages."""
     pages = torch.tensor(cache.pages(request), dtype=torch.int64, device=cache.device)
-    compute = compute_dtype(cache.dtype)
-    gather = lambda pool: pool[layer][pages].flatten(0, 1)[:seq_len].to(compute)  # noqa: E731
-    return gather(cache.k), gather(cache.v), cache.read_index_keys(layer, pages)[:seq_len].to(compute)
+    gather = lambda pool: pool[layer][pages].flatten(0, 1)[:seq_len].to(compute_dtype(pool.dtype))  # noqa: E731
+    return gather(cache.k), gather(cache.v), gather(cache.index_k)
 
 
 def paged_attention_torch(cache, layer: int, requests, prefix_lens, q_lens, q, index_q, *, topk: int,

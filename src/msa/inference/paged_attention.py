@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from msa.inference.cache import FP8_MAX, PagedKVCache
+from msa.inference.cache import PagedKVCache
 from msa.inference.naive import paged_attention_torch
 from msa.ops.backend import unsupported_reason, use_triton
 
@@ -211,21 +211,14 @@ class PagedSparseAttention:
         slots = self._view("slots", (total,))
         cache.k[layer].view(-1, groups, cache.head_dim).index_copy_(0, slots, k)
         cache.v[layer].view(-1, groups, cache.head_dim).index_copy_(0, slots, v)
+        cache.index_k[layer].view(-1, cache.index_head_dim).index_copy_(0, slots, index_k)
 
         if not self.triton_path:
-            cache.write_index_keys(layer, slots, index_k)
             out, block_indices = paged_attention_torch(cache, layer, self.requests, self.prefix_lens, self.q_lens, q,
                                                        index_q, topk=self.topk, softmax_scale=self.softmax_scale)
             return (out, block_indices) if return_block_indices else out
 
         from msa import kernels
-
-        index_scale = None if cache.index_scale is None else cache.index_scale[layer]
-        if index_scale is None:
-            cache.write_index_keys(layer, slots, index_k)
-        else:
-            pool = cache.index_k[layer].view(-1, cache.index_head_dim)
-            kernels.paged_append_index_keys(index_k.contiguous(), slots, pool, index_scale.view(-1), FP8_MAX)
 
         q, index_q = q.contiguous(), index_q.contiguous()
         scan_tiles = self._view("scan_tiles", (self.n_scan_tiles, 4))
@@ -235,8 +228,7 @@ class PagedSparseAttention:
         for first_tile, end_tile, first_token, tokens in self.chunks:
             scores = self._view("scores", (tokens * groups, max_pages))
             kernels.paged_block_scores(index_q, cache.index_k[layer], cache.page_table,
-                                       scan_tiles[first_tile:end_tile], scores, first_token, self.scan_tokens,
-                                       index_scale)
+                                       scan_tiles[first_tile:end_tile], scores, first_token, self.scan_tokens)
             rows = slice(first_token, first_token + tokens)
             torch.topk(scores, self.selected, dim=-1, out=(top_scores[rows].view(-1, self.selected),
                                                            block_indices[rows].view(-1, self.selected)))

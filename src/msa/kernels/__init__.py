@@ -19,11 +19,7 @@ import triton
 from msa.kernels.block_csr import build_block_csr
 from msa.kernels.index_kl import index_kl_bwd_dk_kernel, index_kl_bwd_dq_kernel, index_kl_fwd_partial_kernel
 from msa.kernels.indexer import select_blocks_kernel, support_lse_kernel
-from msa.kernels.paged import (
-    paged_append_index_keys_kernel,
-    paged_block_scores_kernel,
-    paged_sparse_attention_kernel,
-)
+from msa.kernels.paged import paged_block_scores_kernel, paged_sparse_attention_kernel
 from msa.kernels.sparse_attention import (
     LOG2E,
     merge_partials_kernel,
@@ -296,29 +292,19 @@ PAGED_ATTENTION_WARPS = 4
 PAGED_MAX_SPLIT = 8
 
 
-def paged_append_index_keys(index_k, slots, pool, scale_pool, fp8_max: float):
-    """Round ``index_k`` ``[T, Di]`` to the FP8 ``pool`` ``[P * block_size, Di]`` at ``slots`` (int64 ``[T]``),
-    with per-key scales in ``scale_pool`` ``[P * block_size]``; allocates nothing."""
-    rows = 16
-    paged_append_index_keys_kernel[(triton.cdiv(index_k.shape[0], rows),)](
-        index_k, slots, pool, scale_pool, index_k.shape[0], DI=index_k.shape[1], ROWS=rows, FP8_MAX=fp8_max)
-
-
-def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset: int, tokens_per_tile: int,
-                       index_scale=None):
+def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset: int, tokens_per_tile: int):
     """Index scan of ``tiles`` into ``scores`` ``[rows, max_pages]`` (float32, rows = tokens x groups).
 
-    ``index_q`` ``[T, G, Di]``, ``index_k`` ``[P, block_size, Di]`` (one layer's pages; FP8 with
-    ``index_scale`` float32 ``[P, block_size]``).
+    ``index_q`` ``[T, G, Di]``, ``index_k`` ``[P, block_size, Di]`` (one layer's pages).
     """
     n_groups, index_dim = index_q.shape[1:]
     block_size, max_pages = index_k.shape[1], page_table.shape[1]
     pages, pages_per_product, num_warps = PAGED_SCAN
     groups = max(_pow2(n_groups), triton.cdiv(16, tokens_per_tile))  # tl.dot needs 16 rows
     paged_block_scores_kernel[(tiles.shape[0], triton.cdiv(max_pages, pages))](
-        index_q, index_k, index_k if index_scale is None else index_scale, page_table, tiles, scores, token_offset,
-        G=n_groups, GP=groups, DI=index_dim, BLOCK_SIZE=block_size, MAX_PAGES=max_pages, QT=tokens_per_tile,
-        PAGES=pages, NB=pages_per_product, SCALED=index_scale is not None, UPCAST=INTERPRET, num_warps=num_warps)
+        index_q, index_k, page_table, tiles, scores, token_offset, G=n_groups, GP=groups, DI=index_dim,
+        BLOCK_SIZE=block_size, MAX_PAGES=max_pages, QT=tokens_per_tile, PAGES=pages, NB=pages_per_product,
+        UPCAST=INTERPRET, num_warps=num_warps)
 
 
 def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, out, scale: float, tokens_per_tile: int,

@@ -7,8 +7,7 @@ position ``first_position + i`` and sees the cached keys up to it. A page is
 one key block (``BLOCK_SIZE`` tokens), so block ``b`` of a request lives in
 page ``page_table[request, b]``.
 
-``paged_append_index_keys_kernel`` stores new index keys in an FP8 cache
-(per-key scales). ``paged_block_scores_kernel`` is the index scan: each program scores one
+``paged_block_scores_kernel`` is the index scan: each program scores one
 tile's (token, group) rows against a run of pages of the index-key cache and
 writes each page's max-pooled logit (-inf for pages after a row's local block,
 +inf for the local block, which is always kept). No exponential, no softmax
@@ -44,34 +43,9 @@ def _tile(tiles):
 
 
 @triton.jit
-def paged_append_index_keys_kernel(
-    index_k,  # [T, DI]: the new tokens' index keys
-    slots,  # int64 [T]: their flat cache slots (page * BLOCK_SIZE + offset)
-    pool,  # float8_e4m3fn [P * BLOCK_SIZE, DI]: one layer's index-key pages, written at ``slots``
-    scale_pool,  # float32 [P * BLOCK_SIZE]: written at ``slots``
-    n_tokens,
-    DI: tl.constexpr,
-    ROWS: tl.constexpr,
-    FP8_MAX: tl.constexpr,
-):
-    """FP8 index keys: each key scaled by its amax / FP8_MAX and rounded to nearest (as PyTorch does)."""
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < n_tokens
-    dims = tl.arange(0, DI)
-    keys = tl.load(index_k + rows.to(tl.int64)[:, None] * DI + dims[None, :], mask=row_ok[:, None], other=0.0)
-    keys = keys.to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(keys), axis=1), 1.1754943508222875e-38) / FP8_MAX
-    slot = tl.load(slots + rows, mask=row_ok, other=0)
-    quantized = tl.div_rn(keys, scale[:, None]).to(pool.dtype.element_ty)
-    tl.store(pool + slot[:, None] * DI + dims[None, :], quantized, mask=row_ok[:, None])
-    tl.store(scale_pool + slot, scale, mask=row_ok)
-
-
-@triton.jit
 def paged_block_scores_kernel(
     index_q,  # [T, G, DI]
     index_k,  # [P, BLOCK_SIZE, DI]: one layer's index-key pages
-    index_scale,  # float32 [P, BLOCK_SIZE]: per-key scales of FP8 keys (read when SCALED)
     page_table,  # int32 [max_requests, MAX_PAGES]
     tiles,  # int32 [n_tiles, 4]
     scores,  # float32 [rows, MAX_PAGES], row = (token - token_offset) * G + group; written
@@ -84,7 +58,6 @@ def paged_block_scores_kernel(
     QT: tl.constexpr,  # tokens per tile
     PAGES: tl.constexpr,  # pages per program
     NB: tl.constexpr,  # pages per matrix product (divides PAGES)
-    SCALED: tl.constexpr,  # FP8 keys with per-key scales
     UPCAST: tl.constexpr,
 ):
     request, first_token, count, first_position = _tile(tiles)
@@ -120,9 +93,9 @@ def paged_block_scores_kernel(
         key_rows = tl.reshape(physical[:, None] * BLOCK_SIZE + offsets[None, :], (NB * BLOCK_SIZE,))
         key_read = tl.reshape(read[:, None] & (offsets[None, :] >= 0), (NB * BLOCK_SIZE,))
         ik = tl.load(index_k + key_rows[:, None] * DI + dims[None, :], mask=key_read[:, None], other=0.0)
-        logits = tl.dot(iq, tl.trans(ik.to(iq.dtype)))
-        if SCALED:
-            logits *= tl.load(index_scale + key_rows, mask=key_read, other=1.0)[None, :]
+        if UPCAST:
+            ik = ik.to(tl.float32)
+        logits = tl.dot(iq, tl.trans(ik))
         key_position = tl.reshape((page * BLOCK_SIZE)[:, None] + offsets[None, :], (NB * BLOCK_SIZE,))
         logits = tl.where(key_position[None, :] <= position[:, None], logits, float("-inf"))
         pooled = tl.max(tl.reshape(logits, (ROWS, NB, BLOCK_SIZE)), axis=2)
