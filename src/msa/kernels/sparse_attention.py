@@ -11,9 +11,9 @@ its K/V block once and walks the (token, slot) entries that selected it (a
 CSR built on the GPU by :mod:`msa.kernels.block_csr`), QT tokens x the
 group's R heads per tile, unpadded (so groups of few heads still fill it).
 The forward writes one normalised partial output and LSE per (token, head,
-slot), merged by :func:`merge_partials_kernel`; the
-backward accumulates dk/dv in registers (one writer each) and, unless the
-pass must be deterministic, dq with float32 atomics.
+slot), merged by :func:`merge_partials_kernel`; the backward accumulates
+dk/dv in registers (one writer each) and, unless the pass must be
+deterministic, dq with float32 atomics.
 
 Softmax runs in base 2: ``scale_log2 = softmax_scale * log2(e)``; LSEs are
 stored in natural log.
