@@ -20,4 +20,5 @@ def kernel_flops(layer: dict, seqlen: int, attended: float) -> dict:
         "sparse_bwd": 5 * attention,  # QK, P^T dO, dO V^T, dS^T Q, dS K
         "kl_fwd": attention + student,  # teacher QK, student logits
         "kl_bwd": attention + 3 * student,  # teacher QK, student logits, d index_k, d index_q
+        "kl_fused": attention + 3 * student,  # the same work in one teacher pass (the training step runs it)
     }

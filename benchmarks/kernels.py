@@ -111,7 +111,9 @@ def tune_kv_outer(c: dict, seqlen: int, console) -> dict:
                                                             index_scale, lse), 2, 5),
                 "bwd": time_ms(lambda: kernels.index_kl_bwd(q, k, index_q, index_k, blocks, starts, cu, seqlen,
                                                             teacher_lse, index_lse, grad_scale, bs, scale,
-                                                            index_scale), 2, 5)}
+                                                            index_scale), 2, 5),
+                "fused": time_ms(lambda: kernels.index_kl_fwd_bwd(q, k, index_q, index_k, blocks, cu, seqlen, bs,
+                                                                  scale, index_scale, lse), 2, 5)}
         except Exception as error:  # e.g. out of shared memory or registers
             results[f"kl {config}"] = str(error).splitlines()[0][:100]
     kernels.KL_FWD, kernels.KL_BWD = defaults
@@ -180,6 +182,8 @@ def bench_seqlen(c: dict, seqlen: int, warmup: int, repeats: int, with_fa2: bool
         t["kl_bwd"] = time_ms(lambda: kernels.index_kl_bwd(pq, pk, piq, pik, blocks, starts, cu, seqlen, teacher_lse,
                                                            index_lse, grad_scale, bs, scale, index_scale),
                               warmup, repeats)
+        t["kl_fused"] = time_ms(lambda: kernels.index_kl_fwd_bwd(pq, pk, piq, pik, blocks, cu, seqlen, bs, scale,
+                                                                 index_scale, lse), warmup, repeats)
     del out, kl_rows
     row["kernel_ms"] = t
     fraction = attended_fraction(blocks[None], c["block_size"])

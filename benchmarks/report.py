@@ -28,7 +28,7 @@ TARGETS = [
     (131072, "indexer%", 50, "indexer >= 50% of the matrix ceiling at 128K"),
     (131072, "sparse_fwd_kv%", 50, "sparse attention forward >= 50% of the ceiling at 128K"),
 ]
-KERNELS = ["indexer", "sparse_fwd_query", "sparse_fwd_kv", "sparse_bwd", "kl_fwd", "kl_bwd"]
+KERNELS = ["indexer", "sparse_fwd_query", "sparse_fwd_kv", "sparse_bwd", "kl_fwd", "kl_bwd", "kl_fused"]
 
 
 def fmt_len(n: int) -> str:

@@ -218,6 +218,47 @@ def sparse_attention_bwd(q, k, v, out, lse, dout, block_indices, token_starts, c
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def _teacher_lse(q, k, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float):
+    """Float32 ``[T, Hq]``: the Main Branch LSE over the selected support (a KV-outer LSE-only pass)."""
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    if q.shape[0]:
+        _kv_outer_partials(q, k, k, block_indices, cu_seqlens, max_seqlen, block_size, scale, lse=lse)
+    return lse
+
+
+def _kl_stats(index_q, topk: int):
+    """Per (token, group, slot) terms of the KL kernels: sum p log p, sum p z, sum p, student block LSE."""
+    stats = torch.zeros(4, *index_q.shape[:2], topk, dtype=torch.float32, device=index_q.device)
+    stats[3] = float("-inf")
+    return stats
+
+
+def _kl_rows(stats, index_lse):
+    """Float32 ``[T, G]`` KL of each row from the per-slot terms."""
+    p_log_p, p_z, p_sum = (x.sum(-1) for x in stats[:3])
+    return torch.where(p_sum > 0, p_log_p - p_z + index_lse * p_sum, 0.0)
+
+
+def _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, stats, scale: float, index_scale: float,
+                   block_size: int, teacher: bool):
+    _launch(index_kl_fwd_partial_kernel, (csr.n_block_slots, index_q.shape[1], KV_OUTER_SPLIT),
+        q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, stats, scale * LOG2E.value,
+        index_scale, csr.n_block_slots, stats[0].numel(), **_kl_launch(q, k, KL_FWD),
+        DI=index_q.shape[2], BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=stats.shape[-1],
+        SPLIT=KV_OUTER_SPLIT, TEACHER=teacher, UPCAST=INTERPRET)
+
+
+def _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, index_lse, grad_scale, d_index_k, d_index_q,
+                   scale: float, index_scale: float, block_size: int, topk: int, deterministic: bool, stats=None):
+    """The KV-outer gradient kernel; with ``stats`` it also writes the KL terms (the fused pass)."""
+    _launch(index_kl_bwd_dk_kernel, (csr.n_block_slots, index_q.shape[1], 1 if deterministic else KV_OUTER_SPLIT),
+        q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, index_lse, grad_scale, d_index_k,
+        d_index_q, index_lse if stats is None else stats, scale * LOG2E.value, index_scale, csr.n_block_slots,
+        q.shape[0], 0 if stats is None else stats[0].numel(), **_kl_launch(q, k, KL_BWD), DI=index_q.shape[2],
+        BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=1 if deterministic else KV_OUTER_SPLIT,
+        ATOMIC=not deterministic, STATS=stats is not None, UPCAST=INTERPRET)
+
+
 def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
                  index_scale: float, teacher_lse=None):
     """Returns float32 ``kl_rows`` ``[T, G]``, ``index_lse`` ``[T, G]`` and ``teacher_lse`` ``[T, Hq]``.
@@ -225,26 +266,38 @@ def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: 
     ``teacher_lse`` (the Main Branch LSE over the same support) is computed
     by a KV-outer LSE pass when not given.
     """
-    total, n_groups = index_q.shape[:2]
-    topk = block_indices.shape[-1]
     if teacher_lse is None:
-        teacher_lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
-        if total:
-            _kv_outer_partials(q, k, k, block_indices, cu_seqlens, max_seqlen, block_size, scale, lse=teacher_lse)
-    stats = torch.zeros(4, total, n_groups, topk, dtype=torch.float32, device=q.device)
-    stats[3] = float("-inf")
-    if total:
+        teacher_lse = _teacher_lse(q, k, block_indices, cu_seqlens, max_seqlen, block_size, scale)
+    stats = _kl_stats(index_q, block_indices.shape[-1])
+    if q.shape[0]:
         csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
-        _launch(index_kl_fwd_partial_kernel, (csr.n_block_slots, n_groups, KV_OUTER_SPLIT),
-            q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, stats, scale * LOG2E.value,
-            index_scale, csr.n_block_slots, stats[0].numel(), **_kl_launch(q, k, KL_FWD),
-            DI=index_q.shape[2], BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=KV_OUTER_SPLIT,
-            UPCAST=INTERPRET)
-    p_log_p, p_z, p_sum, block_lse = stats
-    index_lse = torch.logsumexp(block_lse, dim=-1)
-    p_sum = p_sum.sum(-1)
-    kl_rows = torch.where(p_sum > 0, p_log_p.sum(-1) - p_z.sum(-1) + index_lse * p_sum, 0.0)
-    return kl_rows, index_lse, teacher_lse
+        _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, stats, scale, index_scale, block_size,
+                       teacher=True)
+    index_lse = torch.logsumexp(stats[3], dim=-1)
+    return _kl_rows(stats, index_lse), index_lse, teacher_lse
+
+
+def index_kl_fwd_bwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: int, block_size: int,
+                     scale: float, index_scale: float, teacher_lse=None):
+    """``kl_rows`` as :func:`index_kl_fwd` and the float32 gradients of ``sum(kl_rows)`` as
+    :func:`index_kl_bwd` (unit ``grad_scale``), evaluating the teacher once (float32 atomics:
+    not deterministic)."""
+    total, _, index_dim = index_q.shape
+    if teacher_lse is None:
+        teacher_lse = _teacher_lse(q, k, block_indices, cu_seqlens, max_seqlen, block_size, scale)
+    stats = _kl_stats(index_q, block_indices.shape[-1])
+    d_index_q = torch.zeros(index_q.shape, dtype=torch.float32, device=q.device)
+    d_index_k = torch.zeros(total, 1, index_dim, dtype=torch.float32, device=q.device)
+    if not total:
+        return _kl_rows(stats, torch.logsumexp(stats[3], dim=-1)), d_index_q, d_index_k
+    csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
+    _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, stats, scale, index_scale, block_size,
+                   teacher=False)
+    index_lse = torch.logsumexp(stats[3], dim=-1)
+    grad_scale = torch.ones(1, dtype=torch.float32, device=q.device)
+    _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, index_lse, grad_scale, d_index_k, d_index_q,
+                   scale, index_scale, block_size, stats.shape[-1], deterministic=False, stats=stats)
+    return _kl_rows(stats, index_lse), d_index_q, d_index_k
 
 
 def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen: int,
@@ -265,13 +318,9 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
             q, k, index_q, index_k, block_indices, token_starts, teacher_lse, index_lse, grad_scale, d_index_q,
             scale * LOG2E.value, index_scale, **_query_outer_heads(q, k), DI=index_dim, BLOCK_SIZE=block_size,
             TOPK=topk, UPCAST=INTERPRET, num_warps=4)
-    split = 1 if deterministic else KV_OUTER_SPLIT
     csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size)
-    _launch(index_kl_bwd_dk_kernel, (csr.n_block_slots, n_groups, split),
-        q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, index_lse, grad_scale, d_index_k,
-        d_index_q, scale * LOG2E.value, index_scale, csr.n_block_slots, total, **_kl_launch(q, k, KL_BWD),
-        DI=index_dim, BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=split,
-        ATOMIC=not deterministic, UPCAST=INTERPRET)
+    _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, index_lse, grad_scale, d_index_k, d_index_q,
+                   scale, index_scale, block_size, topk, deterministic)
     return d_index_q, d_index_k.sum(0).unsqueeze(1)
 
 

@@ -12,6 +12,11 @@ LSE; the caller reduces over slots. Backward: the gradient with respect to
 per-group partials of ``d index_k`` and, with atomics, ``d index_q``; the
 query-outer kernel computes ``d index_q`` deterministically.
 
+Fused (training, non-deterministic): a student-only pass of the forward
+kernel gives ``lse_z``, then the backward kernel writes the three sums too,
+so the teacher, the costly part, is evaluated once instead of twice and the
+gradient (of a unit upstream gradient) is ready before the backward.
+
 The KV-outer kernels take QT tokens per step: the teacher's products run over
 (token, head) rows in chunks of HC heads and are summed per token, so the
 student logits, the KL terms and their gradients are computed once per token.
@@ -34,8 +39,9 @@ def index_kl_fwd_partial_kernel(
     scale_log2, index_scale, n_block_slots, n_rows_slots,  # n_rows_slots = T * G * TOPK
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr, HC: tl.constexpr,
-    SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr, TEACHER: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """Without ``TEACHER`` only the student LSE of each block is written (the fused pass needs it first)."""
     block_slot = tl.program_id(0)
     group = tl.program_id(1)
     first, last = _entry_range(csr_offsets, n_block_slots, block_slot, group, SPLIT)
@@ -46,21 +52,28 @@ def index_kl_fwd_partial_kernel(
                                                 UPCAST)
     for entry in range(first, last, QT):
         token, slot, token_ok = _entry_tokens(csr_entries, entry, last, QT, TOPK)
-        visible, teacher, z, _ = _teacher_student(q, index_q, teacher_lse, token, token_ok, group, start, k_pos,
-                                                  key_ok, k_tile, ik_tile, scale_log2, index_scale, HQ, G, R, D, DI,
-                                                  QT, HC, BLOCK_SIZE, UPCAST)
-        p_log_p = tl.sum(teacher * tl.log(tl.maximum(teacher, 1e-30)), axis=1)  # 0 log 0 = 0
-        p_z = tl.sum(tl.where(visible, teacher * z, 0.0), axis=1)
-        p_sum = tl.sum(teacher, axis=1)
+        visible = _visible(token, token_ok, start, k_pos, key_ok)
+        z, _ = _student(index_q, token, token_ok, group, ik_tile, index_scale, G, DI, UPCAST)
+        out = stats + (token * G + group) * TOPK + slot
+        if TEACHER:
+            teacher = _teacher(q, teacher_lse, token, token_ok, group, visible, k_tile, scale_log2, HQ, G, R, D, QT,
+                               HC, BLOCK_SIZE, UPCAST)
+            _store_kl_terms(out, n_rows_slots, teacher, z, visible, token_ok)
         z = tl.where(visible, z, float("-inf"))
         z_max = tl.max(z, axis=1)
         safe_max = tl.where(z_max == float("-inf"), 0.0, z_max)
         z_lse = safe_max + tl.log(tl.sum(tl.exp(z - safe_max[:, None]), axis=1))
-        out = stats + (token * G + group) * TOPK + slot
-        tl.store(out, p_log_p, mask=token_ok)
-        tl.store(out + n_rows_slots, p_z, mask=token_ok)
-        tl.store(out + 2 * n_rows_slots, p_sum, mask=token_ok)
         tl.store(out + 3 * n_rows_slots, z_lse, mask=token_ok)
+
+
+@triton.jit
+def _store_kl_terms(out, n_rows_slots, teacher, z, visible, token_ok):
+    """The block's share of sum p log p, sum p z and sum p, per token ``[QT]``, at ``out`` + i * n_rows_slots."""
+    p_log_p = tl.sum(teacher * tl.log(tl.maximum(teacher, 1e-30)), axis=1)  # 0 log 0 = 0
+    p_z = tl.sum(tl.where(visible, teacher * z, 0.0), axis=1)
+    tl.store(out, p_log_p, mask=token_ok)
+    tl.store(out + n_rows_slots, p_z, mask=token_ok)
+    tl.store(out + 2 * n_rows_slots, tl.sum(teacher, axis=1), mask=token_ok)
 
 
 @triton.jit
@@ -88,15 +101,18 @@ def _entry_tokens(csr_entries, entry, last, QT: tl.constexpr, TOPK: tl.constexpr
 
 
 @triton.jit
-def _teacher_student(q, index_q, teacher_lse, token, token_ok, group, start, k_pos, key_ok, k_tile, ik_tile,
-                     scale_log2, index_scale, HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
-                     DI: tl.constexpr, QT: tl.constexpr, HC: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                     UPCAST: tl.constexpr):
-    """Per token ``[QT, BLOCK]``: visibility, teacher probabilities (mean over the group's R heads,
-    computed HC heads at a time) and student logits; also the tokens' index queries ``[QT, DI]``."""
+def _visible(token, token_ok, start, k_pos, key_ok):
+    """``[QT, BLOCK]``: which keys of the block each token sees (causal, in its sequence)."""
+    return token_ok[:, None] & (k_pos[None, :] <= (token - start)[:, None]) & key_ok[None, :]
+
+
+@triton.jit
+def _teacher(q, teacher_lse, token, token_ok, group, visible, k_tile, scale_log2, HQ: tl.constexpr, G: tl.constexpr,
+             R: tl.constexpr, D: tl.constexpr, QT: tl.constexpr, HC: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+             UPCAST: tl.constexpr):
+    """Teacher probabilities ``[QT, BLOCK]``: the mean over the group's R heads, computed HC heads at a time."""
     ROWS: tl.constexpr = QT * HC
     CHUNKS: tl.constexpr = (R + HC - 1) // HC
-    visible = token_ok[:, None] & (k_pos[None, :] <= (token - start)[:, None]) & key_ok[None, :]
     rows = tl.arange(0, ROWS)
     row_token = tl.reshape(tl.broadcast_to(token[:, None], (QT, HC)), (ROWS,))
     row_token_ok = tl.reshape(tl.broadcast_to(token_ok[:, None], (QT, HC)), (ROWS,))
@@ -113,12 +129,18 @@ def _teacher_student(q, index_q, teacher_lse, token, token_ok, group, start, k_p
         head_probs = tl.where(row_visible & row_ok[:, None],
                               tl.exp2(tl.dot(q_rows, tl.trans(k_tile)) * scale_log2 - head_lse[:, None]), 0.0)
         teacher += tl.sum(tl.reshape(head_probs, (QT, HC, BLOCK_SIZE)), axis=1)
+    return teacher / R
+
+
+@triton.jit
+def _student(index_q, token, token_ok, group, ik_tile, index_scale, G: tl.constexpr, DI: tl.constexpr,
+             UPCAST: tl.constexpr):
+    """Student logits ``[QT, BLOCK]`` and the tokens' index queries ``[QT, DI]``."""
     iq = tl.load(index_q + (token * G + group)[:, None] * DI + tl.arange(0, DI)[None, :], mask=token_ok[:, None],
                  other=0.0)
     if UPCAST:
         iq = iq.to(tl.float32)
-    z = tl.dot(iq.to(ik_tile.dtype), tl.trans(ik_tile)) * index_scale
-    return visible, teacher / R, z, iq
+    return tl.dot(iq.to(ik_tile.dtype), tl.trans(ik_tile)) * index_scale, iq
 
 
 @triton.jit
@@ -165,11 +187,14 @@ def index_kl_bwd_dk_kernel(
     teacher_lse, index_lse, grad_scale,
     d_index_k,  # float32: [G, T, DI] per-group contributions, written; if ATOMIC [T, DI], zeroed and accumulated
     d_index_q_accum,  # float32 [T, G, DI], zeroed: accumulated if ATOMIC (else the query-outer kernel computes it)
-    scale_log2, index_scale, n_block_slots, n_tokens,
+    stats,  # float32 [4, T, G, TOPK]: with STATS, its first three terms are written as the forward kernel does
+    scale_log2, index_scale, n_block_slots, n_tokens, n_rows_slots,
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr, HC: tl.constexpr,
-    SPLIT: tl.constexpr, ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
+    SPLIT: tl.constexpr, ATOMIC: tl.constexpr, STATS: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """With ``STATS`` this is the fused forward + backward: one teacher evaluation gives the loss terms
+    and the gradients (``index_lse`` then comes from the forward kernel's student-only pass)."""
     block_slot = tl.program_id(0)
     group = tl.program_id(1)
     start, seqlen, block_start = _kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
@@ -185,10 +210,13 @@ def index_kl_bwd_dk_kernel(
     grad = tl.load(grad_scale) * index_scale
     grad_ik = tl.zeros((BLOCK_SIZE, DI), tl.float32)
     for entry in range(first, last, QT):
-        token, _, token_ok = _entry_tokens(csr_entries, entry, last, QT, TOPK)
-        visible, teacher, z, iq = _teacher_student(q, index_q, teacher_lse, token, token_ok, group, start, k_pos,
-                                                   key_ok, k_tile, ik_tile, scale_log2, index_scale, HQ, G, R, D,
-                                                   DI, QT, HC, BLOCK_SIZE, UPCAST)
+        token, slot, token_ok = _entry_tokens(csr_entries, entry, last, QT, TOPK)
+        visible = _visible(token, token_ok, start, k_pos, key_ok)
+        teacher = _teacher(q, teacher_lse, token, token_ok, group, visible, k_tile, scale_log2, HQ, G, R, D, QT, HC,
+                           BLOCK_SIZE, UPCAST)
+        z, iq = _student(index_q, token, token_ok, group, ik_tile, index_scale, G, DI, UPCAST)
+        if STATS:
+            _store_kl_terms(stats + (token * G + group) * TOPK + slot, n_rows_slots, teacher, z, visible, token_ok)
         z_lse = tl.load(index_lse + token * G + group, mask=token_ok, other=0.0)
         dz = tl.where(visible, tl.exp(z - z_lse[:, None]) - teacher, 0.0).to(ik_tile.dtype)
         grad_ik += tl.dot(tl.trans(dz), iq.to(ik_tile.dtype))

@@ -15,32 +15,45 @@ from msa.varlen import token_positions
 class IndexKLFunction(torch.autograd.Function):
     """Triton forward and backward of the summed row KLs, over packed contiguous tensors.
 
-    Gradients flow to ``index_q`` and ``index_k`` only.
+    Gradients flow to ``index_q`` and ``index_k`` only. With ``fused`` (they
+    will be needed, and deterministic algorithms are off) the forward computes
+    them too, for a unit upstream gradient, in the pass that computes the
+    loss: the teacher is evaluated once, and the backward only scales them.
     """
 
     @staticmethod
     def forward(ctx, q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen, block_size, scale, index_scale,
-                main_lse):
+                main_lse, fused):
         from msa import kernels
 
-        kl_rows, index_lse, teacher_lse = kernels.index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens,
-                                                               max_seqlen, block_size, scale, index_scale, main_lse)
-        ctx.save_for_backward(q, k, index_q, index_k, block_indices, cu_seqlens, teacher_lse, index_lse)
-        ctx.settings = (max_seqlen, block_size, scale, index_scale)
+        args = (q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen, block_size, scale, index_scale,
+                main_lse)
+        ctx.fused = fused
+        if fused:
+            kl_rows, d_index_q, d_index_k = kernels.index_kl_fwd_bwd(*args)
+            ctx.save_for_backward(d_index_q, d_index_k)
+        else:
+            kl_rows, index_lse, teacher_lse = kernels.index_kl_fwd(*args)
+            ctx.save_for_backward(q, k, index_q, index_k, block_indices, cu_seqlens, teacher_lse, index_lse)
+            ctx.settings = (max_seqlen, block_size, scale, index_scale)
+        ctx.dtypes = (index_q.dtype, index_k.dtype)
         return kl_rows.sum()
 
     @staticmethod
     def backward(ctx, grad):
         from msa import kernels
 
-        q, k, index_q, index_k, block_indices, cu_seqlens, teacher_lse, index_lse = ctx.saved_tensors
-        max_seqlen, block_size, scale, index_scale = ctx.settings
-        token_starts = token_positions(cu_seqlens, q.shape[0])[0].int()
-        d_index_q, d_index_k = kernels.index_kl_bwd(
-            q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen, teacher_lse, index_lse,
-            grad.float().reshape(1), block_size, scale, index_scale,
-            deterministic=torch.are_deterministic_algorithms_enabled())
-        return (None, None, d_index_q.to(index_q.dtype), d_index_k.to(index_k.dtype)) + (None,) * 7
+        if ctx.fused:
+            d_index_q, d_index_k = (x * grad for x in ctx.saved_tensors)
+        else:
+            q, k, index_q, index_k, block_indices, cu_seqlens, teacher_lse, index_lse = ctx.saved_tensors
+            max_seqlen, block_size, scale, index_scale = ctx.settings
+            token_starts = token_positions(cu_seqlens, q.shape[0])[0].int()
+            d_index_q, d_index_k = kernels.index_kl_bwd(
+                q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen, teacher_lse, index_lse,
+                grad.float().reshape(1), block_size, scale, index_scale,
+                deterministic=torch.are_deterministic_algorithms_enabled())
+        return (None, None, d_index_q.to(ctx.dtypes[0]), d_index_k.to(ctx.dtypes[1])) + (None,) * 8
 
 
 def index_kl_loss(
@@ -99,8 +112,10 @@ def index_kl_loss(
     if use_triton("index_kl_loss", q.device, reason):
         if main_lse is not None:
             main_lse = layout.pack(main_lse).contiguous()
+        fused = torch.is_grad_enabled() and (index_q.requires_grad or index_k.requires_grad) \
+            and not torch.are_deterministic_algorithms_enabled()
         total = IndexKLFunction.apply(*(x.contiguous() for x in packed), layout.packed_cu_seqlens, layout.max_seqlen,
-                                      block_size, scale, index_scale, main_lse)
+                                      block_size, scale, index_scale, main_lse, fused)
     else:
         dtype = block_gather.compute_dtype(q.dtype)
         total = block_gather.index_kl_sum(*(x.to(dtype) for x in packed[:4]), packed[4], layout.packed_cu_seqlens,
