@@ -36,12 +36,12 @@ WORKSPACE_BYTES = 4 << 30
 # From this many tokens on, the forward runs KV-outer (see benchmarks/README.md).
 KV_OUTER_MIN_TOKENS = 4096
 # (token, head) rows per tile, warps and pipeline stages of the KV-outer kernels (attention forward,
-# attention backward, KL forward, KL backward); parts each KV-outer list is split into
+# attention backward, KL forward, KL backward, fused KL); parts each KV-outer list is split into
 # (non-deterministic passes); (head, slot) partial rows per merge program. Chosen from the
 # tuning sweeps at S=32K and 128K on an H100 recorded in benchmarks/results.
 KV_OUTER_FWD = (64, 4, 3)  # (rows, num_warps, num_stages)
 KV_OUTER_BWD = (32, 8, 2)
-KL_FWD = KL_BWD = (32, 4, 3)
+KL_FWD = KL_BWD = KL_FUSED = (32, 4, 3)  # KL_FUSED: the gradient kernel when it writes the loss terms
 KL_TOKENS = 16  # tokens per step of the KL kernels: the student's products need 16 rows
 KV_OUTER_SPLIT = 8
 MERGE_ROWS = 16
@@ -254,7 +254,7 @@ def _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, index_l
     _launch(index_kl_bwd_dk_kernel, (csr.n_block_slots, index_q.shape[1], 1 if deterministic else KV_OUTER_SPLIT),
         q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, index_lse, grad_scale, d_index_k,
         d_index_q, index_lse if stats is None else stats, scale * LOG2E.value, index_scale, csr.n_block_slots,
-        q.shape[0], 0 if stats is None else stats[0].numel(), **_kl_launch(q, k, KL_BWD), DI=index_q.shape[2],
+        q.shape[0], 0 if stats is None else stats[0].numel(), **_kl_launch(q, k, KL_BWD if stats is None else KL_FUSED), DI=index_q.shape[2],
         BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=1 if deterministic else KV_OUTER_SPLIT,
         ATOMIC=not deterministic, STATS=stats is not None, UPCAST=INTERPRET)
 
