@@ -117,7 +117,8 @@ def _csr(block_indices, cu_seqlens, max_seqlen: int, block_size: int, start: int
 def _kl_launch(q, k, config: tuple[int, int, int]) -> dict:
     """Head constants, tokens per step, heads per teacher chunk and launch options of a KL kernel."""
     rows, num_warps, num_stages = config
-    return dict(_heads(q, k), QT=KL_TOKENS, HC=max(1, rows // KL_TOKENS), num_warps=num_warps,
+    heads = _heads(q, k)  # no more heads per chunk than the group has
+    return dict(heads, QT=KL_TOKENS, HC=max(1, min(rows // KL_TOKENS, _pow2(heads["R"]))), num_warps=num_warps,
                 num_stages=num_stages)
 
 
