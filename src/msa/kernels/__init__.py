@@ -41,7 +41,7 @@ KV_OUTER_MIN_TOKENS = 4096
 # tuning sweeps at S=32K and 128K on an H100 recorded in benchmarks/results.
 KV_OUTER_FWD = (64, 4, 3)  # (rows, num_warps, num_stages)
 KV_OUTER_BWD = (32, 8, 2)
-KL_FWD = (64, 8, 2)  # the KL configs: sweep at 128K of results/*25-kl-fused-tuning
+KL_FWD = (64, 8, 2)  # the KL configs: sweep at 128K of results/*26-kl-fused-tuning
 KL_BWD = KL_FUSED = (32, 8, 2)  # KL_FUSED: the gradient kernel when it also writes the loss terms
 KL_TOKENS = 16  # tokens per step of the KL kernels: the student's products need 16 rows
 KV_OUTER_SPLIT = 8
