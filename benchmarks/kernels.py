@@ -55,7 +55,7 @@ def tune_indexer(c: dict, seqlen: int, console) -> dict:
         config = (rows, warps, stages, keys)
         try:
             results[str(config)] = time_ms(lambda: kernels.select_blocks(
-                index_q, index_k, cu, seqlen, c["block_size"], c["topk"], c["index_dim"] ** -0.5, config), 2, 5)
+                index_q, index_k, cu, seqlen, c["block_size"], c["topk"], config), 2, 5)
         except Exception as error:  # e.g. out of shared memory or registers
             results[str(config)] = str(error).splitlines()[0][:100]
     best = min((v, k) for k, v in results.items() if isinstance(v, float))
@@ -76,7 +76,7 @@ def tune_kv_outer(c: dict, seqlen: int, console) -> dict:
     starts = token_positions(cu, seqlen)[0].int()
     bs, scale = c["block_size"], c["head_dim"] ** -0.5
     blocks = kernels.select_blocks(randn(seqlen, c["groups"], c["index_dim"]), randn(seqlen, 1, c["index_dim"]), cu,
-                                   seqlen, bs, c["topk"], c["index_dim"] ** -0.5)
+                                   seqlen, bs, c["topk"])
     dout = torch.randn_like(q)
     defaults = kernels.KV_OUTER_FWD, kernels.KV_OUTER_BWD
     results = {}
@@ -162,11 +162,11 @@ def bench_seqlen(c: dict, seqlen: int, warmup: int, repeats: int, with_fa2: bool
     cu = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
     starts = token_positions(cu, seqlen)[0].int()
     pq, pk, pv, piq, pik = (x[0].contiguous() for x in (q, k, v, index_q, index_k))
-    blocks = kernels.select_blocks(piq, pik, cu, seqlen, c["block_size"], c["topk"], index_scale)
+    blocks = kernels.select_blocks(piq, pik, cu, seqlen, c["block_size"], c["topk"])
     bs = c["block_size"]
     out, lse = kernels.sparse_attention_fwd(pq, pk, pv, blocks, starts, cu, seqlen, bs, scale)
     t = {}
-    t["indexer"] = time_ms(lambda: kernels.select_blocks(piq, pik, cu, seqlen, bs, c["topk"], index_scale),
+    t["indexer"] = time_ms(lambda: kernels.select_blocks(piq, pik, cu, seqlen, bs, c["topk"]),
                            warmup, repeats)
     for schedule in ("query", "kv"):
         t[f"sparse_fwd_{schedule}"] = time_ms(lambda: kernels.sparse_attention_fwd(

@@ -28,7 +28,7 @@ def main(seqlen: int) -> None:
     cu = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
     starts = token_positions(cu, seqlen)[0].int()
     scale, index_scale = HEAD_DIM**-0.5, INDEX_DIM**-0.5
-    blocks = kernels.select_blocks(index_q, index_k, cu, seqlen, BLOCK, TOPK, index_scale)
+    blocks = kernels.select_blocks(index_q, index_k, cu, seqlen, BLOCK, TOPK)
     out, lse = kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, BLOCK, scale, schedule="kv")
     kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, BLOCK, scale, schedule="query")
     kernels.sparse_attention_bwd(q, k, v, out, lse, torch.randn_like(q), blocks, starts, cu, seqlen, BLOCK, scale)

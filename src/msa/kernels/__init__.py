@@ -75,7 +75,7 @@ def _query_outer_heads(q: torch.Tensor, k: torch.Tensor) -> dict:
     return dict(heads, RP=_pow2(heads["R"], 16))
 
 
-def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int, topk: int, scale: float,
+def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int, topk: int,
                   config: tuple[int, int, int, int] | None = None):
     """``index_q`` ``[T, G, Di]``, ``index_k`` ``[T, 1, Di]`` -> int32 ``[T, G, topk]``.
 
@@ -89,7 +89,7 @@ def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int
     block_m = max(1, rows // groups_pow2)
     grid = (triton.cdiv(max(max_seqlen, 1), block_m), cu_seqlens.numel() - 1)
     select_blocks_kernel[grid](
-        index_q, index_k, cu_seqlens, block_indices, scale,
+        index_q, index_k, cu_seqlens, block_indices,
         G=n_groups, GP=groups_pow2, DI=index_dim, BLOCK_SIZE=block_size, TOPK=topk, KP=_pow2(topk - 1),
         BLOCK_M=block_m, BLOCK_N=max(block_size, keys_per_tile), UPCAST=INTERPRET, num_warps=num_warps,
         num_stages=num_stages)

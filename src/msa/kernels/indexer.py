@@ -5,8 +5,8 @@ program holds a tile of queries x all GQA groups (they share the index key, so
 one key tile feeds every group through one matrix product), walks the key
 tiles up to its diagonal, max-pools each tile's logits per key block and keeps
 a running Top-(k-1) of earlier blocks per row in registers. Ranking needs no
-exponential (max-pooling and Top-k are monotone). The local block is written
-last. Memory is linear in the sequence length.
+exponential and no softmax scale (max-pooling and Top-k are monotone). The
+local block is written last. Memory is linear in the sequence length.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _score_tile(index_k, start, seqlen, tile, iq, q_pos, local, dims, top_scores, top_blocks, scale,
+def _score_tile(index_k, start, seqlen, tile, iq, q_pos, local, dims, top_scores, top_blocks,
                 CAUSAL: tl.constexpr, ROWS: tl.constexpr, KP: tl.constexpr, DI: tl.constexpr,
                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     """Score one key tile, max-pool it per block and insert each block into the rows' running Top-k."""
@@ -25,7 +25,7 @@ def _score_tile(index_k, start, seqlen, tile, iq, q_pos, local, dims, top_scores
     ik = tl.load(index_k + (start + k_pos)[:, None] * DI + dims[None, :], mask=(k_pos < seqlen)[:, None], other=0.0)
     if UPCAST:
         ik = ik.to(tl.float32)
-    logits = tl.dot(iq, tl.trans(ik)) * scale
+    logits = tl.dot(iq, tl.trans(ik))  # unscaled: a positive scale changes no ranking
     if CAUSAL:
         logits = tl.where(k_pos[None, :] <= q_pos[:, None], logits, float("-inf"))
     pooled = tl.max(tl.reshape(logits, (ROWS, NB, BLOCK_SIZE)), axis=2)
@@ -48,7 +48,6 @@ def select_blocks_kernel(
     index_k,  # [T, DI] (the one index-key head)
     cu_seqlens,  # int32 [n + 1]
     block_indices,  # int32 [T, G, TOPK], written
-    scale,
     G: tl.constexpr,
     GP: tl.constexpr,  # G rounded up to a power of two
     DI: tl.constexpr,
@@ -86,10 +85,10 @@ def select_blocks_kernel(
     n_open_tiles = (first_query + 1) // BLOCK_N
     for tile in range(0, n_open_tiles):
         top_scores, top_blocks = _score_tile(index_k, start, seqlen, tile, iq, q_pos, local, dims, top_scores,
-                                             top_blocks, scale, False, ROWS, KP, DI, BLOCK_SIZE, BLOCK_N, UPCAST)
+                                             top_blocks, False, ROWS, KP, DI, BLOCK_SIZE, BLOCK_N, UPCAST)
     for tile in range(n_open_tiles, last_query // BLOCK_N + 1):
         top_scores, top_blocks = _score_tile(index_k, start, seqlen, tile, iq, q_pos, local, dims, top_scores,
-                                             top_blocks, scale, True, ROWS, KP, DI, BLOCK_SIZE, BLOCK_N, UPCAST)
+                                             top_blocks, True, ROWS, KP, DI, BLOCK_SIZE, BLOCK_N, UPCAST)
 
     out = block_indices + ((start + q_pos) * G + group)[:, None] * TOPK
     tl.store(out + slots[None, :], top_blocks, mask=row_ok[:, None] & (slots[None, :] < TOPK - 1))

@@ -55,7 +55,7 @@ def select_blocks(
         scale = index_q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
         index_q, index_k = layout.pack(index_q).contiguous(), layout.pack(index_k).contiguous()
         cu_seqlens = layout.packed_cu_seqlens
-        block_indices = kernels.select_blocks(index_q, index_k, cu_seqlens, layout.max_seqlen, block_size, topk, scale)
+        block_indices = kernels.select_blocks(index_q, index_k, cu_seqlens, layout.max_seqlen, block_size, topk)
         if return_lse:
             token_starts = token_positions(cu_seqlens, layout.total_tokens)[0].int()
             lse = kernels.support_lse(index_q, index_k, block_indices, token_starts, block_size, scale)
