@@ -243,6 +243,7 @@ def _kl_rows(stats, index_lse):
 
 def _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, stats, scale: float, index_scale: float,
                    block_size: int, teacher: bool):
+    """The KV-outer KL forward kernel; without ``teacher`` it writes only the student's block LSEs."""
     _launch(index_kl_fwd_partial_kernel, (csr.n_block_slots, index_q.shape[1], KV_OUTER_SPLIT),
         q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, stats, scale * LOG2E.value,
         index_scale, csr.n_block_slots, stats[0].numel(), **_kl_launch(q, k, KL_FWD),
@@ -253,12 +254,14 @@ def _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, stats, 
 def _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, index_lse, grad_scale, d_index_k, d_index_q,
                    scale: float, index_scale: float, block_size: int, topk: int, deterministic: bool, stats=None):
     """The KV-outer gradient kernel; with ``stats`` it also writes the KL terms (the fused pass)."""
-    _launch(index_kl_bwd_dk_kernel, (csr.n_block_slots, index_q.shape[1], 1 if deterministic else KV_OUTER_SPLIT),
+    split = 1 if deterministic else KV_OUTER_SPLIT
+    fused = stats is not None
+    _launch(index_kl_bwd_dk_kernel, (csr.n_block_slots, index_q.shape[1], split),
         q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, index_lse, grad_scale, d_index_k,
-        d_index_q, index_lse if stats is None else stats, scale * LOG2E.value, index_scale, csr.n_block_slots,
-        q.shape[0], 0 if stats is None else stats[0].numel(), **_kl_launch(q, k, KL_BWD if stats is None else KL_FUSED), DI=index_q.shape[2],
-        BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=1 if deterministic else KV_OUTER_SPLIT,
-        ATOMIC=not deterministic, STATS=stats is not None, UPCAST=INTERPRET)
+        d_index_q, stats if fused else index_lse, scale * LOG2E.value, index_scale, csr.n_block_slots, q.shape[0],
+        stats[0].numel() if fused else 0, **_kl_launch(q, k, KL_FUSED if fused else KL_BWD), DI=index_q.shape[2],
+        BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, SPLIT=split, ATOMIC=not deterministic,
+        STATS=fused, UPCAST=INTERPRET)
 
 
 def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
