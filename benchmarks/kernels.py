@@ -49,7 +49,8 @@ def tune_indexer(c: dict, seqlen: int, console) -> dict:
     index_k = torch.randn(seqlen, 1, c["index_dim"], device="cuda", dtype=torch.bfloat16)
     cu = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
     results = {}
-    for rows, warps, stages, keys in [(64, 4, 3, 128), (64, 4, 2, 128), (128, 8, 4, 128), (128, 8, 3, 128),
+    for rows, warps, stages, keys in [(64, 4, 3, 128), (64, 4, 2, 128), (64, 4, 4, 128), (64, 8, 3, 128),
+                                      (32, 4, 3, 128), (128, 4, 3, 128), (128, 8, 4, 128), (128, 8, 3, 128),
                                       (64, 4, 3, 256), (64, 4, 2, 256), (128, 8, 3, 256), (128, 8, 2, 256),
                                       (128, 4, 2, 256), (64, 8, 2, 256)]:
         config = (rows, warps, stages, keys)
