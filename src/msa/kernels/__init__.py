@@ -33,8 +33,8 @@ from msa.varlen import token_sequences
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Workspace of the KV-outer forward's partial outputs; longer inputs run in query chunks.
 WORKSPACE_BYTES = 4 << 30
-# From this many tokens on, the forward runs KV-outer (see benchmarks/README.md).
-KV_OUTER_MIN_TOKENS = 4096
+# From this many tokens on, the forward runs KV-outer: faster from 1K tokens on (results/*33-short-lengths).
+KV_OUTER_MIN_TOKENS = 1024
 # (token, head) rows per tile, warps and pipeline stages of the KV-outer kernels (attention forward,
 # attention backward, KL forward, KL backward, fused KL); parts each KV-outer list is split into
 # (non-deterministic passes); (head, slot) partial rows per merge program. Chosen from the
