@@ -122,17 +122,15 @@ def test_kl_topk_widens_only_the_kl_support(mode):
 
 
 def _projections(layer, x, rope):
-    """The rotated q, k, v, index_q, index_k the layer computes from ``x``."""
-    from msa.nn.rotary import apply_rotary
+    """The rotated q, k, v, index_q, index_k the layer computes from ``x`` (caught through its ``attend`` hook)."""
+    caught = []
 
-    cos, sin = rope
-    heads = lambda proj, n, d: proj(x).unflatten(-1, (n, d))  # noqa: E731
-    q = apply_rotary(heads(layer.q_proj, 4, 16), cos, sin)
-    k = apply_rotary(heads(layer.k_proj, 2, 16), cos, sin)
-    v = heads(layer.v_proj, 2, 16)
-    index_q = apply_rotary(heads(layer.index_q_proj, 2, 8), cos, sin)
-    index_k = apply_rotary(layer.index_k_proj(x).unsqueeze(-2), cos, sin)
-    return q, k, v, index_q, index_k
+    def catch(*tensors):
+        caught.extend(tensors)
+        return torch.zeros_like(tensors[0])
+
+    layer(x, rope, attend=catch)
+    return caught
 
 
 def test_bad_configuration_is_rejected():
