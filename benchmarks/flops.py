@@ -15,6 +15,7 @@ def kernel_flops(layer: dict, seqlen: int, attended: float) -> dict:
     student = 2 * groups * index_dim * attended
     return {
         "indexer": 2 * groups * index_dim * seqlen * (seqlen + 1) / 2,  # every causal pair, every group
+        "indexer_fp8": 2 * groups * index_dim * seqlen * (seqlen + 1) / 2,  # the same products in FP8
         "sparse_fwd_query": 2 * attention,  # QK and PV
         "sparse_fwd_kv": 2 * attention,
         "sparse_bwd": 5 * attention,  # QK, P^T dO, dO V^T, dS^T Q, dS K

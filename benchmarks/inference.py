@@ -51,6 +51,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from msa import kernels
 from msa.cli.bench import git_commit
+from msa.fp8 import FP8_DTYPE, quantize_rows
 from msa.inference import PagedKVCache, PagedSparseAttention
 
 LAYER = dict(heads=64, groups=4, head_dim=128, index_dim=128, block_size=128, topk=16)
@@ -95,19 +96,36 @@ def copy_gbps() -> float:
     return 2 * src.numel() * 2 / ms / 1e6
 
 
-def paged_cache(batch: int, prefix_len: int, new_tokens: int, max_layers: int, bytes_limit: int):
+def index_key_bytes(index_dtype) -> int:
+    """Bytes the index scan reads per cached token."""
+    return LAYER["index_dim"] + 4 if index_dtype == FP8_DTYPE else 2 * LAYER["index_dim"]
+
+
+def paged_cache(batch: int, prefix_len: int, new_tokens: int, max_layers: int, bytes_limit: int,
+                index_dtype=None):
     """A cache whose ``batch`` requests hold ``prefix_len`` random tokens, with room for ``new_tokens`` more."""
     c = LAYER
     pages = math.ceil((prefix_len + new_tokens) / c["block_size"])
-    per_layer = batch * pages * c["block_size"] * (2 * c["groups"] * c["head_dim"] + c["index_dim"]) * 2
+    per_token = 2 * c["groups"] * c["head_dim"] * 2 + index_key_bytes(index_dtype)
+    per_layer = batch * pages * c["block_size"] * per_token
     if per_layer > bytes_limit:
         return None
     layers = max(1, min(max_layers, math.ceil(COLD_BYTES / per_layer), bytes_limit // per_layer))
     cache = PagedKVCache(num_layers=layers, num_pages=batch * pages, block_size=c["block_size"],
                          num_kv_heads=c["groups"], head_dim=c["head_dim"], index_head_dim=c["index_dim"],
-                         max_requests=batch, max_pages_per_request=pages, dtype=torch.bfloat16, device="cuda")
-    for pool in (cache.k, cache.v, cache.index_k):
+                         max_requests=batch, max_pages_per_request=pages, dtype=torch.bfloat16,
+                         index_dtype=index_dtype, device="cuda")
+    for pool in (cache.k, cache.v):
         pool.normal_()
+    if cache.index_scale is None:
+        cache.index_k.normal_()
+    else:  # FP8 keys: random bf16 keys rounded, a few thousand pages at a time
+        keys, scales = cache.index_k.flatten(0, 1), cache.index_scale.flatten(0, 1)
+        for first in range(0, keys.shape[0], 4096):
+            chunk = keys[first:first + 4096]
+            values, scale = quantize_rows(torch.randn(chunk.shape, dtype=torch.bfloat16, device="cuda"))
+            chunk.view(torch.uint8).copy_(values.view(torch.uint8))
+            scales[first:first + 4096] = scale
     # pages allocated at admission, request after request: each request's pages are contiguous
     requests = [cache.add_request(capacity=prefix_len + new_tokens) for _ in range(batch)]
     for request in requests:
@@ -160,9 +178,10 @@ def overlapping_index_q(attention, index_q, batch: int, q_len: int, target: floa
     return mixed((low + high) / 2), (low + high) / 2
 
 
-def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_union: float | None) -> dict | None:
+def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_union: float | None,
+                index_dtype=None) -> dict | None:
     c = LAYER
-    made = paged_cache(batch, seqlen - q_len, q_len, max_layers=4, bytes_limit=bytes_limit)
+    made = paged_cache(batch, seqlen - q_len, q_len, max_layers=4, bytes_limit=bytes_limit, index_dtype=index_dtype)
     if made is None:
         return None
     cache, requests = made
@@ -181,19 +200,18 @@ def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_uni
     _, _, first_token, tokens = attention.chunks[0]
     groups, selected = c["groups"], attention.selected
     scores = attention._view("scores", (tokens * groups, cache.max_pages_per_request))
-    top_scores = attention._view("top_scores", (tokens * groups, selected))
     block_indices = attention._view("block_indices", (tokens, groups, selected))
+    index_scale = (lambda layer: None) if cache.index_scale is None else (lambda layer: cache.index_scale[layer])
     scan_ms = graph_ms(lambda i: kernels.paged_block_scores(
-        index_q, cache.index_k[i % layers], cache.page_table, scan_tiles, scores, first_token, attention.scan_tokens),
-        2 * layers)
-    topk_ms = graph_ms(lambda i: torch.topk(scores, selected, dim=-1, out=(top_scores, block_indices.view(-1, selected))),
-                       2 * layers)
+        index_q, cache.index_k[i % layers], cache.page_table, scan_tiles, scores, first_token, attention.scan_tokens,
+        index_scale(i % layers)), 2 * layers)
+    topk_ms = graph_ms(lambda i: kernels.top_pages(scores, block_indices.view(-1, selected)), 2 * layers)
     out = attention._view("out", (batch * q_len, c["heads"], c["head_dim"]))
     attention_tiles = attention._view("attention_tiles", (attention.n_attention_tiles, 4))
     attention_ms = graph_ms(lambda i: kernels.paged_sparse_attention(
         q, cache.k[i % layers], cache.v[i % layers], cache.page_table, attention_tiles, block_indices, out,
         c["head_dim"] ** -0.5, attention.attention_tokens, attention.split, **attention.split_buffers()), 2 * layers)
-    scan_bytes = batch * seqlen * c["index_dim"] * 2
+    scan_bytes = batch * seqlen * index_key_bytes(index_dtype)
     attention.run(0, q, k, v, index_q, index_k)
     union = distinct_blocks(attention, batch, q_len)
     # K/V bytes of the selected blocks, each block counted once per (request, group) that selected it
@@ -253,7 +271,10 @@ def main() -> None:
                         help="overlapping: distinct blocks the 8 tokens select per group, on average")
     parser.add_argument("--attention-tokens", type=int, default=kernels.PAGED_ATTENTION_TOKENS,
                         help="tokens per sparse-attention tile (kernels.PAGED_ATTENTION_TOKENS)")
+    parser.add_argument("--index-dtype", choices=["bf16", "fp8"], default="bf16",
+                        help="decode: the index-key cache's dtype (fp8: msa.fp8; K and V stay bf16)")
     args = parser.parse_args()
+    index_dtype = FP8_DTYPE if args.index_dtype == "fp8" else None
     kernels.PAGED_ATTENTION_TOKENS = args.attention_tokens
     draft_union = args.draft_union if args.selections == "overlapping" else None
     parts = args.parts.split(",")
@@ -280,14 +301,15 @@ def main() -> None:
     record = dict(benchmark="msa inference", device=torch.cuda.get_device_name(), torch=torch.__version__,
                   date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   commit=git_commit(), layer=LAYER, selections=args.selections, draft_union=draft_union,
-                  attention_tokens=args.attention_tokens, copy_gbps=copy_gbps(), decode=[], prefill=[], skipped=[])
+                  attention_tokens=args.attention_tokens, index_dtype=args.index_dtype, copy_gbps=copy_gbps(),
+                  decode=[], prefill=[], skipped=[])
     torch.cuda.empty_cache()
     console.print(f"copy bandwidth {record['copy_gbps']:.0f} GB/s")
     with Progress(console=console) as progress:
         task = progress.add_task("inference", total=len(cases) + len(prefill_rows))
         for suite_name, batch, seqlen in cases:
             progress.update(task, description=f"{suite_name} B={batch} S={seqlen}")
-            row = decode_case(batch, seqlen, q_len, limit, draft_union)
+            row = decode_case(batch, seqlen, q_len, limit, draft_union, index_dtype)
             if row is None:
                 record["skipped"].append(dict(suite=suite_name, batch=batch, seqlen=seqlen, why="cache > --memory-gb"))
             else:

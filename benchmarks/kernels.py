@@ -5,7 +5,11 @@ training step (forward + backward of the sparse attention, plus the KL loss),
 against cuDNN attention and FlashAttention-2 through
 ``torch.nn.functional.scaled_dot_product_attention`` in the same run; the time
 and achieved TFLOP/s of each kernel against the bf16 matrix ceiling measured
-in the same run. Writes ``kernels.json`` under ``--out``.
+in the same run (the FP8 indexer against the FP8 one). Prefill runs twice:
+with the default bf16 index ranking and with FP8 index vectors
+(``index_dtype=torch.float8_e4m3fn``, quantisation included), with the share
+of the bf16 selection that the FP8 one keeps. Writes ``kernels.json`` under
+``--out``.
 
     PYTHONPATH=src python benchmarks/kernels.py --out benchmarks/results/<run>
 """
@@ -28,6 +32,7 @@ import msa
 from msa import kernels
 from msa.cli.bench import attended_fraction, git_commit
 from msa.cli.timing import median_ms
+from msa.fp8 import FP8_DTYPE, quantize_rows
 from msa.varlen import token_positions
 
 from flops import PAPER_LAYER, kernel_flops  # noqa: E402  (benchmarks/ is the script's directory)
@@ -41,6 +46,17 @@ def time_ms(fn, warmup: int, repeats: int) -> float:
 def matmul_ceiling_tflops() -> float:
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     return 2 * 8192**3 / time_ms(lambda: a @ b, 3, 20) / 1e9
+
+
+def fp8_matmul_ceiling_tflops() -> float | None:
+    """FP8 (e4m3) x FP8 -> bf16 through ``torch._scaled_mm``; None where this GPU or build lacks it."""
+    a, b = (torch.randn(8192, 8192, device="cuda").to(FP8_DTYPE) for _ in range(2))
+    one = torch.ones((), device="cuda")
+    try:
+        return 2 * 8192**3 / time_ms(lambda: torch._scaled_mm(a, b.t(), one, one, out_dtype=torch.bfloat16), 3,
+                                     20) / 1e9
+    except (RuntimeError, AttributeError):
+        return None
 
 
 def tune_indexer(c: dict, seqlen: int, console) -> dict:
@@ -169,6 +185,14 @@ def bench_seqlen(c: dict, seqlen: int, warmup: int, repeats: int, with_fa2: bool
     t = {}
     t["indexer"] = time_ms(lambda: kernels.select_blocks(piq, pik, cu, seqlen, bs, c["topk"]),
                            warmup, repeats)
+    (fp8_iq, _), (fp8_ik, fp8_k_scale) = quantize_rows(piq), quantize_rows(pik[:, 0])
+    t["indexer_fp8"] = time_ms(lambda: kernels.select_blocks(fp8_iq, fp8_ik, cu, seqlen, bs, c["topk"],
+                                                             index_k_scale=fp8_k_scale), warmup, repeats)
+    fp8_blocks = kernels.select_blocks(fp8_iq, fp8_ik, cu, seqlen, bs, c["topk"], index_k_scale=fp8_k_scale)
+    # share of the bf16 selection's (token, group, block) entries that the FP8 selection keeps
+    kept = (fp8_blocks.long()[..., :, None] == blocks.long()[..., None, :]).any(-2) & (blocks >= 0)
+    row["fp8_selection_recall"] = (kept.sum() / (blocks >= 0).sum()).item()
+    del fp8_iq, fp8_ik, fp8_k_scale, fp8_blocks, kept
     for schedule in ("query", "kv"):
         t[f"sparse_fwd_{schedule}"] = time_ms(lambda: kernels.sparse_attention_fwd(
             pq, pk, pv, blocks, starts, cu, seqlen, bs, scale, schedule=schedule), warmup, repeats)
@@ -198,8 +222,9 @@ def bench_seqlen(c: dict, seqlen: int, warmup: int, repeats: int, with_fa2: bool
     # --- public-op pipelines
     progress.update(task, description=f"S={seqlen}: MSA prefill / training step")
 
-    def msa_prefill():
-        selected = msa.select_blocks(index_q, index_k, block_size=c["block_size"], topk=c["topk"])
+    def msa_prefill(index_dtype=None):
+        selected = msa.select_blocks(index_q, index_k, block_size=c["block_size"], topk=c["topk"],
+                                     index_dtype=index_dtype)
         return msa.sparse_attention(q, k, v, selected, block_size=c["block_size"])
 
     grad = torch.randn_like(q) if train else None
@@ -212,6 +237,7 @@ def bench_seqlen(c: dict, seqlen: int, warmup: int, repeats: int, with_fa2: bool
         torch.autograd.backward((o, kl), (grad, torch.ones((), device="cuda")))
 
     row["msa_prefill_ms"] = time_ms(msa_prefill, warmup, repeats)
+    row["msa_prefill_fp8_ms"] = time_ms(lambda: msa_prefill(FP8_DTYPE), warmup, repeats)
     if train:
         row["msa_train_ms"] = time_ms(msa_train, warmup, repeats)
 
@@ -230,6 +256,7 @@ def bench_seqlen(c: dict, seqlen: int, warmup: int, repeats: int, with_fa2: bool
             row[f"{name}_fwd_ms"] = time_ms(fwd, warmup, repeats)
             row[f"{name}_fwd_tflops"] = dense_fwd_flops / row[f"{name}_fwd_ms"] / 1e9
             row[f"prefill_speedup_vs_{name}"] = row[f"{name}_fwd_ms"] / row["msa_prefill_ms"]
+            row[f"prefill_fp8_speedup_vs_{name}"] = row[f"{name}_fwd_ms"] / row["msa_prefill_fp8_ms"]
             if train:
                 train_fwd = dense_runner(backend, q_, k_, v_)
                 row[f"{name}_train_ms"] = time_ms(lambda: train_fwd().backward(grad.transpose(1, 2)), warmup,
@@ -260,7 +287,9 @@ def main() -> None:
               "commit": git_commit(),
               "layer": layer, "dtype": "bfloat16", "batch": 1}
     record["matmul_ceiling_tflops"] = matmul_ceiling_tflops()
-    console.print(f"{device}: bf16 matmul ceiling {record['matmul_ceiling_tflops']:.0f} TFLOP/s")
+    record["fp8_matmul_ceiling_tflops"] = fp8_matmul_ceiling_tflops()
+    console.print(f"{device}: bf16 matmul ceiling {record['matmul_ceiling_tflops']:.0f} TFLOP/s, FP8 "
+                  f"{record['fp8_matmul_ceiling_tflops'] or 0:.0f}")
     if args.tune:
         record["indexer_configs_ms"] = tune_indexer(layer, args.tune, console)
         record["kv_outer_configs_ms"] = tune_kv_outer(layer, args.tune, console)

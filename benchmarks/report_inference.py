@@ -31,9 +31,12 @@ def load(folders: list[Path]):
         run = dict(folder=folder.name, device=record["device"], date=record["date"], commit=commit,
                    copy_gbps=record["copy_gbps"])
         runs.append(run)
-        selections = record.get("selections", "independent")
-        suite_label = "{}" if selections == "independent" else \
-            f"{{}}, overlapping selections, {record['attention_tokens']}-token tiles"
+        qualifiers = []
+        if record.get("selections", "independent") != "independent":
+            qualifiers.append(f"overlapping selections, {record['attention_tokens']}-token tiles")
+        if record.get("index_dtype", "bf16") != "bf16":
+            qualifiers.append(f"{record['index_dtype'].upper()} index keys")
+        suite_label = ", ".join(["{}", *qualifiers])
         for row in record["decode"]:
             decode[suite_label.format(row["suite"]), row["batch"], row["seqlen"]] = dict(row, run=run)
         for row in record["prefill"]:
@@ -133,7 +136,10 @@ def main() -> None:
               "memory traffic allows. Suites without a qualifier: independent random selections (the 8 tokens of "
               "a request share almost no block). `overlapping selections`: each request's 8 index queries mixed "
               "with a shared one so that they select as many distinct blocks per group as the trained model "
-              "of experiments/quality does (`benchmarks/inference.py --selections overlapping`).\n",
+              "of experiments/quality does (`benchmarks/inference.py --selections overlapping`). `FP8 index "
+              "keys`: the index-key cache in FP8 with a scale per key (`PagedKVCache(index_dtype="
+              "torch.float8_e4m3fn)`, `msa.fp8`; K and V stay bf16; `--index-dtype fp8`): the scan reads Di + 4 "
+              "bytes per key instead of 2 Di.\n",
               "![decode speed-up](decode_speedup.png)\n", *decode_table(decode),
               "\n## Production prefill (paged)\n", *prefill_lines]
     (HERE / "INFERENCE.md").write_text("\n".join(lines) + "\n")

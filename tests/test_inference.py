@@ -57,9 +57,9 @@ def schedule(lengths, chunk, decode):
     return steps
 
 
-def serve(shape, dtype, lengths, chunk, decode, seed, **attention_options):
+def serve(shape, dtype, lengths, chunk, decode, seed, index_dtype=None, **attention_options):
     """Runs the schedule through one layer; returns the full sequences and, per request, the outputs and
-    selections that the steps produced for every position."""
+    selections that the steps produced for every position, and the index keys the cache holds."""
     heads, groups, head_dim, index_dim, block_size, topk = shape
     sequences = [rand_inputs(1, n, heads, groups, head_dim, index_dim, dtype=dtype, seed=seed + r, device=DEVICE)
                  for r, n in enumerate(lengths)]
@@ -67,7 +67,7 @@ def serve(shape, dtype, lengths, chunk, decode, seed, **attention_options):
     cache = PagedKVCache(num_layers=2, num_pages=len(lengths) * pages_per_request, block_size=block_size,
                          num_kv_heads=groups, head_dim=head_dim, index_head_dim=index_dim,
                          max_requests=len(lengths) + 1, max_pages_per_request=pages_per_request, dtype=dtype,
-                         device=DEVICE)
+                         index_dtype=index_dtype, device=DEVICE)
     attention = PagedSparseAttention(cache, num_heads=heads, topk=topk, **attention_options)
     slot = [cache.add_request() for _ in lengths]
     outs = [torch.full((n, heads, head_dim), math.nan, dtype=dtype, device=DEVICE) for n in lengths]
@@ -82,7 +82,8 @@ def serve(shape, dtype, lengths, chunk, decode, seed, **attention_options):
             outs[r][done[r]:done[r] + n] = out[first:first + n]
             blocks[r][done[r]:done[r] + n] = block_indices[first:first + n]
             first, done[r] = first + n, done[r] + n
-    return sequences, outs, blocks
+    stored = [cache.index_keys(1, torch.tensor(cache.pages(slot[r]), device=DEVICE))[:n] for r, n in enumerate(lengths)]
+    return sequences, outs, blocks, stored
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -90,7 +91,7 @@ def serve(shape, dtype, lengths, chunk, decode, seed, **attention_options):
 @pytest.mark.parametrize("kv_splits", [None, 3])
 def test_chunked_prefill_and_decode_match_the_whole_sequence(backend, shape, dtype, kv_splits):
     block_size, topk = shape[4], shape[5]
-    sequences, outs, blocks = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=40, kv_splits=kv_splits)
+    sequences, outs, blocks, _ = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=40, kv_splits=kv_splits)
     for (q, k, v, index_q, index_k), out, selected in zip(sequences, outs, blocks):
         tol = 1e-4 if dtype == torch.float32 and not ON_GPU else 1e-2
         assert_selection_matches(selected[None].int(), index_q, index_k, block_size, topk, tol=tol)
@@ -111,7 +112,7 @@ def test_multi_token_attention_tiles_match_the_whole_sequence(shape, monkeypatch
     monkeypatch.setattr(kernels, "PAGED_ATTENTION_TOKENS", 8)
     poison_allocations(monkeypatch)
     block_size, dtype = shape[4], DTYPES[0]
-    sequences, outs, blocks = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=42, kv_splits=3)
+    sequences, outs, blocks, _ = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=42, kv_splits=3)
     for (q, k, v, _, _), out, selected in zip(sequences, outs, blocks):
         ref = msa.reference.sparse_attention(q.double(), k.double(), v.double(), selected[None], block_size=block_size)
         assert rel_err(out[None], ref) < BOUNDS[dtype]
@@ -120,11 +121,37 @@ def test_multi_token_attention_tiles_match_the_whole_sequence(shape, monkeypatch
 def test_long_chunks_run_in_bounded_score_parts(backend):
     """A score workspace of a few rows splits each prefill chunk into parts: same result."""
     shape, dtype = SHAPES[0], DTYPES[0]
-    _, outs, blocks = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=41)
-    _, part_outs, part_blocks = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=41, score_workspace_bytes=1)
+    _, outs, blocks, _ = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=41)
+    _, part_outs, part_blocks, _ = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=41, score_workspace_bytes=1)
     for out, part_out, selected, part_selected in zip(outs, part_outs, blocks, part_blocks):
         assert torch.equal(selected, part_selected)
         assert rel_err(part_out, out) < 1e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_fp8_index_keys_select_exactly_on_the_rounded_vectors(backend, shape):
+    """An FP8 index-key cache holds the FP8 rounding of the keys (msa.fp8); the selection is the exact one for
+    the rounded keys and queries, and the attention the exact one over that selection."""
+    block_size, topk, dtype = shape[4], shape[5], DTYPES[0]
+    sequences, outs, blocks, stored = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=43,
+                                            index_dtype=torch.float8_e4m3fn)
+    for (q, k, v, index_q, index_k), out, selected, stored_keys in zip(sequences, outs, blocks, stored):
+        assert stored_keys.dtype == torch.float32
+        assert rel_err(stored_keys, msa.fp8.rounded(index_k[0, :, 0])) < 1e-6
+        assert 0 < rel_err(stored_keys, index_k[0, :, 0]) < 0.06
+        assert_selection_matches(selected[None].int(), msa.fp8.rounded(index_q), stored_keys[None, :, None],
+                                 block_size, topk, tol=1e-4 if dtype == torch.float32 and not ON_GPU else 1e-2)
+        ref = msa.reference.sparse_attention(q.double(), k.double(), v.double(), selected[None], block_size=block_size)
+        assert rel_err(out[None], ref) < BOUNDS[dtype]
+
+
+def test_index_dtype_is_checked():
+    with pytest.raises(ValueError, match="index_dtype must be None"):
+        PagedKVCache(num_layers=1, num_pages=2, block_size=16, num_kv_heads=1, head_dim=16, index_head_dim=16,
+                     max_requests=1, dtype=torch.float32, index_dtype=torch.float16)
+    with pytest.raises(ValueError, match="index_dtype must be None"):
+        msa.select_blocks(torch.randn(1, 16, 1, 16), torch.randn(1, 16, 1, 16), block_size=16, topk=1,
+                          index_dtype=torch.bfloat16)
 
 
 def test_cache_pages_are_reused_after_free():

@@ -54,6 +54,16 @@ def test_select_blocks_kernel(shape, dtype):
     assert lse.dtype == torch.float32 and rel_err(lse, ref_lse) < BOUNDS[dtype]
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_select_blocks_kernel_fp8(shape):
+    """FP8 ranking: the exact selection of the FP8-rounded index vectors, whichever backend runs it."""
+    *_, index_q, index_k = inputs_for(shape, torch.bfloat16 if ON_GPU else torch.float16, seed=23)
+    block_size, topk = shape[6], shape[7]
+    blocks = msa.select_blocks(index_q, index_k, block_size=block_size, topk=topk, index_dtype=torch.float8_e4m3fn)
+    # products of FP8 values are exact; only the float32 sums round
+    assert_selection_matches(blocks, msa.fp8.rounded(index_q), msa.fp8.rounded(index_k), block_size, topk, tol=1e-4)
+
+
 def _reference_sparse(q, k, v, blocks, block_size, grad_out):
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     out, lse = msa.reference.sparse_attention(q64, k64, v64, blocks, block_size=block_size, return_lse=True)

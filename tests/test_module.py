@@ -133,6 +133,20 @@ def _projections(layer, x, rope):
     return caught
 
 
+def test_fp8_index_ranking_selects_on_the_rounded_index_vectors():
+    """index_dtype=float8_e4m3fn: the layer attends over the reference selection of the FP8-rounded vectors."""
+    layer = msa.MSAAttention(64, 4, 2, 16, index_head_dim=16, block_size=8, topk=2, index_dtype=torch.float8_e4m3fn)
+    x, rope = _layer_inputs(seed=3)
+    q, k, v, index_q, index_k = _projections(layer, x, rope)
+    blocks = msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=8, topk=2,
+                                         index_dtype=torch.float8_e4m3fn)
+    bf16_blocks = msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=8, topk=2)
+    assert not torch.equal(blocks.sort(-1).values, bf16_blocks.sort(-1).values)  # this case tells them apart
+    ref = msa.reference.sparse_attention(q.double(), k.double(), v.double(), blocks, block_size=8)
+    out, _ = layer(x, rope)
+    assert rel_err(out, layer.o_proj(ref.float().flatten(-2))) < 1e-5
+
+
 def test_bad_configuration_is_rejected():
     with pytest.raises(ValueError, match="mode must be one of"):
         msa.MSAAttention(64, 4, 2, index_head_dim=8, mode="fast")

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from msa.fp8 import FP8_DTYPE, rounded
+
 # Elements of one chunk's [queries, heads, keys] score tensor (2**24 floats
 # take 128 MiB in float64).
 _CHUNK_ELEMENTS = 2**24
@@ -96,31 +98,36 @@ def _top_blocks(logits: torch.Tensor, positions: torch.Tensor, block_size: int, 
     return block_indices
 
 
-def _select_blocks_one(index_q, index_k, block_size, topk, scale, return_lse):
+def _select_blocks_one(index_q, index_k, block_size, topk, scale, return_lse, fp8):
     seqlen, n_groups, _ = index_q.shape
     block_indices = torch.empty((seqlen, n_groups, topk), dtype=torch.int64, device=index_q.device)
     lse = torch.empty(seqlen, n_groups, dtype=index_q.dtype, device=index_q.device)
+    rank_q, rank_k = (rounded(x).to(x.dtype) for x in (index_q, index_k)) if fp8 else (index_q, index_k)
     for start, end in _chunks(seqlen, n_groups * seqlen):
         positions = torch.arange(start, end, device=index_q.device)
         logits = scale * torch.einsum("qgd,kd->qgk", index_q[start:end], index_k[:end, 0])
-        block_indices[start:end] = _top_blocks(logits, positions, block_size, topk)
+        rank_logits = scale * torch.einsum("qgd,kd->qgk", rank_q[start:end], rank_k[:end, 0]) if fp8 else logits
+        block_indices[start:end] = _top_blocks(rank_logits, positions, block_size, topk)
         if return_lse:
             mask = support_mask(block_indices[start:end], positions, end, block_size)
             lse[start:end] = masked_softmax(logits, mask)[1]
     return block_indices.to(torch.int32), lse
 
 
-def select_blocks(index_q, index_k, *, block_size=128, topk=16, softmax_scale=None, cu_seqlens=None, return_lse=False):
+def select_blocks(index_q, index_k, *, block_size=128, topk=16, softmax_scale=None, cu_seqlens=None, return_lse=False,
+                  index_dtype=None):
     """Index Branch: the local block plus the ``topk - 1`` best earlier blocks per (query, group).
 
     Block score = max over the block's visible keys of
-    ``softmax_scale * <index_q[i, g], index_k[t]>``. Returns int32
-    ``block_indices`` ``[..., G, topk]`` (-1 pads), and with ``return_lse`` the
-    logsumexp of the index logits over the selected visible keys ``[..., G]``.
+    ``softmax_scale * <index_q[i, g], index_k[t]>``, with both vectors rounded
+    to FP8 first (:mod:`msa.fp8`) when ``index_dtype`` is ``float8_e4m3fn``.
+    Returns int32 ``block_indices`` ``[..., G, topk]`` (-1 pads), and with
+    ``return_lse`` the logsumexp of the (unrounded) index logits over the
+    selected visible keys ``[..., G]``.
     """
     scale = index_q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     results = [
-        _select_blocks_one(iq, ik, block_size, topk, scale, return_lse)
+        _select_blocks_one(iq, ik, block_size, topk, scale, return_lse, index_dtype == FP8_DTYPE)
         for iq, ik in zip(_split(index_q, cu_seqlens), _split(index_k, cu_seqlens))
     ]
     block_indices = _join([r[0] for r in results], cu_seqlens)

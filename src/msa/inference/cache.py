@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from msa.fp8 import FP8_DTYPE, check_index_dtype, quantize_rows
+
 
 class PagedKVCache:
     """K, V and index-key pages for ``num_layers`` layers, shared by up to ``max_requests`` requests.
@@ -29,11 +31,18 @@ class PagedKVCache:
       lists the pages of request ``r`` in sequence order (unused entries 0).
 
     ``seq_lens[r]`` (host ints) counts the tokens request ``r`` holds.
+
+    ``index_dtype=torch.float8_e4m3fn`` stores the index keys in FP8 with a
+    float32 scale per key (``index_scale``: ``[num_layers, P, BS]``;
+    :mod:`msa.fp8`): the index scan then reads Di + 4 bytes per key instead
+    of 2 * Di and ranks with FP8 products, its queries rounded to FP8 too. K
+    and V keep ``dtype``.
     """
 
     def __init__(self, *, num_layers: int, num_pages: int, block_size: int, num_kv_heads: int, head_dim: int,
                  index_head_dim: int, max_requests: int, max_pages_per_request: int | None = None,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.bfloat16, index_dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu"):
         for name, value in dict(num_layers=num_layers, num_pages=num_pages, block_size=block_size,
                                 num_kv_heads=num_kv_heads, head_dim=head_dim, index_head_dim=index_head_dim,
                                 max_requests=max_requests).items():
@@ -49,7 +58,11 @@ class PagedKVCache:
         self.k = torch.zeros(*shape, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.device = self.k.device  # "cuda" resolved to "cuda:N"
         self.v = torch.zeros_like(self.k)
-        self.index_k = torch.zeros(*shape, index_head_dim, dtype=dtype, device=self.device)
+        check_index_dtype(index_dtype, dtype)
+        self.index_dtype = index_dtype or dtype
+        self.index_k = torch.zeros(*shape, index_head_dim, dtype=self.index_dtype, device=self.device)
+        self.index_scale = torch.ones(shape, dtype=torch.float32, device=self.device) \
+            if self.index_dtype == FP8_DTYPE else None
         self.page_table = torch.zeros(max_requests, self.max_pages_per_request, dtype=torch.int32, device=self.device)
         self.seq_lens = [0] * max_requests
         self._pages: list[list[int] | None] = [None] * max_requests
@@ -79,6 +92,26 @@ class PagedKVCache:
                     raise
                 return request
         raise RuntimeError(f"all {self.max_requests} request slots are in use; free one or raise max_requests")
+
+    def write_index_keys(self, layer: int, slots: torch.Tensor, index_k: torch.Tensor) -> None:
+        """Store ``index_k`` ``[T, Di]`` at the flat ``slots`` (int64 ``[T]``) of ``layer``, rounded if FP8.
+
+        The PyTorch path; the Triton one is :func:`msa.kernels.paged_append_index_keys`.
+        """
+        pool = self.index_k[layer].view(-1, self.index_head_dim)
+        if self.index_scale is None:
+            pool.index_copy_(0, slots, index_k)
+            return
+        values, scale = quantize_rows(index_k)
+        pool.view(torch.uint8).index_copy_(0, slots, values.view(torch.uint8))  # FP8 has no index_copy_
+        self.index_scale[layer].view(-1).index_copy_(0, slots, scale)
+
+    def index_keys(self, layer: int, pages: torch.Tensor) -> torch.Tensor:
+        """The index keys of ``pages`` of ``layer``, ``[n_pages * block_size, Di]``, float32 if stored in FP8."""
+        if self.index_scale is None:
+            return self.index_k[layer][pages].flatten(0, 1)
+        keys = self.index_k[layer].view(torch.uint8)[pages].view(FP8_DTYPE).flatten(0, 1)  # FP8 has no gathers
+        return keys.float() * self.index_scale[layer][pages].flatten(0, 1)[:, None]
 
     def free(self, request: int) -> None:
         """Return the request's pages to the pool and its slot to the free slots."""

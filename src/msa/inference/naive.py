@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from msa.fp8 import rounded
 from msa.ops.block_gather import compute_dtype
 from msa.reference import msa_attention_suffix
 
@@ -17,7 +18,7 @@ def _request_keys(cache, layer: int, request: int, seq_len: int):
     """The request's first ``seq_len`` keys, values and index keys, gathered from its pages."""
     pages = torch.tensor(cache.pages(request), dtype=torch.int64, device=cache.device)
     gather = lambda pool: pool[layer][pages].flatten(0, 1)[:seq_len].to(compute_dtype(pool.dtype))  # noqa: E731
-    return gather(cache.k), gather(cache.v), gather(cache.index_k)
+    return gather(cache.k), gather(cache.v), cache.index_keys(layer, pages)[:seq_len].to(compute_dtype(cache.dtype))
 
 
 def paged_attention_torch(cache, layer: int, requests, prefix_lens, q_lens, q, index_q, *, topk: int,
@@ -25,10 +26,13 @@ def paged_attention_torch(cache, layer: int, requests, prefix_lens, q_lens, q, i
     """Returns ``out`` ``[T, Hq, D]`` and int64 ``block_indices`` ``[T, G, min(topk, max_pages)]`` (-1 pads).
 
     :func:`msa.reference.msa_attention_suffix` for the queries at positions
-    ``prefix_len .. prefix_len + q_len - 1`` of each request.
+    ``prefix_len .. prefix_len + q_len - 1`` of each request (with an FP8
+    index-key cache, on the FP8-rounded index keys and queries).
     """
     width = min(topk, cache.max_pages_per_request)
     compute = compute_dtype(q.dtype)
+    if cache.index_scale is not None:
+        index_q = rounded(index_q)
     outs, selections = [], []
     first = 0
     for request, prefix_len, q_len in zip(requests, prefix_lens, q_lens):

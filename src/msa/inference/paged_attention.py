@@ -110,8 +110,7 @@ class PagedSparseAttention:
             self._buffer(name, (len(tiles), 4), torch.int32).copy_(torch.tensor(tiles, dtype=torch.int32))
         max_rows = max(tokens for _, _, _, tokens in self.chunks) * groups
         self._buffer("scores", (max_rows * cache.max_pages_per_request,), torch.float32)
-        for name, dtype in (("top_scores", torch.float32), ("block_indices", torch.int64)):
-            self._buffer(name, (first_token * groups * self.selected,), dtype)
+        self._buffer("block_indices", (first_token * groups * self.selected,), torch.int64)
         self._buffer("out", (first_token * n_heads * head_dim,), cache.dtype)
         if self.split > 1:
             self._buffer("partial_out", (first_token * n_heads * self.split * head_dim,), torch.float32)
@@ -173,6 +172,9 @@ class PagedSparseAttention:
         reason = unsupported_reason(dtype=cache.dtype, head_dim=cache.head_dim, index_dim=cache.index_head_dim,
                                     block_size=cache.block_size, topk=self.topk,
                                     heads_per_group=self.num_heads // cache.num_kv_heads)
+        if reason is None and cache.index_scale is not None and cache.device.type == "cuda" \
+                and torch.cuda.get_device_capability(cache.device) < (8, 9):
+            reason = "FP8 index keys below compute capability 8.9"
         return use_triton("inference.PagedSparseAttention", cache.device, reason)
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index_q: torch.Tensor,
@@ -211,7 +213,14 @@ class PagedSparseAttention:
         slots = self._view("slots", (total,))
         cache.k[layer].view(-1, groups, cache.head_dim).index_copy_(0, slots, k)
         cache.v[layer].view(-1, groups, cache.head_dim).index_copy_(0, slots, v)
-        cache.index_k[layer].view(-1, cache.index_head_dim).index_copy_(0, slots, index_k)
+        index_scale = None if cache.index_scale is None else cache.index_scale[layer]
+        if index_scale is not None and self.triton_path:  # FP8 index keys, rounded in one launch
+            from msa import kernels
+
+            index_pool = cache.index_k[layer].view(-1, cache.index_head_dim)
+            kernels.paged_append_index_keys(index_k.contiguous(), slots, index_pool, index_scale.view(-1))
+        else:
+            cache.write_index_keys(layer, slots, index_k)
 
         if not self.triton_path:
             out, block_indices = paged_attention_torch(cache, layer, self.requests, self.prefix_lens, self.q_lens, q,
@@ -223,19 +232,15 @@ class PagedSparseAttention:
         q, index_q = q.contiguous(), index_q.contiguous()
         scan_tiles = self._view("scan_tiles", (self.n_scan_tiles, 4))
         block_indices = self._view("block_indices", (total, groups, self.selected))
-        top_scores = self._view("top_scores", (total, groups, self.selected))
         max_pages = cache.max_pages_per_request
         for first_tile, end_tile, first_token, tokens in self.chunks:
             scores = self._view("scores", (tokens * groups, max_pages))
             kernels.paged_block_scores(index_q, cache.index_k[layer], cache.page_table,
-                                       scan_tiles[first_tile:end_tile], scores, first_token, self.scan_tokens)
-            rows = slice(first_token, first_token + tokens)
-            torch.topk(scores, self.selected, dim=-1, out=(top_scores[rows].view(-1, self.selected),
-                                                           block_indices[rows].view(-1, self.selected)))
+                                       scan_tiles[first_tile:end_tile], scores, first_token, self.scan_tokens,
+                                       index_scale)
+            kernels.top_pages(scores, block_indices[first_token:first_token + tokens].view(-1, self.selected))
         out = self._view("out", (total, n_heads, cache.head_dim))
         kernels.paged_sparse_attention(q, cache.k[layer], cache.v[layer], cache.page_table,
                                        self._view("attention_tiles", (self.n_attention_tiles, 4)), block_indices, out,
                                        self.softmax_scale, self.attention_tokens, self.split, **self.split_buffers())
-        if not return_block_indices:
-            return out
-        return out, block_indices.masked_fill(top_scores == -math.inf, -1)
+        return (out, block_indices.clone()) if return_block_indices else out

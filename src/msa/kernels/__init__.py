@@ -19,7 +19,13 @@ import triton
 from msa.kernels.block_csr import build_block_csr
 from msa.kernels.index_kl import index_kl_bwd_dk_kernel, index_kl_bwd_dq_kernel, index_kl_fwd_partial_kernel
 from msa.kernels.indexer import select_blocks_kernel, support_lse_kernel
-from msa.kernels.paged import paged_block_scores_kernel, paged_sparse_attention_kernel
+from msa.fp8 import FP8_MAX
+from msa.kernels.paged import (
+    paged_append_index_keys_kernel,
+    paged_block_scores_kernel,
+    paged_sparse_attention_kernel,
+    top_pages_kernel,
+)
 from msa.kernels.sparse_attention import (
     LOG2E,
     merge_partials_kernel,
@@ -76,11 +82,12 @@ def _query_outer_heads(q: torch.Tensor, k: torch.Tensor) -> dict:
 
 
 def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int, topk: int,
-                  config: tuple[int, int, int, int] | None = None):
+                  config: tuple[int, int, int, int] | None = None, index_k_scale=None):
     """``index_q`` ``[T, G, Di]``, ``index_k`` ``[T, 1, Di]`` -> int32 ``[T, G, topk]``.
 
     ``config``: (rows per program = queries x groups, num_warps, num_stages, keys per tile);
-    default ``INDEXER_CONFIG``.
+    default ``INDEXER_CONFIG``. FP8 rows (:mod:`msa.fp8`) come with the keys' float32
+    scales ``index_k_scale`` ``[T]``.
     """
     total, n_groups, index_dim = index_q.shape
     rows, num_warps, num_stages, keys_per_tile = config or INDEXER_CONFIG
@@ -89,10 +96,10 @@ def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int
     block_m = max(1, rows // groups_pow2)
     grid = (triton.cdiv(max(max_seqlen, 1), block_m), cu_seqlens.numel() - 1)
     select_blocks_kernel[grid](
-        index_q, index_k, cu_seqlens, block_indices,
+        index_q, index_k, index_k if index_k_scale is None else index_k_scale, cu_seqlens, block_indices,
         G=n_groups, GP=groups_pow2, DI=index_dim, BLOCK_SIZE=block_size, TOPK=topk, KP=_pow2(topk - 1),
-        BLOCK_M=block_m, BLOCK_N=max(block_size, keys_per_tile), UPCAST=INTERPRET, num_warps=num_warps,
-        num_stages=num_stages)
+        BLOCK_M=block_m, BLOCK_N=max(block_size, keys_per_tile), SCALED=index_k_scale is not None,
+        UPCAST=INTERPRET, num_warps=num_warps, num_stages=num_stages)
     return block_indices
 
 
@@ -331,10 +338,12 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
 
 # --------------------------------------------------------------------------- paged inference kernels
 
-# Index scan: pages per program, pages per matrix product, num_warps, tokens per tile (one read of a
-# request's index keys serves this many of its new tokens); attention: num_warps; at most this many
-# programs per tile and group split the attention of small batches.
-PAGED_SCAN = (16, 2, 4)
+# Index scan, bf16 / FP8 keys: (pages per program, pages per matrix product, num_warps, pipeline stages),
+# the fastest of the variants timed at 128K x 8, 200K x 8 and 200K x 32 (results/*35-scan-variants);
+# tokens per tile (one read of a request's index keys serves this many of its new tokens). Attention:
+# num_warps; at most this many programs per tile and group split the attention of small batches.
+PAGED_SCAN = (16, 2, 4, 3)
+PAGED_SCAN_FP8 = (32, 2, 8, 3)
 PAGED_SCAN_TOKENS = 16
 # Tokens per attention tile. 1: each token reads its own blocks (no wasted rows); the fastest on the
 # benchmarks' independent random selections: decode 2.0x faster than 8-token tiles (median; 0.85-3.4x,
@@ -346,19 +355,39 @@ PAGED_ATTENTION_WARPS = 4
 PAGED_MAX_SPLIT = 8
 
 
-def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset: int, tokens_per_tile: int):
+def paged_append_index_keys(index_k, slots, pool, scale_pool):
+    """Round ``index_k`` ``[T, Di]`` to the FP8 ``pool`` ``[P * block_size, Di]`` at ``slots`` (int64 ``[T]``),
+    the scales to ``scale_pool`` ``[P * block_size]``."""
+    rows = 16
+    paged_append_index_keys_kernel[(triton.cdiv(index_k.shape[0], rows),)](
+        index_k, slots, pool, scale_pool, index_k.shape[0], DI=index_k.shape[1], ROWS=rows, FP8_MAX=FP8_MAX)
+
+
+def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset: int, tokens_per_tile: int,
+                       index_scale=None):
     """Index scan of ``tiles`` into ``scores`` ``[rows, max_pages]`` (float32, rows = tokens x groups).
 
-    ``index_q`` ``[T, G, Di]``, ``index_k`` ``[P, block_size, Di]`` (one layer's pages).
+    ``index_q`` ``[T, G, Di]``, ``index_k`` ``[P, block_size, Di]`` (one layer's pages; FP8 with
+    their scales ``index_scale`` ``[P, block_size]``).
     """
     n_groups, index_dim = index_q.shape[1:]
     block_size, max_pages = index_k.shape[1], page_table.shape[1]
-    pages, pages_per_product, num_warps = PAGED_SCAN
+    pages, pages_per_product, num_warps, num_stages = PAGED_SCAN if index_scale is None else PAGED_SCAN_FP8
     groups = max(_pow2(n_groups), triton.cdiv(16, tokens_per_tile))  # tl.dot needs 16 rows
     paged_block_scores_kernel[(tiles.shape[0], triton.cdiv(max_pages, pages))](
-        index_q, index_k, page_table, tiles, scores, token_offset, G=n_groups, GP=groups, DI=index_dim,
-        BLOCK_SIZE=block_size, MAX_PAGES=max_pages, QT=tokens_per_tile, PAGES=pages, NB=pages_per_product,
+        index_q, index_k, index_k if index_scale is None else index_scale, page_table, tiles, scores, token_offset,
+        G=n_groups, GP=groups, DI=index_dim, BLOCK_SIZE=block_size, MAX_PAGES=max_pages, QT=tokens_per_tile,
+        PAGES=pages, NB=pages_per_product, STAGES=num_stages, SCALED=index_scale is not None, FP8_MAX=FP8_MAX,
         UPCAST=INTERPRET, num_warps=num_warps)
+
+
+def top_pages(scores, top_pages_out):
+    """Writes the ``k`` best pages of each row of ``scores`` ``[rows, N]`` into int64 ``top_pages_out``
+    ``[rows, k]`` (-1 for pages scored -inf). 3-5x faster than ``torch.topk`` on decode steps (results/*35)."""
+    rows, n_pages = scores.shape
+    if rows:
+        top_pages_kernel[(rows,)](scores, top_pages_out, N=n_pages, NP=_pow2(n_pages), TOPK=top_pages_out.shape[1],
+                                  num_warps=4)
 
 
 def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, out, scale: float, tokens_per_tile: int,

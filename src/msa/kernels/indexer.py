@@ -7,6 +7,8 @@ tiles up to its diagonal, max-pools each tile's logits per key block and keeps
 a running Top-(k-1) of earlier blocks per row in registers. Ranking needs no
 exponential and no softmax scale (max-pooling and Top-k are monotone). The
 local block is written last. Memory is linear in the sequence length.
+With ``SCALED`` the index vectors are FP8 rows (:mod:`msa.fp8`): FP8
+products, each key's logits multiplied by its scale.
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _score_tile(index_k, start, seqlen, tile, iq, q_pos, local, dims, top_scores, top_blocks,
+def _score_tile(index_k, index_k_scale, start, seqlen, tile, iq, q_pos, local, dims, top_scores, top_blocks,
                 CAUSAL: tl.constexpr, ROWS: tl.constexpr, KP: tl.constexpr, DI: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr, UPCAST: tl.constexpr):
     """Score one key tile, max-pool it per block and insert each block into the rows' running Top-k."""
     NB: tl.constexpr = BLOCK_N // BLOCK_SIZE
     k_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     ik = tl.load(index_k + (start + k_pos)[:, None] * DI + dims[None, :], mask=(k_pos < seqlen)[:, None], other=0.0)
     if UPCAST:
         ik = ik.to(tl.float32)
-    logits = tl.dot(iq, tl.trans(ik))  # unscaled: a positive scale changes no ranking
+    logits = tl.dot(iq, tl.trans(ik))  # no softmax scale: a positive scale changes no ranking
+    if SCALED:
+        logits *= tl.load(index_k_scale + start + k_pos, mask=k_pos < seqlen, other=1.0)[None, :]
     if CAUSAL:
         logits = tl.where(k_pos[None, :] <= q_pos[:, None], logits, float("-inf"))
     pooled = tl.max(tl.reshape(logits, (ROWS, NB, BLOCK_SIZE)), axis=2)
@@ -46,6 +50,7 @@ def _score_tile(index_k, start, seqlen, tile, iq, q_pos, local, dims, top_scores
 def select_blocks_kernel(
     index_q,  # [T, G, DI]
     index_k,  # [T, DI] (the one index-key head)
+    index_k_scale,  # float32 [T] with SCALED (FP8 keys), else unused
     cu_seqlens,  # int32 [n + 1]
     block_indices,  # int32 [T, G, TOPK], written
     G: tl.constexpr,
@@ -56,6 +61,7 @@ def select_blocks_kernel(
     KP: tl.constexpr,  # TOPK - 1 rounded up to a power of two (>= 1)
     BLOCK_M: tl.constexpr,  # queries per program; rows = BLOCK_M * GP
     BLOCK_N: tl.constexpr,  # keys per tile, a multiple of BLOCK_SIZE
+    SCALED: tl.constexpr,  # FP8 index rows, key scales in index_k_scale
     UPCAST: tl.constexpr,  # compute the dot in fp32 (the interpreter's bf16 dot is broken)
 ):
     seq = tl.program_id(1)
@@ -84,11 +90,13 @@ def select_blocks_kernel(
     # tiles whose keys every query of the program sees need no causal mask
     n_open_tiles = (first_query + 1) // BLOCK_N
     for tile in range(0, n_open_tiles):
-        top_scores, top_blocks = _score_tile(index_k, start, seqlen, tile, iq, q_pos, local, dims, top_scores,
-                                             top_blocks, False, ROWS, KP, DI, BLOCK_SIZE, BLOCK_N, UPCAST)
+        top_scores, top_blocks = _score_tile(index_k, index_k_scale, start, seqlen, tile, iq, q_pos, local, dims,
+                                             top_scores, top_blocks, False, ROWS, KP, DI, BLOCK_SIZE, BLOCK_N,
+                                             SCALED, UPCAST)
     for tile in range(n_open_tiles, last_query // BLOCK_N + 1):
-        top_scores, top_blocks = _score_tile(index_k, start, seqlen, tile, iq, q_pos, local, dims, top_scores,
-                                             top_blocks, True, ROWS, KP, DI, BLOCK_SIZE, BLOCK_N, UPCAST)
+        top_scores, top_blocks = _score_tile(index_k, index_k_scale, start, seqlen, tile, iq, q_pos, local, dims,
+                                             top_scores, top_blocks, True, ROWS, KP, DI, BLOCK_SIZE, BLOCK_N,
+                                             SCALED, UPCAST)
 
     out = block_indices + ((start + q_pos) * G + group)[:, None] * TOPK
     tl.store(out + slots[None, :], top_blocks, mask=row_ok[:, None] & (slots[None, :] < TOPK - 1))

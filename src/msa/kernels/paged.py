@@ -11,10 +11,12 @@ page ``page_table[request, b]``.
 tile's (token, group) rows against a run of pages of the index-key cache and
 writes each page's max-pooled logit (-inf for pages after a row's local block,
 +inf for the local block, which is always kept). No exponential, no softmax
-scale (it does not change the ranking): the Top-k over these scores is the
-Index Branch's selection. Splitting over pages keeps the GPU busy at any batch
-size, and the scores are ~1 byte per key read (the scan is memory-bound on
-the index keys, 2 * Di bytes per key).
+scale (it does not change the ranking): the Top-k over these scores
+(``top_pages_kernel``) is the Index Branch's selection. Splitting over pages
+keeps the GPU busy at any batch size, and the scores are ~1 byte per key read
+(the scan is memory-bound on the index keys, 2 * Di bytes per key, or Di + 4
+from an FP8 cache: ``paged_append_index_keys_kernel`` rounds the keys as
+:mod:`msa.fp8` does, and the scan rounds its queries the same way).
 
 ``paged_sparse_attention_kernel`` runs one tile x one GQA group per program:
 rows are the tile's tokens x the group's query heads, and the program walks
@@ -43,9 +45,52 @@ def _tile(tiles):
 
 
 @triton.jit
+def _nearest_e4m3(y):
+    """The float8_e4m3fn value nearest to float32 ``y`` (|y| <= 448, ties to even), as float32: the grid step
+    from y's exponent (3 mantissa bits, subnormals below 2**-6), then the 1.5 * 2**23 rounding trick. Rounded
+    here because the interpreter's conversion sends values just below a power of two to half of it."""
+    exponent = tl.maximum(((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
+    inverse_step = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)
+    magic = 12582912.0
+    return ((y * inverse_step + magic) - magic) * step
+
+
+@triton.jit
+def _fp8_rows(x, FP8_MAX: tl.constexpr):
+    """Rows of ``x`` scaled by their amax / FP8_MAX and rounded to float8_e4m3fn, as :func:`msa.fp8.quantize_rows`
+    computes them (IEEE divisions, round to nearest): returns (FP8 rows, float32 scales)."""
+    x = x.to(tl.float32)
+    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1.1754943508222875e-38), FP8_MAX)
+    return _nearest_e4m3(tl.div_rn(x, scale[:, None])).to(tl.float8e4nv), scale
+
+
+@triton.jit
+def paged_append_index_keys_kernel(
+    index_k,  # [T, DI]: the new tokens' index keys
+    slots,  # int64 [T]: their flat cache slots (page * BLOCK_SIZE + offset)
+    pool,  # float8_e4m3fn [P * BLOCK_SIZE, DI]: one layer's index-key pages, written at ``slots``
+    scale_pool,  # float32 [P * BLOCK_SIZE], written at ``slots``
+    n_tokens,
+    DI: tl.constexpr,
+    ROWS: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_tokens
+    dims = tl.arange(0, DI)
+    keys = tl.load(index_k + rows.to(tl.int64)[:, None] * DI + dims[None, :], mask=row_ok[:, None], other=0.0)
+    values, scale = _fp8_rows(keys, FP8_MAX)
+    slot = tl.load(slots + rows, mask=row_ok, other=0)
+    tl.store(pool + slot[:, None] * DI + dims[None, :], values, mask=row_ok[:, None])
+    tl.store(scale_pool + slot, scale, mask=row_ok)
+
+
+@triton.jit
 def paged_block_scores_kernel(
     index_q,  # [T, G, DI]
     index_k,  # [P, BLOCK_SIZE, DI]: one layer's index-key pages
+    index_scale,  # float32 [P, BLOCK_SIZE] with SCALED (an FP8 cache), else unused
     page_table,  # int32 [max_requests, MAX_PAGES]
     tiles,  # int32 [n_tiles, 4]
     scores,  # float32 [rows, MAX_PAGES], row = (token - token_offset) * G + group; written
@@ -58,6 +103,9 @@ def paged_block_scores_kernel(
     QT: tl.constexpr,  # tokens per tile
     PAGES: tl.constexpr,  # pages per program
     NB: tl.constexpr,  # pages per matrix product (divides PAGES)
+    STAGES: tl.constexpr,  # software-pipeline stages of the page loop
+    SCALED: tl.constexpr,  # FP8 keys with per-key scales: the queries are rounded to FP8 too (FP8 products)
+    FP8_MAX: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     request, first_token, count, first_position = _tile(tiles)
@@ -83,10 +131,12 @@ def paged_block_scores_kernel(
     dims = tl.arange(0, DI)
     iq = tl.load(index_q + ((first_token + token) * G + group)[:, None] * DI + dims[None, :], mask=row_ok[:, None],
                  other=0.0)
+    if SCALED:
+        iq, _ = _fp8_rows(iq, FP8_MAX)  # a row's own scale changes none of its rankings
     if UPCAST:
         iq = iq.to(tl.float32)
     offsets = tl.arange(0, BLOCK_SIZE)
-    for step in tl.static_range(0, PAGES, NB):
+    for step in tl.range(0, PAGES, NB, num_stages=STAGES):
         page = first_page + step + page_run
         read = page <= last_local
         physical = tl.load(page_table + request * MAX_PAGES + page, mask=read, other=0).to(tl.int64)
@@ -96,11 +146,32 @@ def paged_block_scores_kernel(
         if UPCAST:
             ik = ik.to(tl.float32)
         logits = tl.dot(iq, tl.trans(ik))
+        if SCALED:
+            logits *= tl.load(index_scale + key_rows, mask=key_read, other=1.0)[None, :]
         key_position = tl.reshape((page * BLOCK_SIZE)[:, None] + offsets[None, :], (NB * BLOCK_SIZE,))
         logits = tl.where(key_position[None, :] <= position[:, None], logits, float("-inf"))
         pooled = tl.max(tl.reshape(logits, (ROWS, NB, BLOCK_SIZE)), axis=2)
         pooled = tl.where(page[None, :] == local[:, None], float("inf"), pooled)
         tl.store(score_rows + page[None, :], pooled, mask=row_ok[:, None] & (page[None, :] < MAX_PAGES))
+
+
+@triton.jit
+def top_pages_kernel(
+    scores,  # float32 [rows, N]
+    top_pages,  # int64 [rows, TOPK], written: the TOPK highest-scoring pages of each row, -1 for -inf ones
+    N: tl.constexpr,
+    NP: tl.constexpr,  # N rounded up to a power of two
+    TOPK: tl.constexpr,
+):
+    """Top-k of one row of page scores by TOPK rounds of argmax (no sort; ties go to the lower page)."""
+    row = tl.program_id(0).to(tl.int64)
+    pages = tl.arange(0, NP)
+    row_scores = tl.load(scores + row * N + pages, mask=pages < N, other=float("-inf"))
+    for slot in tl.static_range(TOPK):
+        best = tl.max(row_scores, axis=0)
+        page = tl.min(tl.where(row_scores == best, pages, NP), axis=0)
+        tl.store(top_pages + row * TOPK + slot, tl.where(best == float("-inf"), -1, page).to(tl.int64))
+        row_scores = tl.where(pages == page, float("-inf"), row_scores)
 
 
 @triton.jit

@@ -29,12 +29,15 @@ class MSAAttention(nn.Module):
 
     ``kl_topk`` (default ``topk``) widens the KL loss's support to the top
     ``kl_topk`` blocks, so that the loss also ranks the blocks just outside
-    the selection (see :func:`msa_attention`).
+    the selection (see :func:`msa_attention`). ``index_dtype=torch.float8_e4m3fn``
+    ranks blocks with FP8 index vectors (:mod:`msa.fp8`; faster prefill at
+    long context, a selection no longer bit-comparable to the bf16 one).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None, *,
                  index_head_dim: int = 128, block_size: int = 128, topk: int = 16, mode: str = "sparse",
-                 index_rope: bool = True, bias: bool = False, kl_topk: int | None = None):
+                 index_rope: bool = True, bias: bool = False, kl_topk: int | None = None,
+                 index_dtype: torch.dtype | None = None):
         super().__init__()
         head_dim = head_dim or hidden_size // num_heads
         check_kl_topk(kl_topk, topk)
@@ -44,7 +47,7 @@ class MSAAttention(nn.Module):
             raise ValueError(f"index_rope needs an even index_head_dim <= head_dim ({head_dim}), got {index_head_dim}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.index_head_dim, self.block_size, self.topk, self.kl_topk = index_head_dim, block_size, topk, kl_topk
-        self.index_rope = index_rope
+        self.index_rope, self.index_dtype = index_rope, index_dtype
         self.set_mode(mode)
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
@@ -101,7 +104,7 @@ class MSAAttention(nn.Module):
         compute_kl_loss = self.training if compute_kl_loss is None else compute_kl_loss
         out, kl_loss, _ = msa_attention(q, k, v, index_q, index_k, mode=self.mode, block_size=self.block_size,
                                         topk=self.topk, compute_kl_loss=compute_kl_loss, kl_topk=self.kl_topk,
-                                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, index_dtype=self.index_dtype)
         return self.o_proj(out.reshape(*lead, -1)), kl_loss
 
 
@@ -111,7 +114,7 @@ def check_kl_topk(kl_topk: int | None, topk: int) -> None:
 
 
 def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk: int, compute_kl_loss: bool,
-                  kl_topk: int | None = None, cu_seqlens=None, max_seqlen=None, softmax_scale=None):
+                  kl_topk: int | None = None, cu_seqlens=None, max_seqlen=None, softmax_scale=None, index_dtype=None):
     """Both branches of an MSA layer on projected, rotated inputs (the layouts of :mod:`msa.ops`).
 
     ``mode="sparse"``: attention over the Index Branch's blocks; ``"dense"``:
@@ -121,13 +124,15 @@ def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk
     or with ``kl_topk`` > ``topk`` on the top ``kl_topk`` blocks: the teacher
     is then the Main Branch's attention as it would be over that wider
     support (the KL pass computes its normalisation), so blocks ranked just
-    below the selection get a gradient too. Returns
+    below the selection get a gradient too. ``index_dtype``: the ranking's
+    dtype (:func:`msa.select_blocks`). Returns
     ``(out, kl_loss or None, block_indices)``.
     """
     varlen = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
     def select(n_blocks):
-        return select_blocks(index_q.detach(), index_k.detach(), block_size=block_size, topk=n_blocks, **varlen)
+        return select_blocks(index_q.detach(), index_k.detach(), block_size=block_size, topk=n_blocks,
+                             index_dtype=index_dtype, **varlen)
 
     block_indices = select(topk)
     main_lse = None  # the teacher's normalisation on the selected support, when the Main Branch computed it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from msa import reference
+from msa.fp8 import FP8_DTYPE, check_index_dtype, quantize_rows
 from msa.ops.backend import unsupported_reason, use_triton
 from msa.ops.block_gather import compute_dtype
 from msa.ops.checks import check_block_size, check_int, check_like, check_scale, make_layout
@@ -21,6 +22,7 @@ def select_blocks(
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
     return_lse: bool = False,
+    index_dtype: torch.dtype | None = None,
 ):
     """Choose, per query and GQA group, the key blocks the Main Branch attends to.
 
@@ -35,6 +37,11 @@ def select_blocks(
         max_seqlen: longest sequence with ``cu_seqlens`` (read from it if None).
         return_lse: also return the logsumexp of the index logits over the
             visible keys of the selected blocks.
+        index_dtype: ``torch.float8_e4m3fn`` ranks with FP8 index vectors
+            (:mod:`msa.fp8`: per-row scales; half the bytes and twice the
+            matrix rate of bf16 on Hopper, a selection no longer bit-comparable
+            to the bf16 one); None (default) ranks in the inputs' dtype. The
+            LSE always uses the unrounded logits.
 
     Returns:
         ``block_indices``: int32 ``[B, S, G, topk]`` (``[T, G, topk]``), block
@@ -48,14 +55,23 @@ def select_blocks(
     check_block_size(block_size)
     check_int("topk", topk)
     check_scale("softmax_scale", softmax_scale)
+    check_index_dtype(index_dtype, index_q.dtype)
+    fp8 = index_dtype == FP8_DTYPE
     reason = unsupported_reason(dtype=index_q.dtype, index_dim=index_q.shape[-1], block_size=block_size, topk=topk)
+    if reason is None and fp8 and index_q.is_cuda and torch.cuda.get_device_capability(index_q.device) < (8, 9):
+        reason = "FP8 index products below compute capability 8.9"
     if use_triton("select_blocks", index_q.device, reason):
         from msa import kernels
 
         scale = index_q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
         index_q, index_k = layout.pack(index_q).contiguous(), layout.pack(index_k).contiguous()
         cu_seqlens = layout.packed_cu_seqlens
-        block_indices = kernels.select_blocks(index_q, index_k, cu_seqlens, layout.max_seqlen, block_size, topk)
+        if fp8:
+            (rank_q, _), (rank_k, k_scale) = quantize_rows(index_q), quantize_rows(index_k[:, 0])
+            block_indices = kernels.select_blocks(rank_q, rank_k, cu_seqlens, layout.max_seqlen, block_size, topk,
+                                                  index_k_scale=k_scale)
+        else:
+            block_indices = kernels.select_blocks(index_q, index_k, cu_seqlens, layout.max_seqlen, block_size, topk)
         if return_lse:
             token_starts = token_positions(cu_seqlens, layout.total_tokens)[0].int()
             lse = kernels.support_lse(index_q, index_k, block_indices, token_starts, block_size, scale)
@@ -63,7 +79,8 @@ def select_blocks(
         dtype = compute_dtype(index_q.dtype)
         result = reference.select_blocks(
             layout.pack(index_q).to(dtype), layout.pack(index_k).to(dtype), block_size=block_size, topk=topk,
-            softmax_scale=softmax_scale, cu_seqlens=layout.packed_cu_seqlens, return_lse=return_lse)
+            softmax_scale=softmax_scale, cu_seqlens=layout.packed_cu_seqlens, return_lse=return_lse,
+            index_dtype=index_dtype)
         block_indices, lse = result if return_lse else (result, None)
     if not return_lse:
         return layout.unpack(block_indices)
