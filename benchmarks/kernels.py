@@ -192,7 +192,6 @@ def bench_seqlen(c: dict, seqlen: int, warmup: int, repeats: int, with_fa2: bool
     # share of the bf16 selection's (token, group, block) entries that the FP8 selection keeps
     kept = (fp8_blocks.long()[..., :, None] == blocks.long()[..., None, :]).any(-2) & (blocks >= 0)
     row["fp8_selection_recall"] = (kept.sum() / (blocks >= 0).sum()).item()
-    del fp8_iq, fp8_ik, fp8_k_scale, fp8_blocks, kept
     for schedule in ("query", "kv"):
         t[f"sparse_fwd_{schedule}"] = time_ms(lambda: kernels.sparse_attention_fwd(
             pq, pk, pv, blocks, starts, cu, seqlen, bs, scale, schedule=schedule), warmup, repeats)
