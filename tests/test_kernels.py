@@ -60,8 +60,9 @@ def test_select_blocks_kernel_fp8(shape):
     *_, index_q, index_k = inputs_for(shape, torch.bfloat16 if ON_GPU else torch.float16, seed=23)
     block_size, topk = shape[6], shape[7]
     blocks = msa.select_blocks(index_q, index_k, block_size=block_size, topk=topk, index_dtype=torch.float8_e4m3fn)
-    # products of FP8 values are exact; only the float32 sums round
-    assert_selection_matches(blocks, msa.fp8.rounded(index_q), msa.fp8.rounded(index_k), block_size, topk, tol=1e-4)
+    # products of FP8 values are exact; the sums round in float32 (more coarsely in Hopper's FP8 MMA)
+    tol = 1e-2 if ON_GPU else 1e-4
+    assert_selection_matches(blocks, msa.fp8.rounded(index_q), msa.fp8.rounded(index_k), block_size, topk, tol=tol)
 
 
 def _reference_sparse(q, k, v, blocks, block_size, grad_out):

@@ -17,12 +17,14 @@ import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+INVERSE_FP8_MAX = float(torch.tensor(1 / FP8_MAX, dtype=torch.float32))  # 1 / 448 rounded to float32
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` ``[..., n]`` -> (``float8_e4m3fn`` rows, float32 scales ``[...]``) with ``x ~ rows * scales``."""
     x = x.float()
-    scale = x.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / FP8_MAX
+    # times the float32 reciprocal, as the kernels compute it (CUDA divides by a scalar that way, the CPU exactly)
+    scale = x.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) * INVERSE_FP8_MAX
     return (x / scale[..., None]).to(FP8_DTYPE), scale
 
 

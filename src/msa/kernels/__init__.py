@@ -19,7 +19,7 @@ import triton
 from msa.kernels.block_csr import build_block_csr
 from msa.kernels.index_kl import index_kl_bwd_dk_kernel, index_kl_bwd_dq_kernel, index_kl_fwd_partial_kernel
 from msa.kernels.indexer import select_blocks_kernel, support_lse_kernel
-from msa.fp8 import FP8_MAX
+from msa.fp8 import INVERSE_FP8_MAX
 from msa.kernels.paged import (
     paged_append_index_keys_kernel,
     paged_block_scores_kernel,
@@ -54,6 +54,7 @@ KV_OUTER_SPLIT = 8
 MERGE_ROWS = 16
 # select_blocks_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile)
 INDEXER_CONFIG = (64, 4, 3, 128)  # fastest of the configurations swept on an H100 (benchmarks/results)
+INDEXER_SKIP = True
 
 
 def _launch(kernel, grid, *args, **kwargs):
@@ -99,7 +100,7 @@ def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int
         index_q, index_k, index_k if index_k_scale is None else index_k_scale, cu_seqlens, block_indices,
         G=n_groups, GP=groups_pow2, DI=index_dim, BLOCK_SIZE=block_size, TOPK=topk, KP=_pow2(topk - 1),
         BLOCK_M=block_m, BLOCK_N=max(block_size, keys_per_tile), SCALED=index_k_scale is not None,
-        UPCAST=INTERPRET, num_warps=num_warps, num_stages=num_stages)
+        SKIP=INDEXER_SKIP, UPCAST=INTERPRET, num_warps=num_warps, num_stages=num_stages)
     return block_indices
 
 
@@ -360,7 +361,8 @@ def paged_append_index_keys(index_k, slots, pool, scale_pool):
     the scales to ``scale_pool`` ``[P * block_size]``."""
     rows = 16
     paged_append_index_keys_kernel[(triton.cdiv(index_k.shape[0], rows),)](
-        index_k, slots, pool, scale_pool, index_k.shape[0], DI=index_k.shape[1], ROWS=rows, FP8_MAX=FP8_MAX)
+        index_k, slots, pool, scale_pool, index_k.shape[0], DI=index_k.shape[1], ROWS=rows,
+        INVERSE_FP8_MAX=INVERSE_FP8_MAX)
 
 
 def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset: int, tokens_per_tile: int,
@@ -377,7 +379,8 @@ def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset
     paged_block_scores_kernel[(tiles.shape[0], triton.cdiv(max_pages, pages))](
         index_q, index_k, index_k if index_scale is None else index_scale, page_table, tiles, scores, token_offset,
         G=n_groups, GP=groups, DI=index_dim, BLOCK_SIZE=block_size, MAX_PAGES=max_pages, QT=tokens_per_tile,
-        PAGES=pages, NB=pages_per_product, STAGES=num_stages, SCALED=index_scale is not None, FP8_MAX=FP8_MAX,
+        PAGES=pages, NB=pages_per_product, STAGES=num_stages, SCALED=index_scale is not None,
+        INVERSE_FP8_MAX=INVERSE_FP8_MAX,
         UPCAST=INTERPRET, num_warps=num_warps)
 
 

@@ -57,11 +57,11 @@ def _nearest_e4m3(y):
 
 
 @triton.jit
-def _fp8_rows(x, FP8_MAX: tl.constexpr):
-    """Rows of ``x`` scaled by their amax / FP8_MAX and rounded to float8_e4m3fn, as :func:`msa.fp8.quantize_rows`
-    computes them (IEEE divisions, round to nearest): returns (FP8 rows, float32 scales)."""
+def _fp8_rows(x, INVERSE_FP8_MAX: tl.constexpr):
+    """Rows of ``x`` scaled by their amax / 448 and rounded to float8_e4m3fn, as :func:`msa.fp8.quantize_rows`
+    computes them (the same float32 operations, round to nearest): returns (FP8 rows, float32 scales)."""
     x = x.to(tl.float32)
-    scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=1), 1.1754943508222875e-38), FP8_MAX)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1.1754943508222875e-38) * INVERSE_FP8_MAX
     return _nearest_e4m3(tl.div_rn(x, scale[:, None])).to(tl.float8e4nv), scale
 
 
@@ -74,13 +74,13 @@ def paged_append_index_keys_kernel(
     n_tokens,
     DI: tl.constexpr,
     ROWS: tl.constexpr,
-    FP8_MAX: tl.constexpr,
+    INVERSE_FP8_MAX: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_tokens
     dims = tl.arange(0, DI)
     keys = tl.load(index_k + rows.to(tl.int64)[:, None] * DI + dims[None, :], mask=row_ok[:, None], other=0.0)
-    values, scale = _fp8_rows(keys, FP8_MAX)
+    values, scale = _fp8_rows(keys, INVERSE_FP8_MAX)
     slot = tl.load(slots + rows, mask=row_ok, other=0)
     tl.store(pool + slot[:, None] * DI + dims[None, :], values, mask=row_ok[:, None])
     tl.store(scale_pool + slot, scale, mask=row_ok)
@@ -105,7 +105,7 @@ def paged_block_scores_kernel(
     NB: tl.constexpr,  # pages per matrix product (divides PAGES)
     STAGES: tl.constexpr,  # software-pipeline stages of the page loop
     SCALED: tl.constexpr,  # FP8 keys with per-key scales: the queries are rounded to FP8 too (FP8 products)
-    FP8_MAX: tl.constexpr,
+    INVERSE_FP8_MAX: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     request, first_token, count, first_position = _tile(tiles)
@@ -132,7 +132,7 @@ def paged_block_scores_kernel(
     iq = tl.load(index_q + ((first_token + token) * G + group)[:, None] * DI + dims[None, :], mask=row_ok[:, None],
                  other=0.0)
     if SCALED:
-        iq, _ = _fp8_rows(iq, FP8_MAX)  # a row's own scale changes none of its rankings
+        iq, _ = _fp8_rows(iq, INVERSE_FP8_MAX)  # a row's own scale changes none of its rankings
     if UPCAST:
         iq = iq.to(tl.float32)
     offsets = tl.arange(0, BLOCK_SIZE)
