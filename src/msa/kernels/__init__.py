@@ -54,7 +54,6 @@ KV_OUTER_SPLIT = 8
 MERGE_ROWS = 16
 # select_blocks_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile)
 INDEXER_CONFIG = (64, 4, 3, 128)  # fastest of the configurations swept on an H100 (benchmarks/results)
-INDEXER_SKIP = True
 
 
 def _launch(kernel, grid, *args, **kwargs):
@@ -100,7 +99,7 @@ def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int
         index_q, index_k, index_k if index_k_scale is None else index_k_scale, cu_seqlens, block_indices,
         G=n_groups, GP=groups_pow2, DI=index_dim, BLOCK_SIZE=block_size, TOPK=topk, KP=_pow2(topk - 1),
         BLOCK_M=block_m, BLOCK_N=max(block_size, keys_per_tile), SCALED=index_k_scale is not None,
-        SKIP=INDEXER_SKIP, UPCAST=INTERPRET, num_warps=num_warps, num_stages=num_stages)
+        UPCAST=INTERPRET, num_warps=num_warps, num_stages=num_stages)
     return block_indices
 
 

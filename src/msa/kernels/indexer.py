@@ -20,7 +20,7 @@ import triton.language as tl
 @triton.jit
 def _score_tile(index_k, index_k_scale, start, seqlen, tile, iq, q_pos, local, dims, top_scores, top_blocks,
                 CAUSAL: tl.constexpr, ROWS: tl.constexpr, KP: tl.constexpr, DI: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr, SKIP: tl.constexpr,
+                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr,
                 UPCAST: tl.constexpr):
     """Score one key tile, max-pool it per block and insert each block into the rows' running Top-k."""
     NB: tl.constexpr = BLOCK_N // BLOCK_SIZE
@@ -40,17 +40,10 @@ def _score_tile(index_k, index_k_scale, start, seqlen, tile, iq, q_pos, local, d
         score = tl.max(tl.where(tl.arange(0, NB)[None, :] == b, pooled, float("-inf")), axis=1)
         score = tl.where(local == block, float("-inf"), score)  # the local block is added at the end
         weakest = tl.min(top_scores, axis=1)
-        if SKIP:
-            if tl.max((score > weakest).to(tl.int32), axis=0) > 0:
-                weakest_slot = tl.min(tl.where(top_scores == weakest[:, None], slots[None, :], KP), axis=1)
-                take = (score > weakest)[:, None] & (slots[None, :] == weakest_slot[:, None])
-                top_scores = tl.where(take, score[:, None], top_scores)
-                top_blocks = tl.where(take, block, top_blocks)
-        else:
-            weakest_slot = tl.min(tl.where(top_scores == weakest[:, None], slots[None, :], KP), axis=1)
-            take = (score > weakest)[:, None] & (slots[None, :] == weakest_slot[:, None])
-            top_scores = tl.where(take, score[:, None], top_scores)
-            top_blocks = tl.where(take, block, top_blocks)
+        weakest_slot = tl.min(tl.where(top_scores == weakest[:, None], slots[None, :], KP), axis=1)
+        take = (score > weakest)[:, None] & (slots[None, :] == weakest_slot[:, None])
+        top_scores = tl.where(take, score[:, None], top_scores)
+        top_blocks = tl.where(take, block, top_blocks)
     return top_scores, top_blocks
 
 
@@ -70,7 +63,6 @@ def select_blocks_kernel(
     BLOCK_M: tl.constexpr,  # queries per program; rows = BLOCK_M * GP
     BLOCK_N: tl.constexpr,  # keys per tile, a multiple of BLOCK_SIZE
     SCALED: tl.constexpr,  # FP8 index rows, key scales in index_k_scale
-    SKIP: tl.constexpr,
     UPCAST: tl.constexpr,  # compute the dot in fp32 (the interpreter's bf16 dot is broken)
 ):
     seq = tl.program_id(1)
@@ -101,11 +93,11 @@ def select_blocks_kernel(
     for tile in range(0, n_open_tiles):
         top_scores, top_blocks = _score_tile(index_k, index_k_scale, start, seqlen, tile, iq, q_pos, local, dims,
                                              top_scores, top_blocks, False, ROWS, KP, DI, BLOCK_SIZE, BLOCK_N,
-                                             SCALED, SKIP, UPCAST)
+                                             SCALED, UPCAST)
     for tile in range(n_open_tiles, last_query // BLOCK_N + 1):
         top_scores, top_blocks = _score_tile(index_k, index_k_scale, start, seqlen, tile, iq, q_pos, local, dims,
                                              top_scores, top_blocks, True, ROWS, KP, DI, BLOCK_SIZE, BLOCK_N,
-                                             SCALED, SKIP, UPCAST)
+                                             SCALED, UPCAST)
 
     out = block_indices + ((start + q_pos) * G + group)[:, None] * TOPK
     tl.store(out + slots[None, :], top_blocks, mask=row_ok[:, None] & (slots[None, :] < TOPK - 1))
