@@ -20,8 +20,7 @@ import triton.language as tl
 @triton.jit
 def _score_tile(index_k, index_k_scale, start, seqlen, tile, iq, q_pos, local, dims, top_scores, top_blocks,
                 CAUSAL: tl.constexpr, ROWS: tl.constexpr, KP: tl.constexpr, DI: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr,
-                UPCAST: tl.constexpr):
+                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SCALED: tl.constexpr, UPCAST: tl.constexpr):
     """Score one key tile, max-pool it per block and insert each block into the rows' running Top-k."""
     NB: tl.constexpr = BLOCK_N // BLOCK_SIZE
     k_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
