@@ -201,10 +201,10 @@ def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_uni
     groups, selected = c["groups"], attention.selected
     scores = attention._view("scores", (tokens * groups, cache.max_pages_per_request))
     block_indices = attention._view("block_indices", (tokens, groups, selected))
-    index_scale = (lambda layer: None) if cache.index_scale is None else (lambda layer: cache.index_scale[layer])
+    scales = cache.index_scale  # None for a bf16 index-key cache
     scan_ms = graph_ms(lambda i: kernels.paged_block_scores(
         index_q, cache.index_k[i % layers], cache.page_table, scan_tiles, scores, first_token, attention.scan_tokens,
-        index_scale(i % layers)), 2 * layers)
+        None if scales is None else scales[i % layers]), 2 * layers)
     topk_ms = graph_ms(lambda i: kernels.top_pages(scores, block_indices.view(-1, selected)), 2 * layers)
     out = attention._view("out", (batch * q_len, c["heads"], c["head_dim"]))
     attention_tiles = attention._view("attention_tiles", (attention.n_attention_tiles, 4))

@@ -171,10 +171,8 @@ class PagedSparseAttention:
         cache = self.cache
         reason = unsupported_reason(dtype=cache.dtype, head_dim=cache.head_dim, index_dim=cache.index_head_dim,
                                     block_size=cache.block_size, topk=self.topk,
-                                    heads_per_group=self.num_heads // cache.num_kv_heads)
-        if reason is None and cache.index_scale is not None and cache.device.type == "cuda" \
-                and torch.cuda.get_device_capability(cache.device) < (8, 9):
-            reason = "FP8 index keys below compute capability 8.9"
+                                    heads_per_group=self.num_heads // cache.num_kv_heads,
+                                    fp8_device=None if cache.index_scale is None else cache.device)
         return use_triton("inference.PagedSparseAttention", cache.device, reason)
 
     def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index_q: torch.Tensor,

@@ -24,8 +24,12 @@ def _pow2_between(value: int, low: int, high: int) -> bool:
 
 
 def unsupported_reason(*, dtype: torch.dtype, head_dim: int | None = None, index_dim: int | None = None,
-                       block_size: int, topk: int, heads_per_group: int | None = None) -> str | None:
-    """Why the Triton kernels cannot take this shape, or None if they can."""
+                       block_size: int, topk: int, heads_per_group: int | None = None,
+                       fp8_device: torch.device | None = None) -> str | None:
+    """Why the Triton kernels cannot take this shape, or None if they can.
+
+    ``fp8_device``: the device of a call that ranks with FP8 index products (:mod:`msa.fp8`).
+    """
     widest = max(head_dim or 0, index_dim or 0)
     if dtype == torch.float32 and widest * block_size >= 128 * 128:
         return f"float32 tiles of {block_size} x {widest} (shared memory; use bf16/fp16 or smaller blocks)"
@@ -39,6 +43,8 @@ def unsupported_reason(*, dtype: torch.dtype, head_dim: int | None = None, index
         return f"topk {topk} (kernels take at most 64)"
     if heads_per_group is not None and heads_per_group > 64:
         return f"{heads_per_group} query heads per group (kernels take at most 64)"
+    if fp8_device is not None and fp8_device.type == "cuda" and torch.cuda.get_device_capability(fp8_device) < (8, 9):
+        return "FP8 index products below compute capability 8.9"
     return None
 
 

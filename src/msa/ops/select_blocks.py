@@ -57,9 +57,8 @@ def select_blocks(
     check_scale("softmax_scale", softmax_scale)
     check_index_dtype(index_dtype, index_q.dtype)
     fp8 = index_dtype == FP8_DTYPE
-    reason = unsupported_reason(dtype=index_q.dtype, index_dim=index_q.shape[-1], block_size=block_size, topk=topk)
-    if reason is None and fp8 and index_q.is_cuda and torch.cuda.get_device_capability(index_q.device) < (8, 9):
-        reason = "FP8 index products below compute capability 8.9"
+    reason = unsupported_reason(dtype=index_q.dtype, index_dim=index_q.shape[-1], block_size=block_size, topk=topk,
+                                fp8_device=index_q.device if fp8 else None)
     if use_triton("select_blocks", index_q.device, reason):
         from msa import kernels
 
