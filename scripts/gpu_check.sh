@@ -3,8 +3,9 @@
 #     OUT=/some/dir SEQLENS=8192,32768,131072 INFERENCE=1 bash scripts/gpu_check.sh
 # Runs the test suite on the GPU (TESTS, default all: the kernel tests then run compiled, in
 # bf16/fp16/fp32), then the kernel benchmark (SEQLENS=none skips it) and, with INFERENCE=1,
-# `msa generate` and the inference benchmark (PARTS of benchmarks/inference.py, more options in
-# INFERENCE_ARGS, e.g. "--index-dtype fp8 --selections overlapping"). Logs and JSON land under $OUT.
+# `msa generate` (bf16 and FP8 index keys) and the inference benchmark (PARTS of
+# benchmarks/inference.py, more options in INFERENCE_ARGS, e.g. "--index-dtype fp8 --selections
+# overlapping"). Logs and JSON land under $OUT.
 # Test wheels carried in .whl are installed when the machine's Python lacks pytest, hypothesis, rich or
 # transformers (.whl/hf). The machine's copy of the
 # tree has no .git: pass MSA_COMMIT=<commit> so that the results name the commit they measured.
@@ -24,6 +25,7 @@ if [ "${SEQLENS:-}" != "none" ]; then
 fi
 if [ "${INFERENCE:-0}" = "1" ]; then
     python3 -m msa generate --json "$OUT/generate.json" 2>&1 | tee "$OUT/generate.log"
+    python3 -m msa generate --fp8-index --json "$OUT/generate_fp8.json" 2>&1 | tee "$OUT/generate_fp8.log"
     python3 benchmarks/inference.py --out "$OUT" --parts "${PARTS:-decode,low_latency,long,prefill}" \
         ${PREFILL_CASES:+--prefill-cases "$PREFILL_CASES"} ${INFERENCE_ARGS:-} 2>&1 | tee "$OUT/inference.log"
 fi

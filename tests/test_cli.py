@@ -32,19 +32,24 @@ def test_bench_rejects_unknown_dtype():
         main(["bench", "--dtype", "int8"])
 
 
-def test_generate_matches_the_recompute(tmp_path, capsys):
+@pytest.mark.parametrize("options", [[], ["--fp8-index"]])
+def test_generate_matches_the_recompute(tmp_path, capsys, options):
     path = tmp_path / "generate.json"
     assert main(["generate", "--prompt-len", "300", "--new-tokens", "3", "--chunk-size", "128", "--dtype", "float32",
-                 "--json", str(path)]) == 0
+                 "--json", str(path), *options]) == 0
     record = json.loads(path.read_text())
+    assert record["model"]["index_dtype"] == ("float8_e4m3fn" if options else None)
     assert record["logits_rel_err"] < 1e-4 and len(record["tokens"]) == 3
     assert "msa generate" in capsys.readouterr().out
 
 
-def test_train_runs_the_recipe_and_saves_the_model(tmp_path):
+@pytest.mark.parametrize("options", [[], ["--fp8-index"]])
+def test_train_runs_the_recipe_and_saves_the_model(tmp_path, options):
     out = tmp_path / "run"
     assert main(["train", "--steps", "4", "--warmup-steps", "2", "--eval-every", "2", "--seq-len", "128",
-                 "--batch-size", "2", "--out", str(out)]) == 0
+                 "--batch-size", "2", "--out", str(out), *options]) == 0
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["index_dtype"] == ("float8_e4m3fn" if options else None)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["phase"] for r in log] == ["warmup", "sparse"] and all(r["val_loss"] > 0 for r in log)
     assert (out / "model" / "model.pt").exists() and (out / "checkpoint.pt").exists()

@@ -56,8 +56,10 @@ def test_kl_loss_trains_only_the_index_branch_and_lm_loss_never_does():
     assert all(g is None for g in lm_grads)
 
 
-def test_generate_with_the_kv_cache_matches_a_full_recompute():
-    model = hf.convert(small_model(), block_size=16, topk=2)
+@pytest.mark.parametrize("index_dtype", [None, torch.float8_e4m3fn])
+def test_generate_with_the_kv_cache_matches_a_full_recompute(index_dtype):
+    """Also with FP8 index ranking: generation ranks on the same rounded vectors as the full pass."""
+    model = hf.convert(small_model(), block_size=16, topk=2, index_dtype=index_dtype)
     ids = torch.randint(0, 64, (1, 70), device=DEVICE)
     full = model(ids).logits
     cache = transformers.DynamicCache(config=model.config)
@@ -71,11 +73,13 @@ def test_generate_with_the_kv_cache_matches_a_full_recompute():
 
 
 def test_save_pretrained_round_trip(tmp_path):
-    model = hf.convert(small_model(), block_size=16, topk=2, layers=[0], init_from_attention=False, kl_topk=3)
+    model = hf.convert(small_model(), block_size=16, topk=2, layers=[0], init_from_attention=False, kl_topk=3,
+                       index_dtype=torch.float8_e4m3fn)
     ids = torch.randint(0, 64, (1, 60), device=DEVICE)
     model.save_pretrained(tmp_path)
     loaded = hf.from_pretrained(tmp_path).to(DEVICE).eval()
     assert loaded.config.msa["layers"] == [0] and [b.kl_topk for b in hf.msa_layers(loaded)] == [3]
+    assert [b.index_dtype for b in hf.msa_layers(loaded)] == [torch.float8_e4m3fn]
     assert torch.equal(loaded(ids).logits, model(ids).logits)
     with pytest.raises(ValueError, match="no MSA model"):
         small_model().save_pretrained(tmp_path / "dense") or hf.from_pretrained(tmp_path / "dense")
@@ -102,5 +106,7 @@ def test_bad_input_gets_clear_errors():
         hf.convert(small_model(), layers=[5])
     with pytest.raises(ValueError, match="kl_topk must be"):
         hf.convert(small_model(), topk=4, kl_topk=2)
+    with pytest.raises(ValueError, match="index_dtype must be None"):
+        hf.convert(small_model(), index_dtype=torch.float16)
     with pytest.raises(TypeError, match="decoder layers"):
         hf.convert(torch.nn.Linear(2, 2))

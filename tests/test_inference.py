@@ -152,6 +152,8 @@ def test_index_dtype_is_checked():
     with pytest.raises(ValueError, match="index_dtype must be None"):
         msa.select_blocks(torch.randn(1, 16, 1, 16), torch.randn(1, 16, 1, 16), block_size=16, topk=1,
                           index_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="index_dtype must be None or 'float8_e4m3fn'"):
+        MSAConfig(index_dtype="int8")
 
 
 def test_cache_pages_are_reused_after_free():
@@ -256,15 +258,18 @@ def test_decode_step_replays_as_a_cuda_graph():
     assert torch.equal(replayed, eager)
 
 
+@pytest.mark.parametrize("index_dtype", [None, "float8_e4m3fn"])
 @pytest.mark.parametrize("backend_name", ["torch", "triton"])
-def test_generator_logits_match_a_full_recompute(backend_name, monkeypatch):
+def test_generator_logits_match_a_full_recompute(backend_name, index_dtype, monkeypatch):
+    """Also with FP8 index ranking: the cache's FP8 index keys rank as the model's own FP8 selection does."""
     monkeypatch.setenv("MSA_BACKEND", backend_name)
     config = MSAConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                       intermediate_size=128, index_head_dim=16, block_size=16, topk=3)
+                       intermediate_size=128, index_head_dim=16, block_size=16, topk=3, index_dtype=index_dtype)
     torch.manual_seed(0)
     model = MSATransformer(config).to(DEVICE).eval()
     prompt = torch.randint(0, config.vocab_size, (150,)).tolist()
     generator = Generator(model, max_seq_len=200, chunk_size=64)
+    assert generator.cache.index_k.dtype == (torch.float8_e4m3fn if index_dtype else torch.float32)
     tokens, logits = generator.generate(prompt, max_new_tokens=6)
     assert generator.cache.free_pages == generator.cache.k.shape[1]  # the request's pages went back
     with torch.no_grad():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
+FP8_NAME = "float8_e4m3fn"  # its name in configs saved as JSON
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 INVERSE_FP8_MAX = float(torch.tensor(1 / FP8_MAX, dtype=torch.float32))  # 1 / 448 rounded to float32
 
@@ -39,3 +40,10 @@ def check_index_dtype(index_dtype: torch.dtype | None, dtype: torch.dtype) -> No
     if index_dtype not in (None, dtype, FP8_DTYPE):
         raise ValueError(f"index_dtype must be None, the index inputs' dtype ({dtype}) or {FP8_DTYPE}, "
                          f"got {index_dtype}")
+
+
+def index_dtype_from_name(name: str | None) -> torch.dtype | None:
+    """A config's ``index_dtype`` entry (None or :data:`FP8_NAME`) as a torch dtype."""
+    if name not in (None, FP8_NAME):
+        raise ValueError(f"index_dtype must be None or {FP8_NAME!r}, got {name!r}")
+    return None if name is None else FP8_DTYPE

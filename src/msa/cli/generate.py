@@ -10,6 +10,7 @@ cached logits are from it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from rich.table import Table
 
 from msa.cli.bench import DTYPES
 from msa.inference.generate import Generator
+from msa.fp8 import FP8_NAME
 from msa.nn import MSAConfig, MSATransformer
 
 CPU_DEFAULTS = dict(prompt_len=2000, chunk_size=512, dtype="float32",
@@ -39,6 +41,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--chunk-size", type=int, default=None, help="prefill chunk (tokens)")
     parser.add_argument("--no-cuda-graphs", action="store_true", help="decode without CUDA graphs")
+    parser.add_argument("--fp8-index", action="store_true",
+                        help="rank blocks with FP8 index vectors and keep the cache's index keys in FP8 (msa.fp8)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     parser.set_defaults(run=run)
@@ -54,7 +58,7 @@ def run(args) -> int:
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     dtype = DTYPES[args.dtype or defaults["dtype"]]
     prompt_len, chunk_size = args.prompt_len or defaults["prompt_len"], args.chunk_size or defaults["chunk_size"]
-    config = defaults["model"]
+    config = dataclasses.replace(defaults["model"], index_dtype=FP8_NAME if args.fp8_index else None)
     torch.manual_seed(args.seed)
     model = MSATransformer(config).to(device=device, dtype=dtype).eval()
     prompt = torch.randint(0, config.vocab_size, (prompt_len,)).tolist()
@@ -96,7 +100,8 @@ def run(args) -> int:
               "new_tokens": args.new_tokens, "chunk_size": chunk_size, "cuda_graphs": generator.cuda_graphs,
               "prefill_s": prefill_s, "decode_ms_per_token": decode_ms, "logits_rel_err": rel_err,
               "same_argmax": same_argmax, "tokens": tokens}
-    table = Table(title=f"msa generate ({result['device']}, {result['dtype']}, {config.num_layers} layers, "
+    index = ", FP8 index" if args.fp8_index else ""
+    table = Table(title=f"msa generate ({result['device']}, {result['dtype']}{index}, {config.num_layers} layers, "
                         f"block {config.block_size} x topk {config.topk})")
     for column in ("prompt", "prefill s", "decode ms/token", "logits rel err vs recompute", "same argmax"):
         table.add_column(column, justify="right")

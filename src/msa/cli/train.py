@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 import msa
+from msa.fp8 import FP8_DTYPE, FP8_NAME
 from msa.nn import MSAConfig, MSATransformer
 from msa.training import RecipeConfig, Trainer
 from msa.training.data import VOCAB_SIZE, ByteBatches, load_bytes
@@ -41,6 +42,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--topk", type=int, default=4)
     parser.add_argument("--kl-topk", type=int, default=None,
                         help="the KL loss's support: the top KL_TOPK blocks (default: the selected ones)")
+    parser.add_argument("--fp8-index", action="store_true", help="rank blocks with FP8 index vectors (msa.fp8)")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--needle-rate", type=float, default=0.0, help="fraction of sequences with retrieval needles")
@@ -64,7 +66,7 @@ def _new_model(args, device) -> torch.nn.Module:
         config = MSAConfig(vocab_size=VOCAB_SIZE, hidden_size=args.hidden, num_layers=args.layers,
                            num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=head_dim,
                            intermediate_size=3 * args.hidden, index_head_dim=head_dim, block_size=args.block_size,
-                           topk=args.topk, kl_topk=args.kl_topk)
+                           topk=args.topk, kl_topk=args.kl_topk, index_dtype=FP8_NAME if args.fp8_index else None)
         return MSATransformer(config).to(device)
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -90,7 +92,8 @@ def run(args) -> int:
     if not isinstance(model, MSATransformer) and not args.dense:
         from msa.integrations import hf
 
-        hf.convert(model, block_size=args.block_size, topk=args.topk, kl_topk=args.kl_topk)
+        hf.convert(model, block_size=args.block_size, topk=args.topk, kl_topk=args.kl_topk,
+                   index_dtype=FP8_DTYPE if args.fp8_index else None)
     recipe = RecipeConfig(**{f.name: getattr(args, f.name) for f in fields(RecipeConfig) if hasattr(args, f.name)})
     if args.dense:
         recipe.warmup_steps = 0

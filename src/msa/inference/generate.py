@@ -33,7 +33,8 @@ class Generator:
                                   block_size=config.block_size, num_kv_heads=config.num_kv_heads,
                                   head_dim=config.head_dim, index_head_dim=config.index_head_dim,
                                   max_requests=max_requests, max_pages_per_request=pages_per_request,
-                                  dtype=parameter.dtype, device=parameter.device)
+                                  dtype=parameter.dtype, index_dtype=config.index_torch_dtype,
+                                  device=parameter.device)
         self.attention = PagedSparseAttention(self.cache, num_heads=config.num_heads, topk=config.topk)
         capturable = parameter.is_cuda and self.attention.uses_kernels()
         if cuda_graphs and not capturable:

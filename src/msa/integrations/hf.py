@@ -32,6 +32,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
+from msa.fp8 import FP8_DTYPE, FP8_NAME, index_dtype_from_name, rounded
 from msa.nn.attention import MODES, check_kl_topk, msa_attention
 from msa.nn.rotary import apply_rotary
 from msa.ops.block_gather import compute_dtype
@@ -44,11 +45,12 @@ class IndexBranch(nn.Module):
     """The Index Branch of one layer: one index-query head per KV group, one shared index-key head."""
 
     def __init__(self, hidden_size: int, num_kv_heads: int, index_head_dim: int, *, block_size: int, topk: int,
-                 mode: str, index_rope: bool, kl_topk: int | None = None):
+                 mode: str, index_rope: bool, kl_topk: int | None = None, index_dtype: torch.dtype | None = None):
         super().__init__()
         self.num_kv_heads, self.index_head_dim = num_kv_heads, index_head_dim
         self.block_size, self.topk, self.mode, self.index_rope = block_size, topk, mode, index_rope
         self.kl_topk = kl_topk  # the KL loss's support: the top kl_topk blocks (None: the selection)
+        self.index_dtype = index_dtype  # the ranking's dtype (msa.select_blocks)
         self.index_q_proj = nn.Linear(hidden_size, num_kv_heads * index_head_dim, bias=False)
         self.index_k_proj = nn.Linear(hidden_size, index_head_dim, bias=False)
         self.compute_kl_loss: bool | None = None  # None: while training
@@ -101,7 +103,8 @@ def _project_before_attention(module, args, kwargs):
 
 def convert(model: nn.Module, *, block_size: int = 128, topk: int = 16, index_head_dim: int | None = None,
             layers: list[int] | None = None, mode: str = "sparse", index_rope: bool = True,
-            init_from_attention: bool = True, kl_topk: int | None = None) -> nn.Module:
+            init_from_attention: bool = True, kl_topk: int | None = None,
+            index_dtype: torch.dtype | None = None) -> nn.Module:
     """Make ``model``'s attention layers (all, or the indices in ``layers``) MSA, in place; returns the model.
 
     ``index_head_dim`` defaults to the model's head dim. With
@@ -111,10 +114,14 @@ def convert(model: nn.Module, *, block_size: int = 128, topk: int = 16, index_he
     key projections; otherwise it starts random. Run the indexer warm-up
     (``set_mode(model, "dense")`` and the KL loss alone) before sparse training.
     ``kl_topk``: the KL loss's support (see :func:`msa.nn.attention.msa_attention`).
+    ``index_dtype=torch.float8_e4m3fn``: rank blocks with FP8 index vectors
+    (:mod:`msa.fp8`), in training, prefill and generation alike.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     check_kl_topk(kl_topk, topk)
+    if index_dtype not in (None, FP8_DTYPE):
+        raise ValueError(f"index_dtype must be None or {FP8_DTYPE}, got {index_dtype}")
     modules = _attention_modules(model)
     config = model.config
     chosen = list(range(len(modules))) if layers is None else sorted(set(layers))
@@ -129,7 +136,8 @@ def convert(model: nn.Module, *, block_size: int = 128, topk: int = 16, index_he
         if _index_branch(module) is not None:
             raise ValueError(f"layer {i} is already MSA")
         branch = IndexBranch(config.hidden_size, n_kv, index_head_dim, block_size=block_size, topk=topk, mode=mode,
-                             index_rope=index_rope, kl_topk=kl_topk).to(device=parameter.device, dtype=parameter.dtype)
+                             index_rope=index_rope, kl_topk=kl_topk, index_dtype=index_dtype)
+        branch.to(device=parameter.device, dtype=parameter.dtype)
         if init_from_attention and index_head_dim == head_dim:
             with torch.no_grad():
                 q_weight = module.q_proj.weight.view(n_kv, n_heads // n_kv, head_dim, -1).mean(1)
@@ -138,7 +146,8 @@ def convert(model: nn.Module, *, block_size: int = 128, topk: int = 16, index_he
         module.msa_index = branch
         module.register_forward_pre_hook(_project_before_attention, with_kwargs=True)
     config.msa = dict(block_size=block_size, topk=topk, index_head_dim=index_head_dim, layers=chosen, mode=mode,
-                      index_rope=index_rope, kl_topk=kl_topk)
+                      index_rope=index_rope, kl_topk=kl_topk,
+                      index_dtype=None if index_dtype is None else FP8_NAME)
     model.set_attn_implementation(ATTENTION)
     return model
 
@@ -179,6 +188,7 @@ def from_pretrained(path, **kwargs) -> nn.Module:
         raise ValueError(f"{path} holds no MSA model (its config has no 'msa' entry); use convert() on it")
     convert(model, **{k: settings[k] for k in ("block_size", "topk", "index_head_dim", "layers", "mode",
                                                "index_rope")}, kl_topk=settings.get("kl_topk"),
+            index_dtype=index_dtype_from_name(settings.get("index_dtype")),
             init_from_attention=False)
     device = str(next(model.parameters()).device)
     index_state = {name: tensor for file in sorted(Path(path).glob("*.safetensors"))
@@ -215,9 +225,11 @@ def msa_attention_forward(module, query, key, value, attention_mask, dropout: fl
         compute_kl = module.training if branch.compute_kl_loss is None else branch.compute_kl_loss
         out, branch.kl_loss, block_indices = msa_attention(
             q, k, v, index_q, index_k, mode=branch.mode, block_size=branch.block_size, topk=branch.topk,
-            compute_kl_loss=compute_kl, kl_topk=branch.kl_topk, softmax_scale=scaling)
+            compute_kl_loss=compute_kl, kl_topk=branch.kl_topk, softmax_scale=scaling, index_dtype=branch.index_dtype)
     else:  # queries after a cached prefix (generation): the exact PyTorch definition, one sequence at a time
         compute = compute_dtype(q.dtype)
+        if branch.index_dtype == FP8_DTYPE:  # the FP8 ranking of msa.select_blocks: on the rounded vectors
+            index_q, index_k = rounded(index_q), rounded(index_k)
         results = [msa_attention_suffix(*(x.to(compute) for x in (q[b], k[b], v[b], index_q[b], index_k[b, :, 0])),
                                         block_size=branch.block_size, topk=branch.topk, softmax_scale=scaling)
                    for b in range(q.shape[0])]

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from msa.fp8 import index_dtype_from_name
 from msa.nn.attention import MSAAttention
 from msa.nn.rotary import RotaryEmbedding
 from msa.varlen import token_positions
@@ -33,6 +34,14 @@ class MSAConfig:
     kl_topk: int | None = None  # the KL loss's support (None: the selection); see MSAAttention
     rope_theta: float = 10000.0
     mode: str = "sparse"
+    index_dtype: str | None = None  # "float8_e4m3fn": FP8 index ranking (msa.fp8) in training, prefill and cache
+
+    def __post_init__(self):
+        index_dtype_from_name(self.index_dtype)  # validates
+
+    @property
+    def index_torch_dtype(self) -> torch.dtype | None:
+        return index_dtype_from_name(self.index_dtype)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,7 +53,8 @@ class _Block(nn.Module):
         self.attention_norm = nn.RMSNorm(config.hidden_size, eps=1e-6)
         self.attention = MSAAttention(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
                                       index_head_dim=config.index_head_dim, block_size=config.block_size,
-                                      topk=config.topk, mode=config.mode, kl_topk=config.kl_topk)
+                                      topk=config.topk, mode=config.mode, kl_topk=config.kl_topk,
+                                      index_dtype=config.index_torch_dtype)
         self.mlp_norm = nn.RMSNorm(config.hidden_size, eps=1e-6)
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
