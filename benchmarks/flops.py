@@ -13,9 +13,10 @@ def kernel_flops(layer: dict, seqlen: int, attended: float) -> dict:
     heads, groups, dim, index_dim = layer["heads"], layer["groups"], layer["head_dim"], layer["index_dim"]
     attention = 2 * heads * dim * attended  # one heads x dim product per attended pair
     student = 2 * groups * index_dim * attended
+    indexer = 2 * groups * index_dim * seqlen * (seqlen + 1) / 2  # every causal pair, every group
     return {
-        "indexer": 2 * groups * index_dim * seqlen * (seqlen + 1) / 2,  # every causal pair, every group
-        "indexer_fp8": 2 * groups * index_dim * seqlen * (seqlen + 1) / 2,  # the same products in FP8
+        **{name: indexer for name in ("indexer", "indexer_one_pass", "indexer_two_phase")},
+        **{name: indexer for name in ("indexer_fp8", "indexer_fp8_one_pass", "indexer_fp8_two_phase")},  # in FP8
         "sparse_fwd_query": 2 * attention,  # QK and PV
         "sparse_fwd_kv": 2 * attention,
         "sparse_bwd": 5 * attention,  # QK, P^T dO, dO V^T, dS^T Q, dS K

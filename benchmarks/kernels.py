@@ -60,23 +60,26 @@ def fp8_matmul_ceiling_tflops() -> float | None:
 
 
 def tune_indexer(c: dict, seqlen: int, console) -> dict:
-    """Time select_blocks_kernel configurations on the layer; returns ms per config."""
+    """Time the indexer's configurations, both schedules, on the layer; returns ms per schedule and config."""
     index_q = torch.randn(seqlen, c["groups"], c["index_dim"], device="cuda", dtype=torch.bfloat16)
     index_k = torch.randn(seqlen, 1, c["index_dim"], device="cuda", dtype=torch.bfloat16)
     cu = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
     results = {}
-    for rows, warps, stages, keys in [(64, 4, 3, 128), (64, 4, 2, 128), (64, 4, 4, 128), (64, 8, 3, 128),
-                                      (32, 4, 3, 128), (128, 4, 3, 128), (128, 8, 4, 128), (128, 8, 3, 128),
-                                      (64, 4, 3, 256), (64, 4, 2, 256), (128, 8, 3, 256), (128, 8, 2, 256),
-                                      (128, 4, 2, 256), (64, 8, 2, 256)]:
-        config = (rows, warps, stages, keys)
-        try:
-            results[str(config)] = time_ms(lambda: kernels.select_blocks(
-                index_q, index_k, cu, seqlen, c["block_size"], c["topk"], config), 2, 5)
-        except Exception as error:  # e.g. out of shared memory or registers
-            results[str(config)] = str(error).splitlines()[0][:100]
+    for two_phase in (False, True):
+        for rows, warps, stages, keys in [(64, 4, 3, 128), (64, 4, 2, 128), (64, 4, 4, 128), (64, 8, 3, 128),
+                                          (32, 4, 3, 128), (128, 4, 3, 128), (128, 8, 4, 128), (128, 8, 3, 128),
+                                          (64, 4, 3, 256), (64, 4, 2, 256), (128, 8, 3, 256), (128, 8, 2, 256),
+                                          (128, 4, 2, 256), (64, 8, 2, 256), (256, 8, 3, 128)]:
+            config = (rows, warps, stages, keys)
+            name = f"{'two-phase' if two_phase else 'one-pass'} {config}"
+            try:
+                results[name] = time_ms(lambda: kernels.select_blocks(
+                    index_q, index_k, cu, seqlen, c["block_size"], c["topk"], config, two_phase=two_phase), 2, 5)
+            except Exception as error:  # e.g. out of shared memory or registers
+                results[name] = str(error).splitlines()[0][:100]
     best = min((v, k) for k, v in results.items() if isinstance(v, float))
-    console.print(f"indexer configs at S={seqlen}: best {best[1]} {best[0]:.2f} ms (default {kernels.INDEXER_CONFIG})")
+    console.print(f"indexer configs at S={seqlen}: best {best[1]} {best[0]:.2f} ms (default {kernels.INDEXER_CONFIG}, "
+                  f"two-phase {kernels.INDEXER_TWO_PHASE})")
     return results
 
 
@@ -183,11 +186,16 @@ def bench_seqlen(c: dict, seqlen: int, warmup: int, repeats: int, with_fa2: bool
     bs = c["block_size"]
     out, lse = kernels.sparse_attention_fwd(pq, pk, pv, blocks, starts, cu, seqlen, bs, scale)
     t = {}
-    t["indexer"] = time_ms(lambda: kernels.select_blocks(piq, pik, cu, seqlen, bs, c["topk"]),
-                           warmup, repeats)
     (fp8_iq, _), (fp8_ik, fp8_k_scale) = quantize_rows(piq), quantize_rows(pik[:, 0])
-    t["indexer_fp8"] = time_ms(lambda: kernels.select_blocks(fp8_iq, fp8_ik, cu, seqlen, bs, c["topk"],
-                                                             index_k_scale=fp8_k_scale), warmup, repeats)
+    ranking = {"indexer": ((piq, pik), {}), "indexer_fp8": ((fp8_iq, fp8_ik), dict(index_k_scale=fp8_k_scale))}
+    for name, (inputs, scales) in ranking.items():  # both schedules; the default's time is also the plain name
+        for schedule, two_phase in (("one_pass", False), ("two_phase", True)):
+            t[f"{name}_{schedule}"] = time_ms(lambda: kernels.select_blocks(
+                *inputs, cu, seqlen, bs, c["topk"], two_phase=two_phase, **scales), warmup, repeats)
+        t[name] = t[f"{name}_{'two_phase' if kernels.INDEXER_TWO_PHASE else 'one_pass'}"]
+    row["indexer_two_phase_identical_rows"] = (kernels.select_blocks(piq, pik, cu, seqlen, bs, c["topk"],
+                                                                     two_phase=not kernels.INDEXER_TWO_PHASE)
+                                               .sort(-1).values == blocks.sort(-1).values).all(-1).float().mean().item()
     fp8_blocks = kernels.select_blocks(fp8_iq, fp8_ik, cu, seqlen, bs, c["topk"], index_k_scale=fp8_k_scale)
     # share of the bf16 selection's (token, group, block) entries that the FP8 selection keeps
     kept = (fp8_blocks.long()[..., :, None] == blocks.long()[..., None, :]).any(-2) & (blocks >= 0)

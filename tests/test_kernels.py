@@ -39,9 +39,17 @@ def inputs_for(shape, dtype, seed):
     return rand_inputs(batch, seqlen, heads, groups, head_dim, index_dim, dtype=dtype, seed=seed, device=DEVICE)
 
 
+@pytest.fixture(params=["one-pass", "two-phase"])
+def indexer(request, monkeypatch):
+    """Both indexer schedules: running Top-k, or block scores then Top-k."""
+    from msa import kernels
+
+    monkeypatch.setattr(kernels, "INDEXER_TWO_PHASE", request.param == "two-phase")
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_select_blocks_kernel(shape, dtype):
+def test_select_blocks_kernel(shape, dtype, indexer):
     *_, index_q, index_k = inputs_for(shape, dtype, seed=21)
     block_size, topk = shape[6], shape[7]
     blocks, lse = msa.select_blocks(index_q, index_k, block_size=block_size, topk=topk, return_lse=True)
@@ -55,7 +63,7 @@ def test_select_blocks_kernel(shape, dtype):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_select_blocks_kernel_fp8(shape):
+def test_select_blocks_kernel_fp8(shape, indexer):
     """FP8 ranking: the exact selection of the FP8-rounded index vectors, whichever backend runs it."""
     *_, index_q, index_k = inputs_for(shape, torch.bfloat16 if ON_GPU else torch.float16, seed=23)
     block_size, topk = shape[6], shape[7]
@@ -63,6 +71,36 @@ def test_select_blocks_kernel_fp8(shape):
     # products of FP8 values are exact; the sums round in float32 (more coarsely in Hopper's FP8 MMA)
     tol = 1e-2 if ON_GPU else 1e-4
     assert_selection_matches(blocks, msa.fp8.rounded(index_q), msa.fp8.rounded(index_k), block_size, topk, tol=tol)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_two_phase_indexer_in_chunks(fp8, monkeypatch):
+    """Packed sequences (one empty) through a workspace that holds a few query positions at a time: the
+    selection of the one-pass kernel and, up to near-ties, of the reference."""
+    from msa import kernels
+
+    shape = SHAPES[0]
+    seqlens = [shape[1], 0, shape[1] // 3]
+    *_, index_q, index_k = rand_inputs(3, shape[1], *shape[2:6], dtype=DTYPES[-1], seed=27, device=DEVICE)
+    index_q, index_k = pack(index_q, seqlens), pack(index_k, seqlens)
+    cu_seqlens = cu_seqlens_of(seqlens, device=DEVICE)
+    block_size, topk = shape[6], shape[7]
+    scale = {}
+    if fp8:  # the kernels take FP8 rows and the keys' scales; the reference, the rounded vectors
+        (rank_q, _), (rank_k, scale["index_k_scale"]) = msa.fp8.quantize_rows(index_q), \
+            msa.fp8.quantize_rows(index_k[:, 0])
+        index_q, index_k = msa.fp8.rounded(index_q), msa.fp8.rounded(index_k)
+    else:
+        rank_q, rank_k = index_q, index_k
+    args = (rank_q, rank_k, cu_seqlens, max(seqlens), block_size, topk)
+    one_pass = kernels.select_blocks(*args, two_phase=False, **scale)
+    monkeypatch.setattr(kernels, "WORKSPACE_BYTES", 3 * 4 * index_q.shape[1] * (max(seqlens) // block_size) * 20)
+    blocks = kernels.select_blocks(*args, two_phase=True, **scale)
+    identical = (blocks.sort(-1).values == one_pass.sort(-1).values).all(-1).double().mean().item()
+    assert identical > 0.99, f"{1 - identical:.2%} of rows differ from the one-pass selection"
+    for piece_q, piece_k, piece in zip(*(x.split(seqlens) for x in (index_q, index_k, blocks))):
+        if len(piece):
+            assert_selection_matches(piece[None], piece_q[None], piece_k[None], block_size, topk, tol=1e-2)
 
 
 def _reference_sparse(q, k, v, blocks, block_size, grad_out):

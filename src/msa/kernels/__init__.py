@@ -18,7 +18,7 @@ import triton
 
 from msa.kernels.block_csr import build_block_csr
 from msa.kernels.index_kl import index_kl_bwd_dk_kernel, index_kl_bwd_dq_kernel, index_kl_fwd_partial_kernel
-from msa.kernels.indexer import select_blocks_kernel, support_lse_kernel
+from msa.kernels.indexer import block_scores_kernel, select_blocks_kernel, support_lse_kernel, top_blocks_kernel
 from msa.fp8 import INVERSE_FP8_MAX
 from msa.kernels.paged import (
     paged_append_index_keys_kernel,
@@ -54,6 +54,9 @@ KV_OUTER_SPLIT = 8
 MERGE_ROWS = 16
 # select_blocks_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile)
 INDEXER_CONFIG = (64, 4, 3, 128)  # fastest of the configurations swept on an H100 (benchmarks/results)
+# The two-phase indexer (block scores, then Top-k; kernels/indexer.py) stays off until an H100 run of
+# `benchmarks/kernels.py --tune` has timed it against the one-pass kernel.
+INDEXER_TWO_PHASE = False
 
 
 def _launch(kernel, grid, *args, **kwargs):
@@ -82,24 +85,46 @@ def _query_outer_heads(q: torch.Tensor, k: torch.Tensor) -> dict:
 
 
 def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int, topk: int,
-                  config: tuple[int, int, int, int] | None = None, index_k_scale=None):
+                  config: tuple[int, int, int, int] | None = None, index_k_scale=None, two_phase: bool | None = None):
     """``index_q`` ``[T, G, Di]``, ``index_k`` ``[T, 1, Di]`` -> int32 ``[T, G, topk]``.
 
-    ``config``: (rows per program = queries x groups, num_warps, num_stages, keys per tile);
-    default ``INDEXER_CONFIG``. FP8 rows (:mod:`msa.fp8`) come with the keys' float32
-    scales ``index_k_scale`` ``[T]``.
+    ``config``: (rows per program = queries x groups, num_warps, num_stages,
+    keys per tile) of the scoring kernel; default ``INDEXER_CONFIG``. FP8 rows
+    (:mod:`msa.fp8`) come with the keys' float32 scales ``index_k_scale``
+    ``[T]``. ``two_phase`` (default ``INDEXER_TWO_PHASE``): block scores of a
+    chunk of query positions written to a workspace of at most
+    ``WORKSPACE_BYTES``, then a Top-k kernel; otherwise one pass with a
+    running Top-k.
     """
     total, n_groups, index_dim = index_q.shape
+    n_seqs = cu_seqlens.numel() - 1
     rows, num_warps, num_stages, keys_per_tile = config or INDEXER_CONFIG
     block_indices = torch.empty(total, n_groups, topk, dtype=torch.int32, device=index_q.device)
+    max_seqlen = max(max_seqlen, 1)
     groups_pow2 = _pow2(n_groups)
     block_m = max(1, rows // groups_pow2)
-    grid = (triton.cdiv(max(max_seqlen, 1), block_m), cu_seqlens.numel() - 1)
-    select_blocks_kernel[grid](
-        index_q, index_k, index_k if index_k_scale is None else index_k_scale, cu_seqlens, block_indices,
-        G=n_groups, GP=groups_pow2, DI=index_dim, BLOCK_SIZE=block_size, TOPK=topk, KP=_pow2(topk - 1),
-        BLOCK_M=block_m, BLOCK_N=max(block_size, keys_per_tile), SCALED=index_k_scale is not None,
-        UPCAST=INTERPRET, num_warps=num_warps, num_stages=num_stages)
+    scoring = dict(G=n_groups, GP=groups_pow2, DI=index_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
+                   BLOCK_N=max(block_size, keys_per_tile), SCALED=index_k_scale is not None, UPCAST=INTERPRET,
+                   num_warps=num_warps, num_stages=num_stages)
+    scales = index_k if index_k_scale is None else index_k_scale
+    if not (INDEXER_TWO_PHASE if two_phase is None else two_phase):
+        select_blocks_kernel[(triton.cdiv(max_seqlen, block_m), n_seqs)](
+            index_q, index_k, scales, cu_seqlens, block_indices, TOPK=topk, KP=_pow2(topk - 1), **scoring)
+        return block_indices
+    most_blocks = max(1, (max_seqlen - 1) // block_size)
+    per_tile = n_seqs * block_m * n_groups * most_blocks * 4  # workspace bytes per program row of queries
+    chunk = min(triton.cdiv(max_seqlen, block_m), max(1, WORKSPACE_BYTES // per_tile)) * block_m
+    workspace = torch.empty(n_seqs * chunk * n_groups * most_blocks, dtype=torch.float32, device=index_q.device)
+    for first in range(0, max_seqlen, chunk):
+        n_positions = min(chunk, max_seqlen - first)
+        n_blocks = max(1, (first + n_positions - 1) // block_size)  # blocks before the chunk's last local one
+        _launch(block_scores_kernel, (triton.cdiv(n_positions, block_m), n_seqs),
+                index_q, index_k, scales, cu_seqlens, workspace, first, n_positions, n_blocks, **scoring)
+        blocks_pow2 = _pow2(n_blocks)
+        top_rows = _pow2(min(64, 4096 // blocks_pow2))
+        top_blocks_kernel[(triton.cdiv(n_positions * n_groups, top_rows), n_seqs)](
+            workspace, cu_seqlens, block_indices, first, n_positions, n_blocks, G=n_groups, BLOCK_SIZE=block_size,
+            TOPK=topk, NP=blocks_pow2, ROWS=top_rows, num_warps=8 if top_rows * blocks_pow2 > 4096 else 4)
     return block_indices
 
 

@@ -1,12 +1,19 @@
-"""Triton kernels of the Index Branch: fused scoring + max-pooling + running Top-k, and the support LSE.
+"""Triton kernels of the Index Branch: block scoring, max-pooling and exp-free Top-k, and the support LSE.
 
-``select_blocks_kernel`` never materialises the ``[S, S]`` score matrix: a
-program holds a tile of queries x all GQA groups (they share the index key, so
-one key tile feeds every group through one matrix product), walks the key
-tiles up to its diagonal, max-pools each tile's logits per key block and keeps
-a running Top-(k-1) of earlier blocks per row in registers. Ranking needs no
-exponential and no softmax scale (max-pooling and Top-k are monotone). The
-local block is written last. Memory is linear in the sequence length.
+Two schedules, neither of which materialises the ``[S, S]`` score matrix. In
+both, a program holds a tile of queries x all GQA groups (they share the
+index key, so one key tile feeds every group through one matrix product) and
+max-pools each key tile's logits per block; ranking needs no exponential and
+no softmax scale (max-pooling and Top-k are monotone), and the local block is
+written last.
+
+- One pass (``select_blocks_kernel``): a running Top-(k-1) of earlier blocks
+  per row, updated in registers after every block.
+- Two phases (``block_scores_kernel`` then ``top_blocks_kernel``): the first
+  writes the pooled scores (float32, 1/block_size of the logits) of a chunk
+  of queries, the second picks each row's Top-k from them, so the tensor-core
+  loop carries no Top-k insertion. Chunks bound the workspace.
+
 With ``SCALED`` the index vectors are FP8 rows (:mod:`msa.fp8`): FP8
 products, each key's logits multiplied by its scale.
 """
@@ -101,6 +108,107 @@ def select_blocks_kernel(
     out = block_indices + ((start + q_pos) * G + group)[:, None] * TOPK
     tl.store(out + slots[None, :], top_blocks, mask=row_ok[:, None] & (slots[None, :] < TOPK - 1))
     tl.store(out + (TOPK - 1), local[:, None] + tl.zeros((ROWS, 1), tl.int32), mask=row_ok[:, None])
+
+
+@triton.jit
+def pop_max(scores, index, N: tl.constexpr):
+    """One round of an exp-free Top-k over the last axis of ``scores`` ``[R, N]`` (``index`` = arange(N)):
+    each row's best score and its index (ties go to the lower index), and the scores with it removed."""
+    best = tl.max(scores, axis=1)
+    chosen = tl.min(tl.where(scores == best[:, None], index[None, :], N), axis=1)
+    return best, chosen, tl.where(index[None, :] == chosen[:, None], float("-inf"), scores)
+
+
+@triton.jit
+def block_scores_kernel(
+    index_q,  # [T, G, DI]
+    index_k,  # [T, DI] (the one index-key head)
+    index_k_scale,  # float32 [T] with SCALED (FP8 keys), else unused
+    cu_seqlens,  # int32 [n + 1]
+    scores,  # float32 [n, C, G, NBLK], written: max-pooled logits of the blocks before each row's local one
+    first_position,  # the chunk's first query position (in every sequence)
+    n_positions,  # C: query positions in the chunk
+    NBLK,  # blocks ranked per row: the chunk's last local block number
+    G: tl.constexpr,
+    GP: tl.constexpr,  # G rounded up to a power of two
+    DI: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # queries per program; rows = BLOCK_M * GP
+    BLOCK_N: tl.constexpr,  # keys per tile, a multiple of BLOCK_SIZE
+    SCALED: tl.constexpr,  # FP8 index rows, key scales in index_k_scale
+    UPCAST: tl.constexpr,  # compute the dot in fp32 (the interpreter's bf16 dot is broken)
+):
+    """Phase 1 of the selection: the block scores of BLOCK_M queries x all groups, one key tile at a time.
+
+    Only blocks before a row's local block are ranked and those are fully visible: no causal mask (a row's
+    entries from its local block on are left unspecified). The longest programs (last queries) run first.
+    """
+    seq = tl.program_id(1)
+    start = tl.load(cu_seqlens + seq)
+    seqlen = tl.load(cu_seqlens + seq + 1) - start
+    end = tl.minimum(seqlen, first_position + n_positions)
+    first_query = first_position + (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    if first_query >= end:
+        return
+    NB: tl.constexpr = BLOCK_N // BLOCK_SIZE
+    ROWS: tl.constexpr = BLOCK_M * GP
+    rows = tl.arange(0, ROWS)
+    q_pos = first_query + rows // GP
+    group = rows % GP
+    row_ok = (q_pos < end) & (group < G)
+    dims = tl.arange(0, DI)
+    iq = tl.load(index_q + ((start + q_pos) * G + group)[:, None] * DI + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        iq = iq.to(tl.float32)
+    out = scores + ((seq * n_positions + q_pos - first_position) * G + group).to(tl.int64) * NBLK
+    n_blocks = (tl.minimum(first_query + BLOCK_M, end) - 1) // BLOCK_SIZE  # blocks before the last local one
+    for tile in range(0, tl.cdiv(n_blocks, NB)):
+        k_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        ik = tl.load(index_k + (start + k_pos)[:, None] * DI + dims[None, :], mask=(k_pos < seqlen)[:, None],
+                     other=0.0)
+        if UPCAST:
+            ik = ik.to(tl.float32)
+        logits = tl.dot(iq, tl.trans(ik))  # no softmax scale: a positive scale changes no ranking
+        if SCALED:
+            logits *= tl.load(index_k_scale + start + k_pos, mask=k_pos < seqlen, other=1.0)[None, :]
+        blocks = tile * NB + tl.arange(0, NB)
+        tl.store(out[:, None] + blocks[None, :], tl.max(tl.reshape(logits, (ROWS, NB, BLOCK_SIZE)), axis=2),
+                 mask=row_ok[:, None] & (blocks[None, :] < n_blocks))
+
+
+@triton.jit
+def top_blocks_kernel(
+    scores,  # float32 [n, C, G, NBLK] from block_scores_kernel
+    cu_seqlens,  # int32 [n + 1]
+    block_indices,  # int32 [T, G, TOPK], written for the chunk's tokens
+    first_position,
+    n_positions,  # C
+    NBLK,
+    G: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TOPK: tl.constexpr,
+    NP: tl.constexpr,  # NBLK rounded up to a power of two
+    ROWS: tl.constexpr,  # (query, group) rows per program
+):
+    """Phase 2: per row, the TOPK - 1 best blocks before the local one by rounds of argmax (no sort; ties go
+    to the lower block), -1 where there are fewer, and the local block in the last slot."""
+    seq = tl.program_id(1)
+    start = tl.load(cu_seqlens + seq)
+    seqlen = tl.load(cu_seqlens + seq + 1) - start
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # position in the chunk * G + group
+    q_pos = first_position + rows // G
+    if first_position + tl.program_id(0) * ROWS // G >= seqlen:
+        return
+    row_ok = (q_pos < seqlen) & (rows < n_positions * G)
+    local = q_pos // BLOCK_SIZE
+    blocks = tl.arange(0, NP)
+    row_scores = tl.load(scores + (seq * n_positions * G + rows).to(tl.int64)[:, None] * NBLK + blocks[None, :],
+                         mask=row_ok[:, None] & (blocks[None, :] < local[:, None]), other=float("-inf"))
+    out = block_indices + ((start + q_pos) * G + rows % G) * TOPK
+    for slot in tl.static_range(TOPK - 1):
+        best, block, row_scores = pop_max(row_scores, blocks, NP)
+        tl.store(out + slot, tl.where(best == float("-inf"), -1, block), mask=row_ok)
+    tl.store(out + TOPK - 1, local, mask=row_ok)
 
 
 @triton.jit
