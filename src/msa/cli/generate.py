@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from msa.cli.bench import DTYPES
-from msa.inference.generate import Generator
 from msa.fp8 import FP8_NAME
+from msa.inference.generate import Generator
 from msa.nn import MSAConfig, MSATransformer
 
 CPU_DEFAULTS = dict(prompt_len=2000, chunk_size=512, dtype="float32",
