@@ -34,6 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from msa.kernels.indexer import pop_max
 from msa.kernels.sparse_attention import LN2, online_softmax_step
 
 
@@ -169,12 +170,11 @@ def top_pages_kernel(
     """Top-k of one row of page scores by TOPK rounds of argmax (no sort; ties go to the lower page)."""
     row = tl.program_id(0).to(tl.int64)
     pages = tl.arange(0, NP)
-    row_scores = tl.load(scores + row * N + pages, mask=pages < N, other=float("-inf"))
+    row_scores = tl.load(scores + row * N + pages[None, :], mask=pages[None, :] < N, other=float("-inf"))
+    out = top_pages + row * TOPK + tl.arange(0, 1)
     for slot in tl.static_range(TOPK):
-        best = tl.max(row_scores, axis=0)
-        page = tl.min(tl.where(row_scores == best, pages, NP), axis=0)
-        tl.store(top_pages + row * TOPK + slot, tl.where(best == float("-inf"), -1, page).to(tl.int64))
-        row_scores = tl.where(pages == page, float("-inf"), row_scores)
+        best, page, row_scores = pop_max(row_scores, pages, NP)  # [1]-shaped: one row
+        tl.store(out + slot, tl.where(best == float("-inf"), -1, page).to(tl.int64))
 
 
 @triton.jit
