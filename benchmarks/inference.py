@@ -208,10 +208,9 @@ def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_uni
     topk_ms = graph_ms(lambda i: kernels.top_pages(scores, block_indices.view(-1, selected)), 2 * layers)
     out = attention._view("out", (batch * q_len, c["heads"], c["head_dim"]))
     attention_tiles = attention._view("attention_tiles", (attention.n_attention_tiles, 4))
-    attention_ms = {compact: graph_ms(lambda i: kernels.paged_sparse_attention(
+    attention_ms = graph_ms(lambda i: kernels.paged_sparse_attention(
         q, cache.k[i % layers], cache.v[i % layers], cache.page_table, attention_tiles, block_indices, out,
-        c["head_dim"] ** -0.5, attention.attention_tokens, attention.split, **attention.split_buffers(),
-        compact=compact), 2 * layers) for compact in (False, True)}  # both block loops (PAGED_ATTENTION_COMPACT)
+        c["head_dim"] ** -0.5, attention.attention_tokens, attention.split, **attention.split_buffers()), 2 * layers)
     scan_bytes = batch * seqlen * index_key_bytes(index_dtype)
     attention.run(0, q, k, v, index_q, index_k)
     union = distinct_blocks(attention, batch, q_len)
@@ -233,10 +232,8 @@ def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_uni
         2 * layers))
     return dict(batch=batch, seqlen=seqlen, q_len=q_len, msa_ms=msa_ms, dense_ms=dense_ms,
                 dense_backend=dense_backend, speedup=dense_ms / msa_ms, scan_ms=scan_ms, topk_ms=topk_ms,
-                attention_ms=attention_ms[kernels.PAGED_ATTENTION_COMPACT], scan_gbps=scan_bytes / scan_ms / 1e6,
-                attention_gbps=selected_bytes / attention_ms[kernels.PAGED_ATTENTION_COMPACT] / 1e6,
-                attention_entries_ms=attention_ms[False], attention_compact_ms=attention_ms[True],
-                attention_compact=kernels.PAGED_ATTENTION_COMPACT,
+                attention_ms=attention_ms, scan_gbps=scan_bytes / scan_ms / 1e6,
+                attention_gbps=selected_bytes / attention_ms / 1e6,
                 dense_bytes=2 * batch * seqlen * groups * c["head_dim"] * 2,
                 msa_bytes=scan_bytes + selected_bytes, kv_splits=attention.split, layers_rotated=layers,
                 distinct_blocks=union.float().mean().item(), index_q_spread=spread)
@@ -321,8 +318,7 @@ def main() -> None:
                 console.print(f"{suite_name} B={batch} S={seqlen}: MSA {row['msa_ms']:.3f} ms, dense "
                               f"{row['dense_ms']:.3f} ms ({row['dense_backend']}) = {row['speedup']:.2f}x; scan "
                               f"{row['scan_ms']:.3f} ms ({row['scan_gbps']:.0f} GB/s), top-k {row['topk_ms']:.3f}, "
-                              f"attention {row['attention_ms']:.3f} ms ({row['attention_gbps']:.0f} GB/s; entry loop "
-                              f"{row['attention_entries_ms']:.3f}, distinct-block loop {row['attention_compact_ms']:.3f})")
+                              f"attention {row['attention_ms']:.3f} ms ({row['attention_gbps']:.0f} GB/s)")
             torch.cuda.empty_cache()
             path.write_text(json.dumps(record, indent=2))  # after every case: a cut-off run keeps its rows
             progress.advance(task)

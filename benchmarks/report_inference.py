@@ -52,22 +52,17 @@ def fmt_len(n: int) -> str:
 
 
 def decode_table(decode: dict) -> list[str]:
-    """One row per decode case; where a run timed both attention block loops, the other one's ms too."""
-    both = any("attention_compact_ms" in row for row in decode.values())
+    """One row per decode case."""
     lines = ["| suite | batch | context | MSA ms | dense ms (backend) | speed-up | bytes ratio | index scan ms "
-             "| scan GB/s (of copy) | top-k ms | attention ms |" + (" other block loop ms |" if both else ""),
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if both else "")]
+             "| scan GB/s (of copy) | top-k ms | attention ms |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (suite, batch, seqlen), row in sorted(decode.items(), key=lambda item: (item[0][0] != "decode", item[0])):
         copy = row["run"]["copy_gbps"]
-        other = ""
-        if both:
-            key = "attention_entries_ms" if row.get("attention_compact") else "attention_compact_ms"
-            other = f" {row[key]:.3f} |" if key in row else " - |"
         lines.append(
             f"| {suite} | {batch} | {fmt_len(seqlen)} | {row['msa_ms']:.3f} | {row['dense_ms']:.3f} "
             f"({row['dense_backend']}) | **{row['speedup']:.2f}x** | {row['dense_bytes'] / row['msa_bytes']:.2f}x | "
             f"{row['scan_ms']:.3f} | {row['scan_gbps']:.0f} ({100 * row['scan_gbps'] / copy:.0f}%) | "
-            f"{row['topk_ms']:.3f} | {row['attention_ms']:.3f} |" + other)
+            f"{row['topk_ms']:.3f} | {row['attention_ms']:.3f} |")
     return lines
 
 

@@ -103,16 +103,13 @@ def test_chunked_prefill_and_decode_match_the_whole_sequence(backend, shape, dty
         assert rel_err(out[None], whole) < 2 * BOUNDS[dtype]
 
 
-@pytest.mark.parametrize("shape, tokens, compact", [(shape, 8, compact) for shape in SHAPES for compact in (False, True)]
-                         + [(SHAPES[0], 1, True)])
-def test_attention_tiles_match_the_whole_sequence(shape, tokens, compact, monkeypatch):
-    """Tiles of 8 tokens walking the union of their blocks, and the loop over each tile's distinct blocks
-    (PAGED_ATTENTION_COMPACT), with split-KV: the same results."""
+@pytest.mark.parametrize("shape", SHAPES)
+def test_attention_tiles_match_the_whole_sequence(shape, monkeypatch):
+    """Tiles of 8 tokens walking the distinct blocks of their union, with split-KV: the same results."""
     from msa import kernels
 
     monkeypatch.setenv("MSA_BACKEND", "triton")
-    monkeypatch.setattr(kernels, "PAGED_ATTENTION_TOKENS", tokens)
-    monkeypatch.setattr(kernels, "PAGED_ATTENTION_COMPACT", compact)
+    monkeypatch.setattr(kernels, "PAGED_ATTENTION_TOKENS", 8)
     poison_allocations(monkeypatch)
     block_size, dtype = shape[4], DTYPES[0]
     sequences, outs, blocks, _ = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=42, kv_splits=3)

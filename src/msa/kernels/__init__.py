@@ -378,9 +378,6 @@ PAGED_SCAN_TOKENS = 16
 PAGED_ATTENTION_TOKENS = 1
 PAGED_ATTENTION_WARPS = 4
 PAGED_MAX_SPLIT = 8
-# Walk each tile's distinct blocks in a loop of unconditional (pipelinable) loads instead of every entry
-# under a branch; off until an H100 run of benchmarks/inference.py has timed both (attention_compact_ms).
-PAGED_ATTENTION_COMPACT = False
 
 
 def paged_append_index_keys(index_k, slots, pool, scale_pool):
@@ -421,14 +418,13 @@ def top_pages(scores, top_pages_out):
 
 
 def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, out, scale: float, tokens_per_tile: int,
-                           split: int = 1, partial_out=None, partial_lse=None, lse=None, compact: bool | None = None):
+                           split: int = 1, partial_out=None, partial_lse=None, lse=None):
     """Sparse attention of ``q`` ``[T, Hq, D]`` over the pages ``block_indices`` (int64 ``[T, G, topk]``) names.
 
     ``k``, ``v``: ``[P, block_size, G, D]`` (one layer's pages). With ``split > 1``
     the work buffers ``partial_out`` (float32 ``[T * Hq, split, D]``),
     ``partial_lse`` (``[T * Hq, split]``) and ``lse`` (``[T * Hq]``) are used.
-    Writes ``out`` ``[T, Hq, D]``; allocates nothing. ``compact``: default
-    ``PAGED_ATTENTION_COMPACT``.
+    Writes ``out`` ``[T, Hq, D]``; allocates nothing.
     """
     n_heads, head_dim = q.shape[1:]
     block_size, n_groups = k.shape[1:3]
@@ -440,7 +436,7 @@ def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, out, scale
         HQ=n_heads, G=n_groups, R=n_heads // n_groups,
         RP=max(_pow2(n_heads // n_groups), triton.cdiv(16, tokens_per_tile)), D=head_dim,
         BLOCK_SIZE=block_size, MAX_PAGES=page_table.shape[1], TOPK=topk, TOPKP=_pow2(topk), QT=tokens_per_tile,
-        SPLIT=split, COMPACT=PAGED_ATTENTION_COMPACT if compact is None else compact, UPCAST=INTERPRET,
+        SPLIT=split, UPCAST=INTERPRET,
         num_warps=PAGED_ATTENTION_WARPS)
     if split > 1:
         rows = q.shape[0] * n_heads
