@@ -15,8 +15,8 @@ def kernel_flops(layer: dict, seqlen: int, attended: float) -> dict:
     student = 2 * groups * index_dim * attended
     indexer = 2 * groups * index_dim * seqlen * (seqlen + 1) / 2  # every causal pair, every group
     return {
-        **{name: indexer for name in ("indexer", "indexer_one_pass", "indexer_two_phase")},
-        **{name: indexer for name in ("indexer_fp8", "indexer_fp8_one_pass", "indexer_fp8_two_phase")},  # in FP8
+        "indexer": indexer,
+        "indexer_fp8": indexer,  # the same products in FP8
         "sparse_fwd_query": 2 * attention,  # QK and PV
         "sparse_fwd_kv": 2 * attention,
         "sparse_bwd": 5 * attention,  # QK, P^T dO, dO V^T, dS^T Q, dS K

@@ -60,26 +60,25 @@ def fp8_matmul_ceiling_tflops() -> float | None:
 
 
 def tune_indexer(c: dict, seqlen: int, console) -> dict:
-    """Time the indexer's configurations, both schedules, on the layer; returns ms per schedule and config."""
+    """Time the indexer's configurations on the layer, bf16 and FP8 index vectors; returns ms per config."""
     index_q = torch.randn(seqlen, c["groups"], c["index_dim"], device="cuda", dtype=torch.bfloat16)
     index_k = torch.randn(seqlen, 1, c["index_dim"], device="cuda", dtype=torch.bfloat16)
+    (fp8_q, _), (fp8_k, fp8_k_scale) = quantize_rows(index_q), quantize_rows(index_k[:, 0])
     cu = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
     results = {}
-    for two_phase in (False, True):
-        for rows, warps, stages, keys in [(64, 4, 3, 128), (64, 4, 2, 128), (64, 4, 4, 128), (64, 8, 3, 128),
-                                          (32, 4, 3, 128), (128, 4, 3, 128), (128, 8, 4, 128), (128, 8, 3, 128),
-                                          (64, 4, 3, 256), (64, 4, 2, 256), (128, 8, 3, 256), (128, 8, 2, 256),
-                                          (128, 4, 2, 256), (64, 8, 2, 256), (256, 8, 3, 128)]:
-            config = (rows, warps, stages, keys)
-            name = f"{'two-phase' if two_phase else 'one-pass'} {config}"
+    for dtype, (inputs, scales) in {"bf16": ((index_q, index_k), {}),
+                                    "fp8": ((fp8_q, fp8_k), dict(index_k_scale=fp8_k_scale))}.items():
+        for config in [(64, 4, 3, 128), (128, 8, 3, 128), (256, 8, 3, 128), (256, 8, 4, 128), (256, 8, 2, 128),
+                       (64, 4, 3, 256), (128, 8, 3, 256), (128, 8, 2, 256), (128, 4, 3, 256), (256, 8, 3, 256)]:
+            name = f"{dtype} {config}"
             try:
                 results[name] = time_ms(lambda: kernels.select_blocks(
-                    index_q, index_k, cu, seqlen, c["block_size"], c["topk"], config, two_phase=two_phase), 2, 5)
+                    *inputs, cu, seqlen, c["block_size"], c["topk"], config, **scales), 2, 5)
             except Exception as error:  # e.g. out of shared memory or registers
                 results[name] = str(error).splitlines()[0][:100]
-    best = min((v, k) for k, v in results.items() if isinstance(v, float))
-    console.print(f"indexer configs at S={seqlen}: best {best[1]} {best[0]:.2f} ms (default {kernels.INDEXER_CONFIG}, "
-                  f"two-phase {kernels.INDEXER_TWO_PHASE})")
+        best = min((v, k) for k, v in results.items() if isinstance(v, float) and k.startswith(dtype))
+        console.print(f"indexer configs at S={seqlen}: best {best[1]} {best[0]:.2f} ms (defaults "
+                      f"{kernels.INDEXER_CONFIG}, FP8 {kernels.INDEXER_CONFIG_FP8})")
     return results
 
 
@@ -188,14 +187,9 @@ def bench_seqlen(c: dict, seqlen: int, warmup: int, repeats: int, with_fa2: bool
     t = {}
     (fp8_iq, _), (fp8_ik, fp8_k_scale) = quantize_rows(piq), quantize_rows(pik[:, 0])
     ranking = {"indexer": ((piq, pik), {}), "indexer_fp8": ((fp8_iq, fp8_ik), dict(index_k_scale=fp8_k_scale))}
-    for name, (inputs, scales) in ranking.items():  # both schedules; the default's time is also the plain name
-        for schedule, two_phase in (("one_pass", False), ("two_phase", True)):
-            t[f"{name}_{schedule}"] = time_ms(lambda: kernels.select_blocks(
-                *inputs, cu, seqlen, bs, c["topk"], two_phase=two_phase, **scales), warmup, repeats)
-        t[name] = t[f"{name}_{'two_phase' if kernels.INDEXER_TWO_PHASE else 'one_pass'}"]
-    row["indexer_two_phase_identical_rows"] = (kernels.select_blocks(piq, pik, cu, seqlen, bs, c["topk"],
-                                                                     two_phase=not kernels.INDEXER_TWO_PHASE)
-                                               .sort(-1).values == blocks.sort(-1).values).all(-1).float().mean().item()
+    for name, (inputs, scales) in ranking.items():
+        t[name] = time_ms(lambda: kernels.select_blocks(*inputs, cu, seqlen, bs, c["topk"], **scales), warmup,
+                          repeats)
     fp8_blocks = kernels.select_blocks(fp8_iq, fp8_ik, cu, seqlen, bs, c["topk"], index_k_scale=fp8_k_scale)
     # share of the bf16 selection's (token, group, block) entries that the FP8 selection keeps
     kept = (fp8_blocks.long()[..., :, None] == blocks.long()[..., None, :]).any(-2) & (blocks >= 0)
@@ -297,10 +291,13 @@ def main() -> None:
     record["fp8_matmul_ceiling_tflops"] = fp8_matmul_ceiling_tflops()
     console.print(f"{device}: bf16 matmul ceiling {record['matmul_ceiling_tflops']:.0f} TFLOP/s, FP8 "
                   f"{record['fp8_matmul_ceiling_tflops'] or 0:.0f}")
+    path = args.out / "kernels.json"
+    args.out.mkdir(parents=True, exist_ok=True)
     if args.tune:
         record["indexer_configs_ms"] = tune_indexer(layer, args.tune, console)
+        path.write_text(json.dumps(record, indent=2))
         record["kv_outer_configs_ms"] = tune_kv_outer(layer, args.tune, console)
-    rows = []
+    record["rows"] = rows = []
     seqlens = [int(s) for s in args.seqlens.split(",")]
     with Progress(console=console) as progress:
         task = progress.add_task("kernels", total=len(seqlens))
@@ -310,11 +307,10 @@ def main() -> None:
                                seqlen <= args.train_max, progress, task)
             rows.append(row)
             console.print(json.dumps(row))
+            path.write_text(json.dumps(record, indent=2))  # after every length: a cut-off run keeps its rows
             torch.cuda.empty_cache()
             progress.advance(task)
-    record["rows"] = rows
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(record, indent=2))
+    path.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

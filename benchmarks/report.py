@@ -31,7 +31,6 @@ TARGETS = [
 # The prefill targets again with FP8 index ranking (index_dtype=torch.float8_e4m3fn), reported beside them.
 FP8_TARGETS = [(n, "prefill_fp8_speedup_vs_cudnn", goal, label.replace("prefill", "prefill, FP8 index ranking,"))
                for n, key, goal, label in TARGETS if key == "prefill_speedup_vs_cudnn"]
-SCHEDULES = ["indexer_one_pass", "indexer_two_phase", "indexer_fp8_one_pass", "indexer_fp8_two_phase"]
 KERNELS = ["indexer", "indexer_fp8", "sparse_fwd_query", "sparse_fwd_kv", "sparse_bwd", "kl_fwd", "kl_bwd",
            "kl_fused"]
 
@@ -127,19 +126,6 @@ def tables(rows: list[dict]) -> str:
             share = f", {100 * tflops / ceiling:.0f}%" if ceiling else ""
             cells.append(f"{r['kernel_ms'][name]:.2f} ({tflops:.0f}{share})")
         lines.append(f"| {fmt_len(r['seqlen'])} | " + " | ".join(cells) + " |")
-    scheduled = [r for r in rows if SCHEDULES[-1] in r["kernel_ms"]]
-    if scheduled:
-        lines += ["", "## Indexer schedules: ms (% of the matrix ceiling)\n",
-                  "One pass: a running Top-k in registers; two phases: block scores written per chunk of queries, "
-                  "then a Top-k kernel (`kernels/indexer.py`). `identical`: rows whose selection the other "
-                  "schedule reproduces exactly.\n",
-                  "| seq len | one pass | two phases | FP8 one pass | FP8 two phases | identical |",
-                  "|---|---|---|---|---|---|"]
-        for r in scheduled:
-            cells = [f"{r['kernel_ms'][name]:.2f} ({100 * kernel_tflops(r, name) / ceiling_of(r, name):.0f}%)"
-                     for name in SCHEDULES]
-            lines.append(f"| {fmt_len(r['seqlen'])} | " + " | ".join(cells)
-                         + f" | {r['indexer_two_phase_identical_rows']:.2%} |")
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,7 @@ import triton
 
 from msa.kernels.block_csr import build_block_csr
 from msa.kernels.index_kl import index_kl_bwd_dk_kernel, index_kl_bwd_dq_kernel, index_kl_fwd_partial_kernel
-from msa.kernels.indexer import block_scores_kernel, select_blocks_kernel, support_lse_kernel, top_blocks_kernel
+from msa.kernels.indexer import block_scores_kernel, support_lse_kernel, top_blocks_kernel
 from msa.fp8 import INVERSE_FP8_MAX
 from msa.kernels.paged import (
     paged_append_index_keys_kernel,
@@ -52,11 +52,11 @@ KL_BWD = KL_FUSED = (32, 8, 2)  # KL_FUSED: the gradient kernel when it also wri
 KL_TOKENS = 16  # tokens per step of the KL kernels: the student's products need 16 rows
 KV_OUTER_SPLIT = 8
 MERGE_ROWS = 16
-# select_blocks_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile)
-INDEXER_CONFIG = (64, 4, 3, 128)  # fastest of the configurations swept on an H100 (benchmarks/results)
-# The two-phase indexer (block scores, then Top-k; kernels/indexer.py) stays off until an H100 run of
-# `benchmarks/kernels.py --tune` has timed it against the one-pass kernel.
-INDEXER_TWO_PHASE = False
+# block_scores_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile), for bf16/fp16
+# index vectors and for FP8 ones: the fastest of the sweep at 128K, 512K and 1M on an H100
+# (results/*42-indexer-schedules; 1.13-1.37x faster than the one-pass running Top-k it replaced).
+INDEXER_CONFIG = (256, 8, 3, 128)
+INDEXER_CONFIG_FP8 = (128, 8, 3, 256)
 
 
 def _launch(kernel, grid, *args, **kwargs):
@@ -85,32 +85,28 @@ def _query_outer_heads(q: torch.Tensor, k: torch.Tensor) -> dict:
 
 
 def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int, topk: int,
-                  config: tuple[int, int, int, int] | None = None, index_k_scale=None, two_phase: bool | None = None):
+                  config: tuple[int, int, int, int] | None = None, index_k_scale=None):
     """``index_q`` ``[T, G, Di]``, ``index_k`` ``[T, 1, Di]`` -> int32 ``[T, G, topk]``.
 
-    ``config``: (rows per program = queries x groups, num_warps, num_stages,
-    keys per tile) of the scoring kernel; default ``INDEXER_CONFIG``. FP8 rows
-    (:mod:`msa.fp8`) come with the keys' float32 scales ``index_k_scale``
-    ``[T]``. ``two_phase`` (default ``INDEXER_TWO_PHASE``): block scores of a
-    chunk of query positions written to a workspace of at most
-    ``WORKSPACE_BYTES``, then a Top-k kernel; otherwise one pass with a
-    running Top-k.
+    FP8 rows (:mod:`msa.fp8`) come with the keys' float32 scales
+    ``index_k_scale`` ``[T]``. Two phases per chunk of query positions: the
+    chunk's block scores into a workspace of at most ``WORKSPACE_BYTES``, then
+    each row's Top-k. ``config``: (rows per program = queries x groups,
+    num_warps, num_stages, keys per tile) of the scoring kernel; default
+    ``INDEXER_CONFIG`` (``INDEXER_CONFIG_FP8`` for FP8 rows).
     """
     total, n_groups, index_dim = index_q.shape
     n_seqs = cu_seqlens.numel() - 1
-    rows, num_warps, num_stages, keys_per_tile = config or INDEXER_CONFIG
+    fp8 = index_k_scale is not None
+    rows, num_warps, num_stages, keys_per_tile = config or (INDEXER_CONFIG_FP8 if fp8 else INDEXER_CONFIG)
     block_indices = torch.empty(total, n_groups, topk, dtype=torch.int32, device=index_q.device)
     max_seqlen = max(max_seqlen, 1)
     groups_pow2 = _pow2(n_groups)
     block_m = max(1, rows // groups_pow2)
     scoring = dict(G=n_groups, GP=groups_pow2, DI=index_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
-                   BLOCK_N=max(block_size, keys_per_tile), SCALED=index_k_scale is not None, UPCAST=INTERPRET,
+                   BLOCK_N=max(block_size, keys_per_tile), SCALED=fp8, UPCAST=INTERPRET,
                    num_warps=num_warps, num_stages=num_stages)
-    scales = index_k if index_k_scale is None else index_k_scale
-    if not (INDEXER_TWO_PHASE if two_phase is None else two_phase):
-        select_blocks_kernel[(triton.cdiv(max_seqlen, block_m), n_seqs)](
-            index_q, index_k, scales, cu_seqlens, block_indices, TOPK=topk, KP=_pow2(topk - 1), **scoring)
-        return block_indices
+    scales = index_k_scale if fp8 else index_k
     most_blocks = max(1, (max_seqlen - 1) // block_size)
     per_tile = n_seqs * block_m * n_groups * most_blocks * 4  # workspace bytes per program row of queries
     chunk = min(triton.cdiv(max_seqlen, block_m), max(1, WORKSPACE_BYTES // per_tile)) * block_m

@@ -43,8 +43,11 @@ def unsupported_reason(*, dtype: torch.dtype, head_dim: int | None = None, index
         return f"topk {topk} (kernels take at most 64)"
     if heads_per_group is not None and heads_per_group > 64:
         return f"{heads_per_group} query heads per group (kernels take at most 64)"
-    if fp8_device is not None and fp8_device.type == "cuda" and torch.cuda.get_device_capability(fp8_device) < (8, 9):
-        return "FP8 index products below compute capability 8.9"
+    if fp8_device is not None and fp8_device.type == "cuda":
+        if index_dim is not None and index_dim < 32:
+            return f"FP8 index products of index head dim {index_dim} (FP8 tensor-core products take at least 32)"
+        if torch.cuda.get_device_capability(fp8_device) < (8, 9):
+            return "FP8 index products below compute capability 8.9"
     return None
 
 
