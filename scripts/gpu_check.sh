@@ -7,7 +7,8 @@
 # benchmarks/inference.py, more options in INFERENCE_ARGS, e.g. "--index-dtype fp8 --selections
 # overlapping"). Logs and JSON land under $OUT.
 # Test wheels carried in .whl are installed when the machine's Python lacks pytest, hypothesis, rich or
-# transformers (.whl/hf). The machine's copy of the
+# transformers (.whl/hf: transformers and its dependencies, httpx2 included, as `pip download` gets them for
+# Python 3.12). The machine's copy of the
 # tree has no .git: pass MSA_COMMIT=<commit> so that the results name the commit they measured.
 set -uo pipefail
 OUT=${OUT:-/tmp/msa-gpu}

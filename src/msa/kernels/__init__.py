@@ -54,7 +54,7 @@ KV_OUTER_SPLIT = 8
 MERGE_ROWS = 16
 # block_scores_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile), for bf16/fp16
 # index vectors and for FP8 ones: the fastest of the sweep at 128K, 512K and 1M on an H100
-# (results/*42-indexer-schedules; 1.13-1.37x faster than the one-pass running Top-k it replaced).
+# (results/*43-indexer-schedules; 1.13-1.37x faster than the one-pass running Top-k it replaced).
 INDEXER_CONFIG = (256, 8, 3, 128)
 INDEXER_CONFIG_FP8 = (128, 8, 3, 256)
 
