@@ -275,6 +275,8 @@ def main() -> None:
     parser.add_argument("--seqlens", default="8192,32768,131072")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tune", type=int, default=0, help="time kernel configurations at this length first")
+    parser.add_argument("--tune-kernels", default="indexer,kv_outer",
+                        help="which sweeps --tune runs: indexer (~1 min at 128K), kv_outer (attention and KL, ~4 min)")
     parser.add_argument("--train-max", type=int, default=524288,
                         help="longest length for backward kernels and training steps (memory)")
     parser.add_argument("--long", type=int, default=262144, help="from this length on: 1 warm-up, 2 repeats, no FA2")
@@ -293,10 +295,12 @@ def main() -> None:
                   f"{record['fp8_matmul_ceiling_tflops'] or 0:.0f}")
     path = args.out / "kernels.json"
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.tune:
-        record["indexer_configs_ms"] = tune_indexer(layer, args.tune, console)
+    sweeps = {"indexer": tune_indexer, "kv_outer": tune_kv_outer}
+    for name in args.tune_kernels.split(",") if args.tune else []:
+        if name not in sweeps:
+            raise ValueError(f"--tune-kernels: {name!r} is not one of {sorted(sweeps)}")
+        record[f"{name}_configs_ms"] = sweeps[name](layer, args.tune, console)
         path.write_text(json.dumps(record, indent=2))
-        record["kv_outer_configs_ms"] = tune_kv_outer(layer, args.tune, console)
     record["rows"] = rows = []
     seqlens = [int(s) for s in args.seqlens.split(",")]
     with Progress(console=console) as progress:
