@@ -179,13 +179,13 @@ def overlapping_index_q(attention, index_q, batch: int, q_len: int, target: floa
 
 
 def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_union: float | None,
-                index_dtype=None) -> dict | None:
+                index_dtype=None, kv_splits: int | None = None) -> dict | None:
     c = LAYER
     made = paged_cache(batch, seqlen - q_len, q_len, max_layers=4, bytes_limit=bytes_limit, index_dtype=index_dtype)
     if made is None:
         return None
     cache, requests = made
-    attention = PagedSparseAttention(cache, num_heads=c["heads"], topk=c["topk"])
+    attention = PagedSparseAttention(cache, num_heads=c["heads"], topk=c["topk"], kv_splits=kv_splits)
     attention.plan(requests, [q_len] * batch)
     q, k, v, index_q, index_k = new_tokens(batch * q_len)
     spread = None
@@ -272,6 +272,8 @@ def main() -> None:
                         help="overlapping: distinct blocks the 8 tokens select per group, on average")
     parser.add_argument("--attention-tokens", type=int, default=kernels.PAGED_ATTENTION_TOKENS,
                         help="tokens per sparse-attention tile (kernels.PAGED_ATTENTION_TOKENS)")
+    parser.add_argument("--kv-splits", type=int, default=None,
+                        help="decode: parts of each tile's blocks (default: PagedSparseAttention's choice)")
     parser.add_argument("--index-dtype", choices=["bf16", "fp8"], default="bf16",
                         help="decode: the index-key cache's dtype (fp8: msa.fp8; K and V stay bf16)")
     args = parser.parse_args()
@@ -310,7 +312,7 @@ def main() -> None:
         task = progress.add_task("inference", total=len(cases) + len(prefill_rows))
         for suite_name, batch, seqlen in cases:
             progress.update(task, description=f"{suite_name} B={batch} S={seqlen}")
-            row = decode_case(batch, seqlen, q_len, limit, draft_union, index_dtype)
+            row = decode_case(batch, seqlen, q_len, limit, draft_union, index_dtype, args.kv_splits)
             if row is None:
                 record["skipped"].append(dict(suite=suite_name, batch=batch, seqlen=seqlen, why="cache > --memory-gb"))
             else:
