@@ -24,9 +24,8 @@ the union of the blocks its tokens selected, each block loaded once for all
 the rows that selected it (exact online softmax, per-row masks): the tile's
 distinct blocks are listed first, so the loop over them has no branch around
 its loads and they can be pipelined. With SPLIT > 1 the distinct blocks are
-divided among SPLIT programs that
-write normalised partial outputs and LSEs for
-:func:`msa.kernels.sparse_attention.merge_partials_kernel`.
+divided among SPLIT programs that write normalised partial outputs and LSEs
+for :func:`msa.kernels.sparse_attention.merge_partials_kernel`.
 """
 
 from __future__ import annotations
