@@ -57,6 +57,7 @@ MERGE_ROWS = 16
 # (results/*43-indexer-schedules; 1.13-1.37x faster than the one-pass running Top-k it replaced).
 INDEXER_CONFIG = (256, 8, 3, 128)
 INDEXER_CONFIG_FP8 = (128, 8, 3, 256)
+INDEXER_MAX_LOGITS = 256 * 128
 
 
 def _launch(kernel, grid, *args, **kwargs):
@@ -102,9 +103,11 @@ def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int
     block_indices = torch.empty(total, n_groups, topk, dtype=torch.int32, device=index_q.device)
     max_seqlen = max(max_seqlen, 1)
     groups_pow2 = _pow2(n_groups)
-    block_m = max(1, rows // groups_pow2)
+    keys_per_tile = max(block_size, keys_per_tile)
+    # at most the 256 x 128 logits of the measured configs per program (registers; shared memory of the max-pool)
+    block_m = max(1, min(rows, INDEXER_MAX_LOGITS // keys_per_tile) // groups_pow2)
     scoring = dict(G=n_groups, GP=groups_pow2, DI=index_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
-                   BLOCK_N=max(block_size, keys_per_tile), SCALED=fp8, UPCAST=INTERPRET,
+                   BLOCK_N=keys_per_tile, SCALED=fp8, UPCAST=INTERPRET,
                    num_warps=num_warps, num_stages=num_stages)
     scales = index_k_scale if fp8 else index_k
     most_blocks = max(1, (max_seqlen - 1) // block_size)
