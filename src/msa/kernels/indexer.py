@@ -21,36 +21,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _query_tile(index_q, start, first_query, end, G: tl.constexpr, GP: tl.constexpr, DI: tl.constexpr,
-                BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
-    """Index queries of BLOCK_M positions from ``first_query`` x all groups, ``[BLOCK_M * GP, DI]``
-    (rows past ``end`` or G zero): returns (positions, groups, valid rows, dims, tile)."""
-    rows = tl.arange(0, BLOCK_M * GP)
-    q_pos = first_query + rows // GP
-    group = rows % GP
-    row_ok = (q_pos < end) & (group < G)
-    dims = tl.arange(0, DI)
-    iq = tl.load(index_q + ((start + q_pos) * G + group)[:, None] * DI + dims[None, :], mask=row_ok[:, None], other=0.0)
-    if UPCAST:
-        iq = iq.to(tl.float32)
-    return q_pos, group, row_ok, dims, iq
-
-
-@triton.jit
-def _tile_logits(index_k, index_k_scale, start, seqlen, tile, iq, dims, DI: tl.constexpr, BLOCK_N: tl.constexpr,
-                 SCALED: tl.constexpr, UPCAST: tl.constexpr):
-    """Key positions of one key tile and the rows' logits against them (times the key scales with SCALED)."""
-    k_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    ik = tl.load(index_k + (start + k_pos)[:, None] * DI + dims[None, :], mask=(k_pos < seqlen)[:, None], other=0.0)
-    if UPCAST:
-        ik = ik.to(tl.float32)
-    logits = tl.dot(iq, tl.trans(ik))  # no softmax scale: a positive scale changes no ranking
-    if SCALED:
-        logits *= tl.load(index_k_scale + start + k_pos, mask=k_pos < seqlen, other=1.0)[None, :]
-    return k_pos, logits
-
-
-@triton.jit
 def pop_max(scores, index, N: tl.constexpr):
     """One round of an exp-free Top-k over the last axis of ``scores`` ``[R, N]`` (``index`` = arange(N)):
     each row's best score and its index (ties go to the lower index), and the scores with it removed."""
@@ -92,11 +62,26 @@ def block_scores_kernel(
         return
     NB: tl.constexpr = BLOCK_N // BLOCK_SIZE
     ROWS: tl.constexpr = BLOCK_M * GP
-    q_pos, group, row_ok, dims, iq = _query_tile(index_q, start, first_query, end, G, GP, DI, BLOCK_M, UPCAST)
+    # the tile's rows: BLOCK_M query positions x all groups (rows past `end` or G load zeros)
+    rows = tl.arange(0, ROWS)
+    q_pos = first_query + rows // GP
+    group = rows % GP
+    row_ok = (q_pos < end) & (group < G)
+    dims = tl.arange(0, DI)
+    iq = tl.load(index_q + ((start + q_pos) * G + group)[:, None] * DI + dims[None, :], mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        iq = iq.to(tl.float32)
     out = scores + ((seq * n_positions + q_pos - first_position) * G + group).to(tl.int64) * NBLK
     n_blocks = (tl.minimum(first_query + BLOCK_M, end) - 1) // BLOCK_SIZE  # blocks before the last local one
     for tile in range(0, tl.cdiv(n_blocks, NB)):
-        _, logits = _tile_logits(index_k, index_k_scale, start, seqlen, tile, iq, dims, DI, BLOCK_N, SCALED, UPCAST)
+        k_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        ik = tl.load(index_k + (start + k_pos)[:, None] * DI + dims[None, :], mask=(k_pos < seqlen)[:, None],
+                     other=0.0)
+        if UPCAST:
+            ik = ik.to(tl.float32)
+        logits = tl.dot(iq, tl.trans(ik))  # no softmax scale: a positive scale changes no ranking
+        if SCALED:
+            logits *= tl.load(index_k_scale + start + k_pos, mask=k_pos < seqlen, other=1.0)[None, :]
         blocks = tile * NB + tl.arange(0, NB)
         tl.store(out[:, None] + blocks[None, :], tl.max(tl.reshape(logits, (ROWS, NB, BLOCK_SIZE)), axis=2),
                  mask=row_ok[:, None] & (blocks[None, :] < n_blocks))
