@@ -314,7 +314,6 @@ def main() -> None:
             path.write_text(json.dumps(record, indent=2))  # after every length: a cut-off run keeps its rows
             torch.cuda.empty_cache()
             progress.advance(task)
-    path.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

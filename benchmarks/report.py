@@ -58,7 +58,7 @@ def merge(records: list[tuple[str, dict]]) -> list[dict]:
 
 def ceiling_of(row: dict, kernel: str) -> float | None:
     """The matrix ceiling a kernel is measured against: FP8 for the FP8 indexer, bf16 otherwise."""
-    return row["fp8_ceiling"] if "_fp8" in kernel else row["ceiling"]
+    return row["fp8_ceiling"] if kernel.endswith("_fp8") else row["ceiling"]
 
 
 def tables(rows: list[dict]) -> str:

@@ -435,8 +435,7 @@ def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, out, scale
         HQ=n_heads, G=n_groups, R=n_heads // n_groups,
         RP=max(_pow2(n_heads // n_groups), triton.cdiv(16, tokens_per_tile)), D=head_dim,
         BLOCK_SIZE=block_size, MAX_PAGES=page_table.shape[1], TOPK=topk, TOPKP=_pow2(topk), QT=tokens_per_tile,
-        SPLIT=split, UPCAST=INTERPRET,
-        num_warps=PAGED_ATTENTION_WARPS)
+        SPLIT=split, UPCAST=INTERPRET, num_warps=PAGED_ATTENTION_WARPS)
     if split > 1:
         rows = q.shape[0] * n_heads
         merge_partials_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
