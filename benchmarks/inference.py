@@ -26,9 +26,9 @@ same blocks: ``--selections overlapping`` mixes each request's 8 index queries
 with one shared query, the mix calibrated so that the 8 tokens select
 ``--draft-union`` distinct blocks per group on average (default: 30.5 of 128,
 what the trained 128 x 16 model of experiments/quality selects; see its
-results table). ``--attention-tokens`` sets the attention tile (1: each token
-reads its own blocks; 8: a request's tokens load each block of their union
-once).
+results table). ``--attention-tokens`` forces the attention tile (1: each
+token reads its own blocks; 8: a request's tokens load each block of their
+union once; default: ``PagedSparseAttention``'s choice, recorded per case).
 
     PYTHONPATH=src python benchmarks/inference.py --out benchmarks/results/<run>
 """
@@ -179,13 +179,14 @@ def overlapping_index_q(attention, index_q, batch: int, q_len: int, target: floa
 
 
 def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_union: float | None,
-                index_dtype=None, kv_splits: int | None = None) -> dict | None:
+                index_dtype=None, kv_splits: int | None = None, attention_tokens: int | None = None) -> dict | None:
     c = LAYER
     made = paged_cache(batch, seqlen - q_len, q_len, max_layers=4, bytes_limit=bytes_limit, index_dtype=index_dtype)
     if made is None:
         return None
     cache, requests = made
-    attention = PagedSparseAttention(cache, num_heads=c["heads"], topk=c["topk"], kv_splits=kv_splits)
+    attention = PagedSparseAttention(cache, num_heads=c["heads"], topk=c["topk"], kv_splits=kv_splits,
+                                     attention_tokens=attention_tokens)
     attention.plan(requests, [q_len] * batch)
     q, k, v, index_q, index_k = new_tokens(batch * q_len)
     spread = None
@@ -235,7 +236,8 @@ def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_uni
                 attention_ms=attention_ms, scan_gbps=scan_bytes / scan_ms / 1e6,
                 attention_gbps=selected_bytes / attention_ms / 1e6,
                 dense_bytes=2 * batch * seqlen * groups * c["head_dim"] * 2,
-                msa_bytes=scan_bytes + selected_bytes, kv_splits=attention.split, layers_rotated=layers,
+                msa_bytes=scan_bytes + selected_bytes, kv_splits=attention.split,
+                attention_tokens=attention.attention_tokens, layers_rotated=layers,
                 distinct_blocks=union.float().mean().item(), index_q_spread=spread)
 
 
@@ -270,15 +272,14 @@ def main() -> None:
                         help="how the 8 tokens of a decode request select their blocks (see above)")
     parser.add_argument("--draft-union", type=float, default=30.5,
                         help="overlapping: distinct blocks the 8 tokens select per group, on average")
-    parser.add_argument("--attention-tokens", type=int, default=kernels.PAGED_ATTENTION_TOKENS,
-                        help="tokens per sparse-attention tile (kernels.PAGED_ATTENTION_TOKENS)")
+    parser.add_argument("--attention-tokens", type=int, default=None,
+                        help="tokens per sparse-attention tile (default: PagedSparseAttention's choice)")
     parser.add_argument("--kv-splits", type=int, default=None,
                         help="decode: parts of each tile's blocks (default: PagedSparseAttention's choice)")
     parser.add_argument("--index-dtype", choices=["bf16", "fp8"], default="bf16",
                         help="decode: the index-key cache's dtype (fp8: msa.fp8; K and V stay bf16)")
     args = parser.parse_args()
     index_dtype = FP8_DTYPE if args.index_dtype == "fp8" else None
-    kernels.PAGED_ATTENTION_TOKENS = args.attention_tokens
     draft_union = args.draft_union if args.selections == "overlapping" else None
     parts = args.parts.split(",")
     console = Console()
@@ -312,7 +313,8 @@ def main() -> None:
         task = progress.add_task("inference", total=len(cases) + len(prefill_rows))
         for suite_name, batch, seqlen in cases:
             progress.update(task, description=f"{suite_name} B={batch} S={seqlen}")
-            row = decode_case(batch, seqlen, q_len, limit, draft_union, index_dtype, args.kv_splits)
+            row = decode_case(batch, seqlen, q_len, limit, draft_union, index_dtype, args.kv_splits,
+                              args.attention_tokens)
             if row is None:
                 record["skipped"].append(dict(suite=suite_name, batch=batch, seqlen=seqlen, why="cache > --memory-gb"))
             else:

@@ -33,7 +33,8 @@ def load(folders: list[Path]):
         runs.append(run)
         qualifiers = []
         if record.get("selections", "independent") != "independent":
-            qualifiers.append(f"overlapping selections, {record['attention_tokens']}-token tiles")
+            tiles = record["attention_tokens"]  # None: PagedSparseAttention's choice per case
+            qualifiers.append("overlapping selections" + (f", {tiles}-token tiles" if tiles else ""))
         if record.get("index_dtype", "bf16") != "bf16":
             qualifiers.append(f"{record['index_dtype'].upper()} index keys")
         suite_label = ", ".join(["{}", *qualifiers])

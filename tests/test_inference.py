@@ -106,13 +106,11 @@ def test_chunked_prefill_and_decode_match_the_whole_sequence(backend, shape, dty
 @pytest.mark.parametrize("shape", SHAPES)
 def test_attention_tiles_match_the_whole_sequence(shape, monkeypatch):
     """Tiles of 8 tokens walking the distinct blocks of their union, with split-KV: the same results."""
-    from msa import kernels
-
     monkeypatch.setenv("MSA_BACKEND", "triton")
-    monkeypatch.setattr(kernels, "PAGED_ATTENTION_TOKENS", 8)
     poison_allocations(monkeypatch)
     block_size, dtype = shape[4], DTYPES[0]
-    sequences, outs, blocks, _ = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=42, kv_splits=3)
+    sequences, outs, blocks, _ = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=42, kv_splits=3,
+                                       attention_tokens=8)
     for (q, k, v, _, _), out, selected in zip(sequences, outs, blocks):
         ref = msa.reference.sparse_attention(q.double(), k.double(), v.double(), selected[None], block_size=block_size)
         assert rel_err(out[None], ref) < BOUNDS[dtype]

@@ -44,18 +44,26 @@ class PagedSparseAttention:
             ``rows x max_pages_per_request``); longer chunks run in parts.
         kv_splits: parts the blocks of each (tile, group) are split into
             (split-KV); default: enough to fill the GPU when a batch is small.
+        attention_tokens: tokens per sparse-attention tile (1: each token
+            loads its own blocks; more: a request's tokens load each block of
+            their union once). Default: ``kernels.PAGED_ATTENTION_TOKENS`` for
+            decode steps (every ``q_len`` <= 16) whose tiles fill the GPU, else 1.
     """
 
     def __init__(self, cache: PagedKVCache, *, num_heads: int, topk: int = 16, softmax_scale: float | None = None,
-                 score_workspace_bytes: int = 256 << 20, kv_splits: int | None = None):
+                 score_workspace_bytes: int = 256 << 20, kv_splits: int | None = None,
+                 attention_tokens: int | None = None):
         if num_heads % cache.num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of the cache's num_kv_heads "
                              f"({cache.num_kv_heads})")
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
+        if attention_tokens is not None and attention_tokens < 1:
+            raise ValueError(f"attention_tokens must be >= 1, got {attention_tokens}")
         self.cache, self.num_heads, self.topk = cache, num_heads, topk
         self.softmax_scale = cache.head_dim**-0.5 if softmax_scale is None else softmax_scale
         self.score_workspace_bytes, self.kv_splits = score_workspace_bytes, kv_splits
+        self.requested_attention_tokens = attention_tokens
         self.selected = min(topk, cache.max_pages_per_request)  # Top-k width of the page scores
         self._buffers: dict[str, torch.Tensor] = {}
         self.buffers_version = 0  # bumped when a buffer is reallocated: CUDA graphs captured before are stale
@@ -96,7 +104,7 @@ class PagedSparseAttention:
 
         cache, groups, n_heads, head_dim = self.cache, self.cache.num_kv_heads, self.num_heads, self.cache.head_dim
         self.scan_tokens = kernels.PAGED_SCAN_TOKENS
-        self.attention_tokens = kernels.PAGED_ATTENTION_TOKENS
+        self.attention_tokens = self._attention_tokens()
         scan_tiles, attention_tiles = [], []
         first_token = 0
         for request, prefix_len, q_len in zip(self.requests, self.prefix_lens, self.q_lens):
@@ -143,6 +151,19 @@ class PagedSparseAttention:
         start_token = tiles[first][1]
         chunks.append((first, len(tiles), start_token, self.total_tokens - start_token))
         return chunks
+
+    def _attention_tokens(self) -> int:
+        """Tokens per attention tile: a decode step's tokens together once the batch fills the GPU."""
+        if self.requested_attention_tokens is not None:
+            return self.requested_attention_tokens
+        from msa import kernels
+
+        wide = kernels.PAGED_ATTENTION_TOKENS
+        if self.cache.device.type != "cuda" or max(self.q_lens) > 16:
+            return 1
+        programs = sum(math.ceil(n / wide) for n in self.q_lens) * self.cache.num_kv_heads
+        sms = torch.cuda.get_device_properties(self.cache.device).multi_processor_count
+        return wide if 2 * programs >= sms else 1
 
     def _split(self) -> int:
         """Parts each (tile, group)'s blocks are split into, so that small batches fill the GPU."""

@@ -364,19 +364,19 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
 
 # Index scan, bf16 / FP8 keys: (pages per program, pages per matrix product, num_warps, pipeline stages),
 # the fastest of the variants timed at 128K x 8, 200K x 8 and 200K x 32 (results/*35-scan-variants);
-# tokens per tile (one read of a request's index keys serves this many of its new tokens). Attention:
-# num_warps; at most this many programs per tile and group split the attention of small batches.
+# tokens per tile (one read of a request's index keys serves this many of its new tokens).
 PAGED_SCAN = (16, 2, 4, 3)
 PAGED_SCAN_FP8 = (32, 2, 8, 3)
 PAGED_SCAN_TOKENS = 16
-# Tokens per attention tile. 1: each token reads its own blocks (no wasted rows); the fastest on the
-# benchmarks' independent random selections: decode 2.0x faster than 8-token tiles (median; 0.85-3.4x,
-# results 13 vs 14), prefill 3.3x (3.0-3.6x, results 14 vs 15), and still on selections that overlap as
-# much as a trained model's (results 19 vs 20: 1.1-1.8x; benchmarks/results/2026-11-23-h100-*). More
-# tokens load each block of their union once for all of them.
-PAGED_ATTENTION_TOKENS = 1
-PAGED_ATTENTION_WARPS = 4
-PAGED_MAX_SPLIT = 8
+# Attention tiles: 1 token (each token reads its own blocks: no wasted rows; the fastest on small batches and
+# on independent selections, results 13-15, 19-20) or PAGED_ATTENTION_TOKENS tokens of a decode step (a
+# request's tokens load each block of their union once: on selections that overlap as much as a trained
+# model's, 1.19x at 200K x 32 and 1.30x at 200K x 128 once the batch fills the GPU, results 46). num_warps
+# and pipeline stages: the fastest of 4/8 warps x 2/3 stages at 128K x 8 and 200K x 8/32/128 (results 46).
+PAGED_ATTENTION_TOKENS = 8
+PAGED_ATTENTION_WARPS = 8
+PAGED_ATTENTION_STAGES = 3
+PAGED_MAX_SPLIT = 8  # at most this many programs per tile and group split the attention of small batches
 
 
 def paged_append_index_keys(index_k, slots, pool, scale_pool):
@@ -417,7 +417,8 @@ def top_pages(scores, top_pages_out):
 
 
 def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, out, scale: float, tokens_per_tile: int,
-                           split: int = 1, partial_out=None, partial_lse=None, lse=None):
+                           split: int = 1, partial_out=None, partial_lse=None, lse=None, *,
+                           num_warps: int = PAGED_ATTENTION_WARPS, num_stages: int = PAGED_ATTENTION_STAGES):
     """Sparse attention of ``q`` ``[T, Hq, D]`` over the pages ``block_indices`` (int64 ``[T, G, topk]``) names.
 
     ``k``, ``v``: ``[P, block_size, G, D]`` (one layer's pages). With ``split > 1``
@@ -435,7 +436,7 @@ def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, out, scale
         HQ=n_heads, G=n_groups, R=n_heads // n_groups,
         RP=max(_pow2(n_heads // n_groups), triton.cdiv(16, tokens_per_tile)), D=head_dim,
         BLOCK_SIZE=block_size, MAX_PAGES=page_table.shape[1], TOPK=topk, TOPKP=_pow2(topk), QT=tokens_per_tile,
-        SPLIT=split, UPCAST=INTERPRET, num_warps=PAGED_ATTENTION_WARPS)
+        SPLIT=split, UPCAST=INTERPRET, num_warps=num_warps, num_stages=num_stages)
     if split > 1:
         rows = q.shape[0] * n_heads
         merge_partials_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
