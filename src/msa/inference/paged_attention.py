@@ -175,7 +175,8 @@ class PagedSparseAttention:
 
         programs = self.n_attention_tiles * self.cache.num_kv_heads
         sms = torch.cuda.get_device_properties(self.cache.device).multi_processor_count
-        return max(1, min(kernels.PAGED_MAX_SPLIT, (2 * sms) // programs))
+        per_sm = 2 if self.attention_tokens == 1 else 1  # one-token programs are light: two per SM
+        return max(1, min(kernels.PAGED_MAX_SPLIT, per_sm * sms // programs))
 
     def split_buffers(self) -> dict[str, torch.Tensor]:
         """The split-KV work buffers of ``kernels.paged_sparse_attention`` for the planned step (none unsplit)."""

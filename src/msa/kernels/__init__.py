@@ -369,12 +369,13 @@ PAGED_SCAN = (16, 2, 4, 3)
 PAGED_SCAN_FP8 = (32, 2, 8, 3)
 PAGED_SCAN_TOKENS = 16
 # Attention tiles: 1 token (each token reads its own blocks: no wasted rows; the fastest on small batches and
-# on independent selections, results 13-15, 19-20) or PAGED_ATTENTION_TOKENS tokens of a decode step (a
+# on independent selections, results 13-15, 19-20, 47) or PAGED_ATTENTION_TOKENS tokens of a decode step (a
 # request's tokens load each block of their union once: on selections that overlap as much as a trained
-# model's, 1.19x at 200K x 32 and 1.30x at 200K x 128 once the batch fills the GPU, results 46). num_warps
-# and pipeline stages: the fastest of 4/8 warps x 2/3 stages at 128K x 8 and 200K x 8/32/128 (results 46).
+# model's, attention 1.2-1.3x faster at 200K x 32-128 once the batch fills the GPU, results 46-47).
+# num_warps of one-token and of wider tiles, and pipeline stages: the fastest of 4/8 warps x 2/3 stages in the
+# sweep of results 46 (8 warps on one-token tiles: 7% faster at 128K x 8, 1.5x slower at 512K x 4, results 47).
 PAGED_ATTENTION_TOKENS = 8
-PAGED_ATTENTION_WARPS = 8
+PAGED_ATTENTION_WARPS = (4, 8)
 PAGED_ATTENTION_STAGES = 3
 PAGED_MAX_SPLIT = 8  # at most this many programs per tile and group split the attention of small batches
 
@@ -418,13 +419,13 @@ def top_pages(scores, top_pages_out):
 
 def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, out, scale: float, tokens_per_tile: int,
                            split: int = 1, partial_out=None, partial_lse=None, lse=None, *,
-                           num_warps: int = PAGED_ATTENTION_WARPS, num_stages: int = PAGED_ATTENTION_STAGES):
+                           num_warps: int | None = None, num_stages: int = PAGED_ATTENTION_STAGES):
     """Sparse attention of ``q`` ``[T, Hq, D]`` over the pages ``block_indices`` (int64 ``[T, G, topk]``) names.
 
     ``k``, ``v``: ``[P, block_size, G, D]`` (one layer's pages). With ``split > 1``
     the work buffers ``partial_out`` (float32 ``[T * Hq, split, D]``),
     ``partial_lse`` (``[T * Hq, split]``) and ``lse`` (``[T * Hq]``) are used.
-    Writes ``out`` ``[T, Hq, D]``; allocates nothing.
+    Writes ``out`` ``[T, Hq, D]``; allocates nothing. ``num_warps``: default ``PAGED_ATTENTION_WARPS`` by tile width.
     """
     n_heads, head_dim = q.shape[1:]
     block_size, n_groups = k.shape[1:3]
@@ -436,7 +437,8 @@ def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, out, scale
         HQ=n_heads, G=n_groups, R=n_heads // n_groups,
         RP=max(_pow2(n_heads // n_groups), triton.cdiv(16, tokens_per_tile)), D=head_dim,
         BLOCK_SIZE=block_size, MAX_PAGES=page_table.shape[1], TOPK=topk, TOPKP=_pow2(topk), QT=tokens_per_tile,
-        SPLIT=split, UPCAST=INTERPRET, num_warps=num_warps, num_stages=num_stages)
+        SPLIT=split, UPCAST=INTERPRET, num_warps=num_warps or PAGED_ATTENTION_WARPS[tokens_per_tile > 1],
+        num_stages=num_stages)
     if split > 1:
         rows = q.shape[0] * n_heads
         merge_partials_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
