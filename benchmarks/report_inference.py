@@ -26,10 +26,12 @@ def load(folders: list[Path]):
     runs, decode, prefill = [], {}, {}
     for folder in folders:
         record = json.loads((folder / "inference.json").read_text())
-        provenance = folder / "provenance.json"
-        commit = json.loads(provenance.read_text())["commit"] if provenance.exists() else record["commit"]
-        run = dict(folder=folder.name, device=record["device"], date=record["date"], commit=commit,
-                   copy_gbps=record["copy_gbps"])
+        provenance = next((p for p in (folder / "provenance.json", folder.parent / "provenance.json") if p.exists()),
+                          None)  # a run's variants are sub-folders of one results folder
+        commit = json.loads(provenance.read_text())["commit"] if provenance else record["commit"]
+        name = folder.name if folder.parent.name == "results" else f"{folder.parent.name}/{folder.name}"
+        run = dict(folder=name, number=name.split("-")[4], device=record["device"], date=record["date"],
+                   commit=commit, copy_gbps=record["copy_gbps"])
         runs.append(run)
         qualifiers = []
         if record.get("selections", "independent") != "independent":
@@ -39,7 +41,8 @@ def load(folders: list[Path]):
             qualifiers.append(f"{record['index_dtype'].upper()} index keys")
         suite_label = ", ".join(["{}", *qualifiers])
         for row in record["decode"]:
-            decode[suite_label.format(row["suite"]), row["batch"], row["seqlen"]] = dict(row, run=run)
+            tiles = row.get("attention_tokens", record.get("attention_tokens", 1))  # recorded per row since run 49
+            decode[suite_label.format(row["suite"]), row["batch"], row["seqlen"]] = dict(row, run=run, tiles=tiles)
         for row in record["prefill"]:
             prefill[row["case_id"]] = dict(row, run=run)
     return runs, decode, prefill
@@ -55,15 +58,15 @@ def fmt_len(n: int) -> str:
 def decode_table(decode: dict) -> list[str]:
     """One row per decode case."""
     lines = ["| suite | batch | context | MSA ms | dense ms (backend) | speed-up | bytes ratio | index scan ms "
-             "| scan GB/s (of copy) | top-k ms | attention ms |",
-             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| scan GB/s (of copy) | top-k ms | attention ms | tile tokens | run |",
+             "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for (suite, batch, seqlen), row in sorted(decode.items(), key=lambda item: (item[0][0] != "decode", item[0])):
         copy = row["run"]["copy_gbps"]
         lines.append(
             f"| {suite} | {batch} | {fmt_len(seqlen)} | {row['msa_ms']:.3f} | {row['dense_ms']:.3f} "
             f"({row['dense_backend']}) | **{row['speedup']:.2f}x** | {row['dense_bytes'] / row['msa_bytes']:.2f}x | "
             f"{row['scan_ms']:.3f} | {row['scan_gbps']:.0f} ({100 * row['scan_gbps'] / copy:.0f}%) | "
-            f"{row['topk_ms']:.3f} | {row['attention_ms']:.3f} |")
+            f"{row['topk_ms']:.3f} | {row['attention_ms']:.3f} | {row['tiles']} | {row['run']['number']} |")
     return lines
 
 
@@ -143,7 +146,10 @@ def main() -> None:
               "of experiments/quality does (`benchmarks/inference.py --selections overlapping`). `FP8 index "
               "keys`: the index-key cache in FP8 with a scale per key (`PagedKVCache(index_dtype="
               "torch.float8_e4m3fn)`, `msa.fp8`; K and V stay bf16; `--index-dtype fp8`): the scan reads Di + 4 "
-              "bytes per key instead of 2 Di.\n",
+              "bytes per key instead of 2 Di. `tile tokens`: tokens per sparse-attention tile (1: each token loads its "
+              "own blocks; 8: a request's 8 tokens load each block of their union once); suites without a "
+              "tile qualifier run `PagedSparseAttention`'s default choice (8-token tiles for decode batches that "
+              "fill the GPU). `run`: the number of the results folder.\n",
               "![decode speed-up](decode_speedup.png)\n", *decode_table(decode),
               "\n## Production prefill (paged)\n", *prefill_lines]
     (HERE / "INFERENCE.md").write_text("\n".join(lines) + "\n")
