@@ -369,11 +369,11 @@ PAGED_SCAN = (16, 2, 4, 3)
 PAGED_SCAN_FP8 = (32, 2, 8, 3)
 PAGED_SCAN_TOKENS = 16
 # Attention tiles: 1 token (each token reads its own blocks: no wasted rows; the fastest on small batches and
-# on independent selections, results 13-15, 19-20, 47) or PAGED_ATTENTION_TOKENS tokens of a decode step (a
+# on independent selections, results 13-15, 19-20, 50) or PAGED_ATTENTION_TOKENS tokens of a decode step (a
 # request's tokens load each block of their union once: on selections that overlap as much as a trained
-# model's, attention 1.2-1.3x faster at 200K x 32-128 once the batch fills the GPU, results 46-47).
+# model's, attention 1.2-1.3x faster at 200K x 32-128 once the batch fills the GPU, results 48, 50).
 # num_warps of one-token and of wider tiles, and pipeline stages: the fastest of 4/8 warps x 2/3 stages in the
-# sweep of results 46 (8 warps on one-token tiles: 7% faster at 128K x 8, 1.5x slower at 512K x 4, results 47).
+# sweep of results 48 (8 warps on one-token tiles: 7% faster at 128K x 8, 1.5x slower at 512K x 4, results 49).
 PAGED_ATTENTION_TOKENS = 8
 PAGED_ATTENTION_WARPS = (4, 8)
 PAGED_ATTENTION_STAGES = 3
