@@ -163,7 +163,7 @@ class PagedSparseAttention:
             return 1
         programs = sum(math.ceil(n / wide) for n in self.q_lens) * self.cache.num_kv_heads
         sms = torch.cuda.get_device_properties(self.cache.device).multi_processor_count
-        return wide if 2 * programs >= sms else 1
+        return wide if 2 * programs >= sms else 1  # measured: 32 programs on 132 SMs lose, 128 win (results 48)
 
     def _split(self) -> int:
         """Parts each (tile, group)'s blocks are split into, so that small batches fill the GPU."""
