@@ -133,6 +133,32 @@ def test_sparse_attention_kernels(shape, dtype, schedule):
         assert rel_err(grad, ref) < 2 * bound, f"d{name}"
 
 
+@pytest.mark.parametrize("part_entries, parts", [(1, 8), (2**30, 1)])
+def test_kv_outer_forward_list_parts(part_entries, parts, monkeypatch):
+    """The KV-outer forward's (group, block) lists split in 8 parts or walked whole by one program: exact both
+    ways (which one a chunk takes depends on how many entries its lists hold)."""
+    from msa import kernels
+
+    monkeypatch.setattr(kernels, "KV_OUTER_MIN_TOKENS", 0)
+    monkeypatch.setattr(kernels, "KV_OUTER_PART_ENTRIES", part_entries)
+    grids, launch = [], kernels._launch
+
+    def recording_launch(kernel, grid, *args, **kwargs):
+        grids.append(grid)
+        launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "_launch", recording_launch)
+    shape, dtype = SHAPES[0], DTYPES[0]
+    q, k, v, index_q, index_k = inputs_for(shape, dtype, seed=25)
+    block_size, topk = shape[6], shape[7]
+    blocks = msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=block_size, topk=topk)
+    out, lse = msa.sparse_attention(q, k, v, blocks, block_size=block_size, return_lse=True)
+    ref_out, ref_lse = msa.reference.sparse_attention(q.double(), k.double(), v.double(), blocks,
+                                                      block_size=block_size, return_lse=True)
+    assert [grid[2] for grid in grids] == [parts]
+    assert rel_err(out, ref_out) < BOUNDS[dtype] and rel_err(lse, ref_lse) < BOUNDS[dtype]
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("give_main_lse", [False, True])

@@ -51,6 +51,12 @@ KL_FWD = (64, 8, 2)  # the KL configs: sweep at 128K of results/*26-kl-fused-tun
 KL_BWD = KL_FUSED = (32, 8, 2)  # KL_FUSED: the gradient kernel when it also writes the loss terms
 KL_TOKENS = 16  # tokens per step of the KL kernels: the student's products need 16 rows
 KV_OUTER_SPLIT = 8
+# The forward splits a chunk's lists in fewer parts when they are short: a part loads its K/V block (64 KB at
+# D=128, block 128) for at least this many entries on average. At 128K tokens a 16K-token chunk puts ~250
+# entries in each list (8 parts, as tuned); at 1M ~32 in each of 8192 lists, where 8 parts would load every
+# block 8 times for one 4-token tile each: ~1.1 TB of K/V reads, about half the 1M forward's time by the
+# traffic count of benchmarks/README.md.
+KV_OUTER_PART_ENTRIES = 16
 MERGE_ROWS = 16
 # block_scores_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile), for bf16/fp16
 # index vectors and for FP8 ones: the fastest of the sweep at 128K, 512K and 1M on an H100
@@ -145,6 +151,13 @@ def _csr(block_indices, cu_seqlens, max_seqlen: int, block_size: int, start: int
                            max(1, triton.cdiv(max_seqlen, block_size)), token_offset=start)
 
 
+def _list_parts(tokens: int, topk: int, n_lists: int) -> int:
+    """Parts (a power of two, at most ``KV_OUTER_SPLIT``) that the forward splits the lists of a chunk of
+    ``tokens`` queries into, when they select among ``n_lists`` (sequence, block) lists per group."""
+    per_part = tokens * topk // max(1, n_lists) // KV_OUTER_PART_ENTRIES
+    return min(KV_OUTER_SPLIT, 1 << max(0, per_part.bit_length() - 1))
+
+
 def _kl_launch(q, k, config: tuple[int, int, int]) -> dict:
     """Head constants, tokens per step, heads per teacher chunk and launch options of a KL kernel."""
     rows, num_warps, num_stages = config
@@ -176,14 +189,17 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
     partial_out = torch.empty(chunk, n_heads, topk, head_dim, dtype=q.dtype, device=q.device) if out is not None \
         else partial_lse
     launch = _kv_outer_launch(q, k, KV_OUTER_FWD)
+    n_seqs = cu_seqlens.numel() - 1
     for start in range(0, total, chunk):
         end = min(total, start + chunk)
         csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size, start, end)
+        # a query's position is at most its packed index: the chunk reaches blocks before cdiv(end, block_size)
+        split = _list_parts(end - start, topk, n_seqs * min(csr.max_blocks, triton.cdiv(end, block_size)))
         partial_lse.fill_(float("-inf"))
-        _launch(sparse_attention_fwd_partial_kernel, (csr.n_block_slots, k.shape[1], KV_OUTER_SPLIT),
+        _launch(sparse_attention_fwd_partial_kernel, (csr.n_block_slots, k.shape[1], split),
             q, k, v, cu_seqlens, csr.offsets, csr.entries, partial_out, partial_lse, scale * LOG2E.value,
             csr.n_block_slots, start, **launch, BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk,
-            SPLIT=KV_OUTER_SPLIT, WRITE_OUT=out is not None, UPCAST=INTERPRET)
+            SPLIT=split, WRITE_OUT=out is not None, UPCAST=INTERPRET)
         rows = (end - start) * n_heads
         if out is None:
             lse[start:end] = torch.logsumexp(partial_lse[: end - start], dim=-1)
