@@ -27,16 +27,6 @@ from msa.cli.bench import git_commit
 from msa.inference import PagedSparseAttention
 
 
-def attention_tiles(attention: PagedSparseAttention, tokens_per_tile: int) -> torch.Tensor:
-    """The planned step's attention work list with ``tokens_per_tile`` tokens per tile."""
-    tiles, first_token = [], 0
-    for request, prefix_len, q_len in zip(attention.requests, attention.prefix_lens, attention.q_lens):
-        tiles += [(request, first_token + i, min(tokens_per_tile, q_len - i), prefix_len + i)
-                  for i in range(0, q_len, tokens_per_tile)]
-        first_token += q_len
-    return torch.tensor(tiles, dtype=torch.int32, device="cuda")
-
-
 def sweep_case(batch: int, seqlen: int, q_len: int, draft_union: float, configs) -> dict:
     c = LAYER
     cache, requests = paged_cache(batch, seqlen - q_len, q_len, max_layers=4, bytes_limit=int(60e9))
@@ -53,7 +43,7 @@ def sweep_case(batch: int, seqlen: int, q_len: int, draft_union: float, configs)
     layers = cache.num_layers
     timings = []
     for tokens_per_tile, num_warps, num_stages, split in configs:
-        tiles = attention_tiles(attention, tokens_per_tile)
+        tiles = torch.tensor(attention.work_tiles(tokens_per_tile), dtype=torch.int32, device="cuda")
         out = torch.full_like(q, float("nan"))
         buffers = {} if split == 1 else dict(
             partial_out=torch.empty(rows, split, c["head_dim"], device="cuda"),

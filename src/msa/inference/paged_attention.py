@@ -105,12 +105,7 @@ class PagedSparseAttention:
         cache, groups, n_heads, head_dim = self.cache, self.cache.num_kv_heads, self.num_heads, self.cache.head_dim
         self.scan_tokens = kernels.PAGED_SCAN_TOKENS
         self.attention_tokens = self._attention_tokens()
-        scan_tiles, attention_tiles = [], []
-        first_token = 0
-        for request, prefix_len, q_len in zip(self.requests, self.prefix_lens, self.q_lens):
-            for tiles, qt in ((scan_tiles, self.scan_tokens), (attention_tiles, self.attention_tokens)):
-                tiles += [(request, first_token + i, min(qt, q_len - i), prefix_len + i) for i in range(0, q_len, qt)]
-            first_token += q_len
+        scan_tiles, attention_tiles = self.work_tiles(self.scan_tokens), self.work_tiles(self.attention_tokens)
         self.n_scan_tiles, self.n_attention_tiles = len(scan_tiles), len(attention_tiles)
         self.chunks = self._score_chunks(scan_tiles)
         self.split = self._split()
@@ -118,13 +113,23 @@ class PagedSparseAttention:
             self._buffer(name, (len(tiles), 4), torch.int32).copy_(torch.tensor(tiles, dtype=torch.int32))
         max_rows = max(tokens for _, _, _, tokens in self.chunks) * groups
         self._buffer("scores", (max_rows * cache.max_pages_per_request,), torch.float32)
-        self._buffer("block_indices", (first_token * groups * self.selected,), torch.int64)
-        self._buffer("out", (first_token * n_heads * head_dim,), cache.dtype)
+        self._buffer("block_indices", (self.total_tokens * groups * self.selected,), torch.int64)
+        self._buffer("out", (self.total_tokens * n_heads * head_dim,), cache.dtype)
         if self.split > 1:
-            self._buffer("partial_out", (first_token * n_heads * self.split * head_dim,), torch.float32)
-            self._buffer("partial_lse", (first_token * n_heads * self.split,), torch.float32)
-            self._buffer("lse", (first_token * n_heads,), torch.float32)
+            self._buffer("partial_out", (self.total_tokens * n_heads * self.split * head_dim,), torch.float32)
+            self._buffer("partial_lse", (self.total_tokens * n_heads * self.split,), torch.float32)
+            self._buffer("lse", (self.total_tokens * n_heads,), torch.float32)
         self._planned = True
+
+    def work_tiles(self, tokens_per_tile: int) -> list[tuple[int, int, int, int]]:
+        """The planned step's kernel work list: (request, first packed token, token count, position of the
+        first token) per tile of up to ``tokens_per_tile`` consecutive new tokens of one request."""
+        tiles, first_token = [], 0
+        for request, prefix_len, q_len in zip(self.requests, self.prefix_lens, self.q_lens):
+            tiles += [(request, first_token + i, min(tokens_per_tile, q_len - i), prefix_len + i)
+                      for i in range(0, q_len, tokens_per_tile)]
+            first_token += q_len
+        return tiles
 
     def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A view of a grow-only device buffer."""
