@@ -59,15 +59,19 @@ def fp8_matmul_ceiling_tflops() -> float | None:
         return None
 
 
+def ranking_inputs(index_q: torch.Tensor, index_k: torch.Tensor) -> dict:
+    """``select_blocks``' inputs and keyword arguments for bf16 and for FP8 index vectors (:mod:`msa.fp8`)."""
+    (fp8_q, _), (fp8_k, fp8_k_scale) = quantize_rows(index_q), quantize_rows(index_k[:, 0])
+    return {"bf16": ((index_q, index_k), {}), "fp8": ((fp8_q, fp8_k), dict(index_k_scale=fp8_k_scale))}
+
+
 def tune_indexer(c: dict, seqlen: int, console) -> dict:
     """Time the indexer's configurations on the layer, bf16 and FP8 index vectors; returns ms per config."""
     index_q = torch.randn(seqlen, c["groups"], c["index_dim"], device="cuda", dtype=torch.bfloat16)
     index_k = torch.randn(seqlen, 1, c["index_dim"], device="cuda", dtype=torch.bfloat16)
-    (fp8_q, _), (fp8_k, fp8_k_scale) = quantize_rows(index_q), quantize_rows(index_k[:, 0])
     cu = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
     results = {}
-    for dtype, (inputs, scales) in {"bf16": ((index_q, index_k), {}),
-                                    "fp8": ((fp8_q, fp8_k), dict(index_k_scale=fp8_k_scale))}.items():
+    for dtype, (inputs, scales) in ranking_inputs(index_q, index_k).items():
         for config in [(64, 4, 3, 128), (128, 8, 3, 128), (256, 8, 3, 128), (256, 8, 4, 128), (256, 8, 2, 128),
                        (64, 4, 3, 256), (128, 8, 3, 256), (128, 8, 2, 256), (128, 4, 3, 256), (64, 8, 3, 256)]:
             name = f"{dtype} {config}"
@@ -185,12 +189,12 @@ def bench_seqlen(c: dict, seqlen: int, warmup: int, repeats: int, with_fa2: bool
     bs = c["block_size"]
     out, lse = kernels.sparse_attention_fwd(pq, pk, pv, blocks, starts, cu, seqlen, bs, scale)
     t = {}
-    (fp8_iq, _), (fp8_ik, fp8_k_scale) = quantize_rows(piq), quantize_rows(pik[:, 0])
-    ranking = {"indexer": ((piq, pik), {}), "indexer_fp8": ((fp8_iq, fp8_ik), dict(index_k_scale=fp8_k_scale))}
-    for name, (inputs, scales) in ranking.items():
-        t[name] = time_ms(lambda: kernels.select_blocks(*inputs, cu, seqlen, bs, c["topk"], **scales), warmup,
-                          repeats)
-    fp8_blocks = kernels.select_blocks(fp8_iq, fp8_ik, cu, seqlen, bs, c["topk"], index_k_scale=fp8_k_scale)
+    ranking = ranking_inputs(piq, pik)
+    for dtype, (inputs, scales) in ranking.items():
+        t["indexer" if dtype == "bf16" else "indexer_fp8"] = time_ms(lambda: kernels.select_blocks(
+            *inputs, cu, seqlen, bs, c["topk"], **scales), warmup, repeats)
+    fp8_inputs, fp8_scales = ranking["fp8"]
+    fp8_blocks = kernels.select_blocks(*fp8_inputs, cu, seqlen, bs, c["topk"], **fp8_scales)
     # share of the bf16 selection's (token, group, block) entries that the FP8 selection keeps
     kept = (fp8_blocks.long()[..., :, None] == blocks.long()[..., None, :]).any(-2) & (blocks >= 0)
     row["fp8_selection_recall"] = (kept.sum() / (blocks >= 0).sum()).item()
