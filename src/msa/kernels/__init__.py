@@ -55,7 +55,7 @@ KV_OUTER_SPLIT = 8
 # D=128, block 128) for at least this many entries on average. At 128K tokens a 16K-token chunk puts ~250
 # entries in each list (8 parts, as tuned); at 1M ~32 in each of up to 8192 lists, where 8 parts would load
 # every block 8 times for one 4-token tile each: ~580 GB of K/V reads, 40% of the 1M forward's traffic by the
-# count of benchmarks/README.md (not yet measured on a GPU).
+# count of results/*52-kv-outer-traffic-count (not yet measured on a GPU).
 KV_OUTER_PART_ENTRIES = 16
 MERGE_ROWS = 16
 # block_scores_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile), for bf16/fp16
