@@ -116,6 +116,29 @@ def test_attention_tiles_match_the_whole_sequence(shape, monkeypatch):
         assert rel_err(out[None], ref) < BOUNDS[dtype]
 
 
+def test_decode_steps_that_fill_the_gpu_take_wide_attention_tiles(monkeypatch):
+    """The attention tile choice on an H100-sized GPU (132 SMs), G=4: a request's decode tokens share a tile
+    once their programs (tiles x groups) cover at least half the SMs; prefill chunks and small batches take
+    one token per tile; an explicit ``attention_tokens`` wins. Only the choice runs here (no kernel)."""
+    from msa import kernels
+
+    cache = PagedKVCache(num_layers=1, num_pages=4, block_size=16, num_kv_heads=4, head_dim=16, index_head_dim=16,
+                         max_requests=2, dtype=torch.float32)
+    monkeypatch.setattr(cache, "device", torch.device("cuda"))
+    wide = kernels.PAGED_ATTENTION_TOKENS
+
+    def tokens(q_lens, **options):
+        attention = PagedSparseAttention(cache, num_heads=8, topk=2, **options)
+        monkeypatch.setattr(attention, "_sm_count", lambda: 132)
+        attention.q_lens = q_lens
+        return attention._attention_tokens()
+
+    assert tokens([8] * 16) == 1  # 64 programs
+    assert tokens([8] * 17) == wide  # 68 programs
+    assert tokens([8] * 31 + [17]) == 1  # a prefill chunk in the step
+    assert tokens([8] * 17, attention_tokens=2) == 2
+
+
 def test_long_chunks_run_in_bounded_score_parts(backend):
     """A score workspace of a few rows splits each prefill chunk into parts: same result."""
     shape, dtype = SHAPES[0], DTYPES[0]
