@@ -1,0 +1,91 @@
+"""GPU sweep of the KV-outer forward's chunking: partials workspace x entries per list part.
+
+On the paper's layer (bf16, one sequence, selections of ``select_blocks`` on
+random index vectors as in ``kernels.py``), times
+``kernels.sparse_attention_fwd(schedule="kv")`` for every
+(``WORKSPACE_BYTES``, ``KV_OUTER_PART_ENTRIES``) pair, checks each output
+against the default pair's, and writes ``kv_outer_parts_sweep.json`` under
+``--out`` after every length.
+
+    PYTHONPATH=src python benchmarks/kv_outer_parts_sweep.py --out benchmarks/results/<run>
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from kernels import time_ms
+from flops import PAPER_LAYER
+from msa import kernels
+from msa.cli.bench import git_commit
+from msa.varlen import token_positions
+
+
+def sweep_length(seqlen: int, workspaces_gib, part_entries, progress, task) -> dict:
+    c = PAPER_LAYER
+    gen = torch.Generator(device="cuda").manual_seed(seqlen)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+
+    q, k, v = randn(seqlen, c["heads"], c["head_dim"]), randn(seqlen, c["groups"], c["head_dim"]), \
+        randn(seqlen, c["groups"], c["head_dim"])
+    cu = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
+    starts = token_positions(cu, seqlen)[0].int()
+    bs, scale = c["block_size"], c["head_dim"] ** -0.5
+    blocks = kernels.select_blocks(randn(seqlen, c["groups"], c["index_dim"]), randn(seqlen, 1, c["index_dim"]), cu,
+                                   seqlen, bs, c["topk"])
+
+    def forward():
+        return kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs, scale, schedule="kv")[0]
+
+    reference = forward().float()
+    defaults = kernels.WORKSPACE_BYTES, kernels.KV_OUTER_PART_ENTRIES
+    row = {"seqlen": seqlen, "default": {"workspace_gib": defaults[0] / 2**30, "part_entries": defaults[1]},
+           "ms": {}, "rel_diff": {}}
+    for gib in workspaces_gib:
+        for entries in part_entries:
+            kernels.WORKSPACE_BYTES, kernels.KV_OUTER_PART_ENTRIES = int(gib * 2**30), entries
+            key = f"{gib}GiB/{entries}"
+            progress.update(task, description=f"S={seqlen} workspace {gib} GiB, {entries} entries per part")
+            out = forward().float()
+            row["rel_diff"][key] = ((out - reference).norm() / reference.norm()).item()
+            row["ms"][key] = time_ms(forward, 1, 3)
+            del out
+            torch.cuda.empty_cache()
+    kernels.WORKSPACE_BYTES, kernels.KV_OUTER_PART_ENTRIES = defaults
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seqlens", default="524288,1048576")
+    parser.add_argument("--workspaces-gib", default="4,8,16")
+    parser.add_argument("--part-entries", default="8,16,32,64")
+    args = parser.parse_args()
+    workspaces = [float(x) for x in args.workspaces_gib.split(",")]
+    entries = [int(x) for x in args.part_entries.split(",")]
+    record = {"benchmark": "kv_outer_parts_sweep", "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "commit": git_commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "layer": PAPER_LAYER, "rows": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    seqlens = [int(s) for s in args.seqlens.split(",")]
+    with Progress() as progress:
+        task = progress.add_task("sweep", total=len(seqlens))
+        for seqlen in seqlens:
+            record["rows"].append(sweep_length(seqlen, workspaces, entries, progress, task))
+            print(json.dumps(record["rows"][-1]), flush=True)
+            (args.out / "kv_outer_parts_sweep.json").write_text(json.dumps(record, indent=2))
+            progress.advance(task)
+
+
+if __name__ == "__main__":
+    main()
