@@ -45,7 +45,15 @@ def sweep_length(seqlen: int, workspaces_gib, part_entries, progress, task) -> d
     def forward():
         return kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs, scale, schedule="kv")[0]
 
-    reference = forward().float()
+    reference = forward()
+
+    def rel_diff(out):  # in slices of tokens: a float32 copy of a 1M-token output would take 32 GB
+        diff = ref = 0.0
+        for a, b in zip(out.split(65536), reference.split(65536)):
+            diff += (a.float() - b.float()).pow(2).sum().item()
+            ref += b.float().pow(2).sum().item()
+        return (diff / ref) ** 0.5
+
     defaults = kernels.WORKSPACE_BYTES, kernels.KV_OUTER_PART_ENTRIES
     row = {"seqlen": seqlen, "default": {"workspace_gib": defaults[0] / 2**30, "part_entries": defaults[1]},
            "ms": {}, "rel_diff": {}}
@@ -54,8 +62,8 @@ def sweep_length(seqlen: int, workspaces_gib, part_entries, progress, task) -> d
             kernels.WORKSPACE_BYTES, kernels.KV_OUTER_PART_ENTRIES = int(gib * 2**30), entries
             key = f"{gib}GiB/{entries}"
             progress.update(task, description=f"S={seqlen} workspace {gib} GiB, {entries} entries per part")
-            out = forward().float()
-            row["rel_diff"][key] = ((out - reference).norm() / reference.norm()).item()
+            out = forward()
+            row["rel_diff"][key] = rel_diff(out)
             row["ms"][key] = time_ms(forward, 1, 3)
             del out
             torch.cuda.empty_cache()
