@@ -52,11 +52,10 @@ KL_BWD = KL_FUSED = (32, 8, 2)  # KL_FUSED: the gradient kernel when it also wri
 KL_TOKENS = 16  # tokens per step of the KL kernels: the student's products need 16 rows
 KV_OUTER_SPLIT = 8
 # The forward splits a chunk's lists in fewer parts when they are short: a part loads its K/V block (64 KB at
-# D=128, block 128) for at least this many entries on average. At 128K tokens a 16K-token chunk puts ~250
-# entries in each list (8 parts, as tuned); at 1M ~32 in each of up to 8192 lists, where 8 parts would load
-# every block 8 times for one 4-token tile each: ~580 GB of K/V reads, 40% of the 1M forward's traffic by the
-# count of results/*52-kv-outer-traffic-count (not yet measured on a GPU).
-KV_OUTER_PART_ENTRIES = 16
+# D=128, block 128) for at least this many entries on average (a 16K-token chunk puts ~250 entries in each list
+# at 128K tokens, ~32 in each of up to 8192 lists at 1M). The sweep of results/*53-kv-outer-parts: 64 entries
+# (vs 16) take the 1M forward from 495 to 448 ms, 512K from 238 to 215 ms, outputs bitwise equal.
+KV_OUTER_PART_ENTRIES = 64
 MERGE_ROWS = 16
 # block_scores_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile), for bf16/fp16
 # index vectors and for FP8 ones: the fastest of the sweep at 128K, 512K and 1M on an H100
