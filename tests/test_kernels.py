@@ -95,6 +95,37 @@ def test_indexer_in_chunks(fp8, monkeypatch):
             assert_selection_matches(piece[None], piece_q[None], piece_k[None], block_size, topk, tol=1e-2)
 
 
+@pytest.mark.parametrize("n_blocks, topk", [(5, 3), (200, 16), (700, 32), (1100, 16), (64, 1)])
+def test_top_blocks_by_segments(n_blocks, topk):
+    """Phase 2 of the indexer alone on block scores with ties (about one per value) and -inf: per row, the blocks before the
+    local one in (score descending, block ascending) order, -1 past the visible ones, the local block last;
+    tokens outside the chunk untouched."""
+    from msa import kernels
+
+    block_size, groups, seqlens = 4, 2, [n_blocks * 4 + 3, n_blocks * 2]
+    first, n_positions = n_blocks * 4 - 9, 11  # a chunk past the second sequence's end
+    cu_seqlens = cu_seqlens_of(seqlens, device=DEVICE)
+    gen = torch.Generator().manual_seed(n_blocks)
+    scores = torch.randint(0, n_blocks, (len(seqlens), n_positions, groups, n_blocks), generator=gen).float()
+    scores[torch.rand(scores.shape, generator=gen) < 0.2] = float("-inf")
+    block_indices = torch.full((sum(seqlens), groups, topk), -7, dtype=torch.int32)
+    got = block_indices.to(DEVICE)
+    kernels.top_blocks(scores.to(DEVICE), cu_seqlens, got, first, n_positions, n_blocks, block_size)
+    expected = block_indices.clone()
+    for seq, (start, seqlen) in enumerate(zip([0, seqlens[0]], seqlens)):
+        for c in range(n_positions):
+            q_pos = first + c
+            if q_pos >= seqlen:
+                continue
+            local = q_pos // block_size
+            for group in range(groups):
+                row = scores[seq, c, group, :local]
+                order = torch.sort(row, descending=True, stable=True).indices[: topk - 1]
+                picks = torch.where(row[order] > float("-inf"), order, -1).tolist()
+                expected[start + q_pos, group] = torch.tensor(picks + [-1] * (topk - 1 - len(picks)) + [local])
+    assert torch.equal(got.cpu(), expected)
+
+
 def _reference_sparse(q, k, v, blocks, block_size, grad_out):
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     out, lse = msa.reference.sparse_attention(q64, k64, v64, blocks, block_size=block_size, return_lse=True)
