@@ -131,17 +131,13 @@ def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int
 def top_blocks(scores, cu_seqlens, block_indices, first_position: int, n_positions: int, n_blocks: int,
                block_size: int):
     """Phase 2 of ``select_blocks``: the Top-k of each row of a chunk's block ``scores`` (float32
-    ``[n, C, G, >= n_blocks]``, C = ``n_positions``, rows laid out with stride ``n_blocks``) into
-    ``block_indices`` ``[T, G, topk]``."""
+    ``[n, C, G, n_blocks]``, C = ``n_positions``) into ``block_indices`` ``[T, G, topk]``."""
     n_seqs, n_groups, topk = cu_seqlens.numel() - 1, block_indices.shape[1], block_indices.shape[2]
     blocks_pow2 = _pow2(n_blocks)
     rows = _pow2(min(64, 4096 // blocks_pow2))
-    picks_pow2 = _pow2(max(1, topk - 1))
-    # segments of ~sqrt(NP / KP) blocks: the fewest segment maxima + candidates per round of argmax
-    segment = 1 << (max(1, blocks_pow2 // picks_pow2).bit_length() - 1) // 2
     top_blocks_kernel[(triton.cdiv(n_positions * n_groups, rows), n_seqs)](
         scores, cu_seqlens, block_indices, first_position, n_positions, n_blocks, G=n_groups,
-        BLOCK_SIZE=block_size, TOPK=topk, NP=blocks_pow2, SEGMENT=segment, KP=picks_pow2, ROWS=rows,
+        BLOCK_SIZE=block_size, TOPK=topk, NP=blocks_pow2, ROWS=rows,
         num_warps=8 if rows * blocks_pow2 > 4096 else 4)
 
 

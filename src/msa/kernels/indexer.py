@@ -21,13 +21,12 @@ import triton.language as tl
 
 
 @triton.jit
-def pop_max(scores, index):
-    """One round of an exp-free Top-k over the last axis of ``scores`` ``[R, N]`` (``index``: the entries'
-    distinct int32 indices, ``[R, N]`` or ``[1, N]``): each row's best score and its index (ties go to the lower
-    index), and the scores with it removed."""
+def pop_max(scores, index, N: tl.constexpr):
+    """One round of an exp-free Top-k over the last axis of ``scores`` ``[R, N]`` (``index`` = arange(N)):
+    each row's best score and its index (ties go to the lower index), and the scores with it removed."""
     best = tl.max(scores, axis=1)
-    chosen = tl.min(tl.where(scores == best[:, None], index, 2147483647), axis=1)
-    return best, chosen, tl.where(index == chosen[:, None], float("-inf"), scores)
+    chosen = tl.min(tl.where(scores == best[:, None], index[None, :], N), axis=1)
+    return best, chosen, tl.where(index[None, :] == chosen[:, None], float("-inf"), scores)
 
 
 @triton.jit
@@ -100,18 +99,10 @@ def top_blocks_kernel(
     BLOCK_SIZE: tl.constexpr,
     TOPK: tl.constexpr,
     NP: tl.constexpr,  # NBLK rounded up to a power of two
-    SEGMENT: tl.constexpr,  # blocks per segment, a power of two <= NP
-    KP: tl.constexpr,  # TOPK - 1 rounded up to a power of two
     ROWS: tl.constexpr,  # (query, group) rows per program
 ):
-    """Phase 2: per row, the TOPK - 1 best blocks before the local one (ties go to the lower block), -1 where
-    there are fewer, and the local block in the last slot.
-
-    Exp-free and sort-free, in two levels: each segment of SEGMENT blocks is ranked by its best block, and
-    the TOPK - 1 best blocks all lie in the TOPK - 1 best segments (a block outside them has TOPK - 1 better
-    segment bests above it). Rounds of argmax pick those segments among NP / SEGMENT maxima, then the blocks
-    among their KP x SEGMENT candidates: (NP / SEGMENT + KP x SEGMENT) per round instead of NP.
-    """
+    """Phase 2: per row, the TOPK - 1 best blocks before the local one by rounds of argmax (no sort; ties go
+    to the lower block), -1 where there are fewer, and the local block in the last slot."""
     seq = tl.program_id(1)
     start = tl.load(cu_seqlens + seq)
     seqlen = tl.load(cu_seqlens + seq + 1) - start
@@ -121,24 +112,12 @@ def top_blocks_kernel(
         return
     row_ok = (q_pos < seqlen) & (rows < n_positions * G)
     local = q_pos // BLOCK_SIZE
-    row_scores = scores + (seq * n_positions * G + rows).to(tl.int64) * NBLK
-    segments = tl.arange(0, NP // SEGMENT)
-    offsets = tl.arange(0, SEGMENT)
-    blocks = segments[:, None] * SEGMENT + offsets[None, :]
-    segment_best = tl.max(tl.load(row_scores[:, None, None] + blocks[None, :, :],
-                                  mask=row_ok[:, None, None] & (blocks[None, :, :] < local[:, None, None]),
-                                  other=float("-inf")), axis=2)
-    slots = tl.arange(0, KP)
-    picked = tl.full((ROWS, KP), -1, tl.int32)  # the best segments; -1: none left with a visible block
-    for slot in tl.static_range(TOPK - 1):
-        best, segment, segment_best = pop_max(segment_best, segments[None, :])
-        picked = tl.where(slots[None, :] == slot, tl.where(best == float("-inf"), -1, segment)[:, None], picked)
-    candidates = tl.reshape(picked[:, :, None] * SEGMENT + offsets[None, None, :], (ROWS, KP * SEGMENT))
-    visible = row_ok[:, None] & (candidates >= 0) & (candidates < local[:, None])
-    candidate_scores = tl.load(row_scores[:, None] + candidates, mask=visible, other=float("-inf"))
+    blocks = tl.arange(0, NP)
+    row_scores = tl.load(scores + (seq * n_positions * G + rows).to(tl.int64)[:, None] * NBLK + blocks[None, :],
+                         mask=row_ok[:, None] & (blocks[None, :] < local[:, None]), other=float("-inf"))
     out = block_indices + ((start + q_pos) * G + rows % G) * TOPK
     for slot in tl.static_range(TOPK - 1):
-        best, block, candidate_scores = pop_max(candidate_scores, candidates)
+        best, block, row_scores = pop_max(row_scores, blocks, NP)
         tl.store(out + slot, tl.where(best == float("-inf"), -1, block), mask=row_ok)
     tl.store(out + TOPK - 1, local, mask=row_ok)
 

@@ -172,7 +172,7 @@ def top_pages_kernel(
     row_scores = tl.load(scores + row * N + pages[None, :], mask=pages[None, :] < N, other=float("-inf"))
     out = top_pages + row * TOPK + tl.arange(0, 1)
     for slot in tl.static_range(TOPK):
-        best, page, row_scores = pop_max(row_scores, pages[None, :])  # [1]-shaped: one row
+        best, page, row_scores = pop_max(row_scores, pages, NP)  # [1]-shaped: one row
         tl.store(out + slot, tl.where(best == float("-inf"), -1, page).to(tl.int64))
 
 
