@@ -53,7 +53,7 @@ KL_TOKENS = 16  # tokens per step of the KL kernels: the student's products need
 KV_OUTER_SPLIT = 8
 # The forward splits a chunk's lists in fewer parts when they are short: a part loads its K/V block (64 KB at
 # D=128, block 128) for at least this many entries on average (a 16K-token chunk puts ~250 entries in each list
-# at 128K tokens, ~32 in each of up to 8192 lists at 1M). The sweep of results/*53-kv-outer-parts: 64 entries
+# at 128K tokens, ~32 in each of up to 8192 lists at 1M). The sweep of results/*54-kv-outer-parts-sweep: 64 entries
 # (vs 16) take the 1M forward from 495 to 448 ms, 512K from 238 to 215 ms, outputs bitwise equal.
 KV_OUTER_PART_ENTRIES = 64
 MERGE_ROWS = 16
