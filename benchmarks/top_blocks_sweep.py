@@ -1,0 +1,71 @@
+"""GPU sweep of the indexer's Top-k phase (``top_blocks_kernel``): rows per program x warps.
+
+For a chunk of query positions at the end of a long sequence (the paper's
+layer: G=4, block 128, topk 16), fills a block-score workspace with random
+scores, times the kernel per (rows, num_warps) and checks each output against
+the default launch's (``kernels.top_blocks``). Writes ``top_blocks_sweep.json``
+under ``--out``.
+
+    PYTHONPATH=src python benchmarks/top_blocks_sweep.py --out benchmarks/results/<run>
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from pathlib import Path
+
+import torch
+import triton
+
+from kernels import time_ms
+from msa import kernels
+from msa.cli.bench import git_commit
+from msa.kernels.indexer import top_blocks_kernel
+
+GROUPS, BLOCK, TOPK = 4, 128, 16
+
+
+def sweep(seqlen: int, positions: int) -> dict:
+    first = seqlen - positions
+    n_blocks = (seqlen - 1) // BLOCK
+    cu_seqlens = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
+    scores = torch.randn(1, positions, GROUPS, n_blocks, device="cuda")
+    reference = torch.full((seqlen, GROUPS, TOPK), -7, dtype=torch.int32, device="cuda")
+    kernels.top_blocks(scores, cu_seqlens, reference, first, positions, n_blocks, BLOCK)
+    row = {"seqlen": seqlen, "positions": positions, "n_blocks": n_blocks,
+           "default_ms": time_ms(lambda: kernels.top_blocks(scores, cu_seqlens, reference, first, positions,
+                                                            n_blocks, BLOCK), 2, 10), "ms": {}}
+    for rows in (1, 2, 4):
+        for warps in (2, 4, 8, 16):
+            out = torch.full_like(reference, -7)
+
+            def run():
+                top_blocks_kernel[(triton.cdiv(positions * GROUPS, rows), 1)](
+                    scores, cu_seqlens, out, first, positions, n_blocks, G=GROUPS, BLOCK_SIZE=BLOCK, TOPK=TOPK,
+                    NP=triton.next_power_of_2(n_blocks), ROWS=rows, num_warps=warps)
+
+            run()
+            key = f"rows {rows}, warps {warps}"
+            row["ms"][key] = time_ms(run, 2, 10) if torch.equal(out, reference) else "output differs"
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seqlens", default="131072,524288,1048576")
+    parser.add_argument("--positions", type=int, default=16384, help="query positions in the chunk")
+    args = parser.parse_args()
+    record = {"benchmark": "top_blocks_sweep", "device": torch.cuda.get_device_name(), "commit": git_commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for seqlen in (int(s) for s in args.seqlens.split(",")):
+        record["rows"].append(sweep(seqlen, args.positions))
+        print(json.dumps(record["rows"][-1]), flush=True)
+        (args.out / "top_blocks_sweep.json").write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
