@@ -97,9 +97,9 @@ def test_indexer_in_chunks(fp8, monkeypatch):
 
 @pytest.mark.parametrize("n_blocks, topk", [(5, 3), (200, 16), (700, 32), (1100, 16), (64, 1)])
 def test_top_blocks(n_blocks, topk):
-    """Phase 2 of the indexer alone on block scores with ties (about one per value) and -inf: per row, the blocks before the
-    local one in (score descending, block ascending) order, -1 past the visible ones, the local block last;
-    tokens outside the chunk untouched."""
+    """Phase 2 of the indexer alone on block scores with ties (about one per value) and -inf: per row, the
+    blocks before the local one in (score descending, block ascending) order, -1 past the visible ones, the
+    local block last; tokens outside the chunk untouched."""
     from msa import kernels
 
     block_size, groups, seqlens = 4, 2, [n_blocks * 4 + 3, n_blocks * 2]
