@@ -86,20 +86,28 @@ def tune_indexer(c: dict, seqlen: int, console) -> dict:
     return results
 
 
-def tune_kv_outer(c: dict, seqlen: int, console) -> dict:
-    """Time the KV-outer attention and KL kernels per (rows, warps, stages); returns ms per config."""
-    gen = torch.Generator(device="cuda").manual_seed(1)
+def packed_attention_inputs(c: dict, seqlen: int, seed: int, device: str = "cuda"):
+    """Random bf16 ``q``, ``k``, ``v`` of one packed sequence, its ``cu_seqlens`` and token starts, and
+    ``select_blocks``' selection on random index vectors; with ``randn``, which draws further inputs from the
+    same seeded stream."""
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape):
-        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.bfloat16)
 
     q, k, v = randn(seqlen, c["heads"], c["head_dim"]), randn(seqlen, c["groups"], c["head_dim"]), \
         randn(seqlen, c["groups"], c["head_dim"])
-    cu = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
+    cu = torch.tensor([0, seqlen], dtype=torch.int32, device=device)
     starts = token_positions(cu, seqlen)[0].int()
-    bs, scale = c["block_size"], c["head_dim"] ** -0.5
     blocks = kernels.select_blocks(randn(seqlen, c["groups"], c["index_dim"]), randn(seqlen, 1, c["index_dim"]), cu,
-                                   seqlen, bs, c["topk"])
+                                   seqlen, c["block_size"], c["topk"])
+    return q, k, v, cu, starts, blocks, randn
+
+
+def tune_kv_outer(c: dict, seqlen: int, console) -> dict:
+    """Time the KV-outer attention and KL kernels per (rows, warps, stages); returns ms per config."""
+    q, k, v, cu, starts, blocks, randn = packed_attention_inputs(c, seqlen, seed=1)
+    bs, scale = c["block_size"], c["head_dim"] ** -0.5
     dout = torch.randn_like(q)
     defaults = kernels.KV_OUTER_FWD, kernels.KV_OUTER_BWD
     results = {}

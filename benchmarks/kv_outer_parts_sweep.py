@@ -20,27 +20,16 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
-from kernels import time_ms
+from kernels import packed_attention_inputs, time_ms
 from flops import PAPER_LAYER
 from msa import kernels
 from msa.cli.bench import git_commit
-from msa.varlen import token_positions
 
 
 def sweep_length(seqlen: int, workspaces_gib, part_entries, progress, task) -> dict:
     c = PAPER_LAYER
-    gen = torch.Generator(device="cuda").manual_seed(seqlen)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)
-
-    q, k, v = randn(seqlen, c["heads"], c["head_dim"]), randn(seqlen, c["groups"], c["head_dim"]), \
-        randn(seqlen, c["groups"], c["head_dim"])
-    cu = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
-    starts = token_positions(cu, seqlen)[0].int()
+    q, k, v, cu, starts, blocks, _ = packed_attention_inputs(c, seqlen, seed=seqlen)
     bs, scale = c["block_size"], c["head_dim"] ** -0.5
-    blocks = kernels.select_blocks(randn(seqlen, c["groups"], c["index_dim"]), randn(seqlen, 1, c["index_dim"]), cu,
-                                   seqlen, bs, c["topk"])
 
     def forward():
         return kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs, scale, schedule="kv")[0]
