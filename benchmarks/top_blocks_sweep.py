@@ -2,9 +2,10 @@
 
 For a chunk of query positions at the end of a long sequence (the paper's
 layer: G=4, block 128, topk 16), fills a block-score workspace with random
-scores, times the kernel per (rows, num_warps) and checks each output against
-the default launch's (``kernels.top_blocks``). Writes ``top_blocks_sweep.json``
-under ``--out``.
+scores and times the default launch (``kernels.top_blocks``), the same
+without narrowing rows to their candidates (``rounds_ms``: argmax rounds over
+all blocks) and each (rows, num_warps), checking every output against the
+default's. Writes ``top_blocks_sweep.json`` under ``--out``.
 
     PYTHONPATH=src python benchmarks/top_blocks_sweep.py --out benchmarks/results/<run>
 """
@@ -17,12 +18,10 @@ import json
 from pathlib import Path
 
 import torch
-import triton
 
 from kernels import time_ms
 from msa import kernels
 from msa.cli.bench import git_commit
-from msa.kernels.indexer import top_blocks_kernel
 
 GROUPS, BLOCK, TOPK = 4, 128, 16
 
@@ -34,21 +33,23 @@ def sweep(seqlen: int, positions: int) -> dict:
     scores = torch.randn(1, positions, GROUPS, n_blocks, device="cuda")
     reference = torch.full((seqlen, GROUPS, TOPK), -7, dtype=torch.int32, device="cuda")
     kernels.top_blocks(scores, cu_seqlens, reference, first, positions, n_blocks, BLOCK)
-    row = {"seqlen": seqlen, "positions": positions, "n_blocks": n_blocks,
-           "default_ms": time_ms(lambda: kernels.top_blocks(scores, cu_seqlens, reference, first, positions,
-                                                            n_blocks, BLOCK), 2, 10), "ms": {}}
+    row = {"seqlen": seqlen, "positions": positions, "n_blocks": n_blocks, "ms": {}}
+
+    def timed(**launch):
+        out = torch.full_like(reference, -7)
+        kernels.top_blocks(scores, cu_seqlens, out, first, positions, n_blocks, BLOCK, **launch)
+        if not torch.equal(out, reference):
+            return "output differs"
+        return time_ms(lambda: kernels.top_blocks(scores, cu_seqlens, out, first, positions, n_blocks, BLOCK,
+                                                  **launch), 2, 10)
+
+    row["default_ms"] = timed()
+    narrow_from, kernels.TOP_BLOCKS_NARROW_FROM = kernels.TOP_BLOCKS_NARROW_FROM, 2**62
+    row["rounds_ms"] = timed()
+    kernels.TOP_BLOCKS_NARROW_FROM = narrow_from
     for rows in (1, 2, 4):
         for warps in (2, 4, 8, 16):
-            out = torch.full_like(reference, -7)
-
-            def run():
-                top_blocks_kernel[(triton.cdiv(positions * GROUPS, rows), 1)](
-                    scores, cu_seqlens, out, first, positions, n_blocks, G=GROUPS, BLOCK_SIZE=BLOCK, TOPK=TOPK,
-                    NP=triton.next_power_of_2(n_blocks), ROWS=rows, num_warps=warps)
-
-            run()
-            key = f"rows {rows}, warps {warps}"
-            row["ms"][key] = time_ms(run, 2, 10) if torch.equal(out, reference) else "output differs"
+            row["ms"][f"rows {rows}, warps {warps}"] = timed(rows=rows, num_warps=warps)
     return row
 
 

@@ -95,9 +95,11 @@ def test_indexer_in_chunks(fp8, monkeypatch):
             assert_selection_matches(piece[None], piece_q[None], piece_k[None], block_size, topk, tol=1e-2)
 
 
-@pytest.mark.parametrize("n_blocks, topk", [(5, 3), (200, 16), (700, 32), (1100, 16), (64, 1)])
-def test_top_blocks(n_blocks, topk):
-    """Phase 2 of the indexer alone on block scores with ties (about one per value) and -inf: per row, the
+@pytest.mark.parametrize("n_blocks, topk, values", [(5, 3, 5), (200, 16, 200), (700, 32, 700), (1100, 16, 1100),
+                                                    (64, 1, 64), (300, 16, 3)])
+def test_top_blocks(n_blocks, topk, values):
+    """Phase 2 of the indexer alone on block scores with ties (``values`` distinct ones: about one tie per
+    value, or so many that rows have more candidates than the kernel narrows to) and -inf: per row, the
     blocks before the local one in (score descending, block ascending) order, -1 past the visible ones, the
     local block last; tokens outside the chunk untouched."""
     from msa import kernels
@@ -106,7 +108,7 @@ def test_top_blocks(n_blocks, topk):
     first, n_positions = n_blocks * 4 - 9, 11  # a chunk past the second sequence's end
     cu_seqlens = cu_seqlens_of(seqlens, device=DEVICE)
     gen = torch.Generator().manual_seed(n_blocks)
-    scores = torch.randint(0, n_blocks, (len(seqlens), n_positions, groups, n_blocks), generator=gen).float()
+    scores = torch.randint(0, values, (len(seqlens), n_positions, groups, n_blocks), generator=gen).float()
     scores[torch.rand(scores.shape, generator=gen) < 0.2] = float("-inf")
     block_indices = torch.full((sum(seqlens), groups, topk), -7, dtype=torch.int32)
     got = block_indices.to(DEVICE)

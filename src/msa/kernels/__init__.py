@@ -63,6 +63,8 @@ MERGE_ROWS = 16
 INDEXER_CONFIG = (256, 8, 3, 128)
 INDEXER_CONFIG_FP8 = (128, 8, 3, 256)
 INDEXER_MAX_LOGITS = 256 * 128
+# top_blocks_kernel narrows rows of at least this many blocks (rounded up to a power of two) to their candidates
+TOP_BLOCKS_NARROW_FROM = 128
 
 
 def _launch(kernel, grid, *args, **kwargs):
@@ -129,16 +131,22 @@ def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int
 
 
 def top_blocks(scores, cu_seqlens, block_indices, first_position: int, n_positions: int, n_blocks: int,
-               block_size: int):
+               block_size: int, rows: int | None = None, num_warps: int | None = None):
     """Phase 2 of ``select_blocks``: the Top-k of each row of a chunk's block ``scores`` (float32
-    ``[n, C, G, n_blocks]``, C = ``n_positions``) into ``block_indices`` ``[T, G, topk]``."""
+    ``[n, C, G, n_blocks]``, C = ``n_positions``) into ``block_indices`` ``[T, G, topk]``. ``rows`` per
+    program and ``num_warps`` override the launch shape (``benchmarks/top_blocks_sweep.py``)."""
     n_seqs, n_groups, topk = cu_seqlens.numel() - 1, block_indices.shape[1], block_indices.shape[2]
     blocks_pow2 = _pow2(n_blocks)
-    rows = _pow2(min(64, 4096 // blocks_pow2))
+    rows = rows or _pow2(min(64, 4096 // blocks_pow2))
+    # rows of many blocks are first narrowed to the candidates at or above a bound (see the kernel)
+    segments = 2 * _pow2(topk - 1) if topk > 1 and blocks_pow2 >= TOP_BLOCKS_NARROW_FROM else 0
+    n_candidates = 2 * segments
+    candidates = torch.empty(n_seqs * n_positions * n_groups if segments else 1, 2 * n_candidates,
+                             dtype=torch.float32, device=scores.device)
     top_blocks_kernel[(triton.cdiv(n_positions * n_groups, rows), n_seqs)](
-        scores, cu_seqlens, block_indices, first_position, n_positions, n_blocks, G=n_groups,
-        BLOCK_SIZE=block_size, TOPK=topk, NP=blocks_pow2, ROWS=rows,
-        num_warps=8 if rows * blocks_pow2 > 4096 else 4)
+        scores, cu_seqlens, block_indices, candidates, first_position, n_positions, n_blocks, G=n_groups,
+        BLOCK_SIZE=block_size, TOPK=topk, NP=blocks_pow2, ROWS=rows, SEGMENTS=segments, CANDIDATES=n_candidates,
+        num_warps=num_warps or (8 if rows * blocks_pow2 > 4096 else 4))
 
 
 def support_lse(index_q, index_k, block_indices, token_starts, block_size: int, scale: float):

@@ -22,11 +22,21 @@ import triton.language as tl
 
 @triton.jit
 def pop_max(scores, index, N: tl.constexpr):
-    """One round of an exp-free Top-k over the last axis of ``scores`` ``[R, N]`` (``index`` = arange(N)):
-    each row's best score and its index (ties go to the lower index), and the scores with it removed."""
+    """One round of an exp-free Top-k over the last axis of ``scores`` ``[R, N]``: each row's best score and
+    the ``index`` (``[1, N]`` or ``[R, N]``, distinct per row, below N) of it (ties go to the lower index),
+    and the scores with it removed."""
     best = tl.max(scores, axis=1)
-    chosen = tl.min(tl.where(scores == best[:, None], index[None, :], N), axis=1)
-    return best, chosen, tl.where(index[None, :] == chosen[:, None], float("-inf"), scores)
+    chosen = tl.min(tl.where(scores == best[:, None], index, N), axis=1)
+    return best, chosen, tl.where(index == chosen[:, None], float("-inf"), scores)
+
+
+@triton.jit
+def write_top(scores, index, N: tl.constexpr, out, row_ok, K: tl.constexpr):
+    """Stores the ``index`` of each row's K best ``scores`` (``pop_max`` rounds) at ``out`` + 0 .. K - 1,
+    -1 for -inf ones."""
+    for slot in tl.static_range(K):
+        best, chosen, scores = pop_max(scores, index, N)
+        tl.store(out + slot, tl.where(best == float("-inf"), -1, chosen), mask=row_ok)
 
 
 @triton.jit
@@ -92,6 +102,7 @@ def top_blocks_kernel(
     scores,  # float32 [n, C, G, NBLK] from block_scores_kernel
     cu_seqlens,  # int32 [n + 1]
     block_indices,  # int32 [T, G, TOPK], written for the chunk's tokens
+    candidates,  # float32 [n * C * G, 2 * CANDIDATES] scratch with SEGMENTS (else unused)
     first_position,
     n_positions,  # C
     NBLK,
@@ -100,9 +111,18 @@ def top_blocks_kernel(
     TOPK: tl.constexpr,
     NP: tl.constexpr,  # NBLK rounded up to a power of two
     ROWS: tl.constexpr,  # (query, group) rows per program
+    SEGMENTS: tl.constexpr,  # > 0: first narrow each row to its candidates (see below), a power of two >= TOPK
+    CANDIDATES: tl.constexpr,  # most candidates per row kept for the rounds, a power of two
 ):
     """Phase 2: per row, the TOPK - 1 best blocks before the local one by rounds of argmax (no sort; ties go
-    to the lower block), -1 where there are fewer, and the local block in the last slot."""
+    to the lower block), -1 where there are fewer, and the local block in the last slot.
+
+    With SEGMENTS the rounds run over a row's candidates only: the maxima of SEGMENTS interleaved segments
+    are distinct elements, so their (TOPK - 1)-th best is a lower bound of the row's (TOPK - 1)-th best and
+    the elements at or above it hold the answer, ties included (~20 of 4096 blocks on random scores). They
+    are compacted in block order into ``candidates``; rows with more than CANDIDATES of them (ties) keep the
+    rounds over all their blocks.
+    """
     seq = tl.program_id(1)
     start = tl.load(cu_seqlens + seq)
     seqlen = tl.load(cu_seqlens + seq + 1) - start
@@ -112,13 +132,33 @@ def top_blocks_kernel(
         return
     row_ok = (q_pos < seqlen) & (rows < n_positions * G)
     local = q_pos // BLOCK_SIZE
-    blocks = tl.arange(0, NP)
-    row_scores = tl.load(scores + (seq * n_positions * G + rows).to(tl.int64)[:, None] * NBLK + blocks[None, :],
-                         mask=row_ok[:, None] & (blocks[None, :] < local[:, None]), other=float("-inf"))
+    blocks = tl.arange(0, NP)[None, :]
+    workspace_row = (seq * n_positions * G + rows).to(tl.int64)
+    row_scores = tl.load(scores + workspace_row[:, None] * NBLK + blocks,
+                         mask=row_ok[:, None] & (blocks < local[:, None]), other=float("-inf"))
     out = block_indices + ((start + q_pos) * G + rows % G) * TOPK
-    for slot in tl.static_range(TOPK - 1):
-        best, block, row_scores = pop_max(row_scores, blocks, NP)
-        tl.store(out + slot, tl.where(best == float("-inf"), -1, block), mask=row_ok)
+    if SEGMENTS > 0:
+        segment_max = tl.max(tl.reshape(row_scores, (ROWS, NP // SEGMENTS, SEGMENTS)), axis=1)
+        bound = tl.full((ROWS,), float("-inf"), tl.float32)
+        for _round in tl.static_range(TOPK - 1):
+            bound, _, segment_max = pop_max(segment_max, tl.arange(0, SEGMENTS)[None, :], SEGMENTS)
+        is_candidate = (row_scores >= bound[:, None]) & (row_scores > float("-inf"))
+        n_candidates = tl.sum(is_candidate.to(tl.int32), axis=1)
+        if tl.max(n_candidates, axis=0) <= CANDIDATES:
+            slot_of = tl.cumsum(is_candidate.to(tl.int32), axis=1) - 1
+            scratch = candidates + workspace_row[:, None] * (2 * CANDIDATES)
+            tl.store(scratch + slot_of, row_scores, mask=is_candidate)
+            tl.store(scratch + CANDIDATES + slot_of, blocks.to(tl.float32), mask=is_candidate)
+            tl.debug_barrier()  # the stores above are read back by other threads of the program
+            slots = tl.arange(0, CANDIDATES)[None, :]
+            kept = slots < n_candidates[:, None]
+            candidate_scores = tl.load(scratch + slots, mask=kept, other=float("-inf"))
+            candidate_blocks = tl.load(scratch + CANDIDATES + slots, mask=kept, other=NP).to(tl.int32)
+            write_top(candidate_scores, candidate_blocks, NP + 1, out, row_ok, TOPK - 1)
+        else:
+            write_top(row_scores, blocks, NP, out, row_ok, TOPK - 1)
+    else:
+        write_top(row_scores, blocks, NP, out, row_ok, TOPK - 1)
     tl.store(out + TOPK - 1, local, mask=row_ok)
 
 

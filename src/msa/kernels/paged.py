@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from msa.kernels.indexer import pop_max
+from msa.kernels.indexer import write_top
 from msa.kernels.sparse_attention import LN2, online_softmax_step
 
 
@@ -168,12 +168,9 @@ def top_pages_kernel(
 ):
     """Top-k of one row of page scores by TOPK rounds of argmax (no sort; ties go to the lower page)."""
     row = tl.program_id(0).to(tl.int64)
-    pages = tl.arange(0, NP)
-    row_scores = tl.load(scores + row * N + pages[None, :], mask=pages[None, :] < N, other=float("-inf"))
-    out = top_pages + row * TOPK + tl.arange(0, 1)
-    for slot in tl.static_range(TOPK):
-        best, page, row_scores = pop_max(row_scores, pages, NP)  # [1]-shaped: one row
-        tl.store(out + slot, tl.where(best == float("-inf"), -1, page).to(tl.int64))
+    pages = tl.arange(0, NP)[None, :]
+    row_scores = tl.load(scores + row * N + pages, mask=pages < N, other=float("-inf"))
+    write_top(row_scores, pages, NP, top_pages + row * TOPK + tl.arange(0, 1), tl.full((1,), True, tl.int1), TOPK)
 
 
 @triton.jit
