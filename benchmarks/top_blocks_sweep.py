@@ -2,10 +2,10 @@
 
 For a chunk of query positions at the end of a long sequence (the paper's
 layer: G=4, block 128, topk 16), fills a block-score workspace with random
-scores and times the default launch (``kernels.top_blocks``), the same
-without narrowing rows to their candidates (``rounds_ms``: argmax rounds over
-all blocks) and each (rows, num_warps), checking every output against the
-default's. Writes ``top_blocks_sweep.json`` under ``--out``.
+scores and times the default launch (``kernels.top_blocks``), then with and
+without narrowing rows to their candidates (``narrowed``, ``rounds``: argmax
+rounds over all blocks) at each (rows, num_warps), checking every output
+against the default's. Writes ``top_blocks_sweep.json`` under ``--out``.
 
     PYTHONPATH=src python benchmarks/top_blocks_sweep.py --out benchmarks/results/<run>
 """
@@ -44,12 +44,14 @@ def sweep(seqlen: int, positions: int) -> dict:
                                                   **launch), 2, 10)
 
     row["default_ms"] = timed()
-    narrow_from, kernels.TOP_BLOCKS_NARROW_FROM = kernels.TOP_BLOCKS_NARROW_FROM, 2**62
-    row["rounds_ms"] = timed()
+    narrow_from = kernels.TOP_BLOCKS_NARROW_FROM
+    for schedule, threshold in (("narrowed", narrow_from), ("rounds", 2**62)):
+        kernels.TOP_BLOCKS_NARROW_FROM = threshold
+        row[f"{schedule}_ms"] = timed()
+        for rows in (1, 2, 4):
+            for warps in (1, 2, 4, 8):
+                row["ms"][f"{schedule}, rows {rows}, warps {warps}"] = timed(rows=rows, num_warps=warps)
     kernels.TOP_BLOCKS_NARROW_FROM = narrow_from
-    for rows in (1, 2, 4):
-        for warps in (2, 4, 8, 16):
-            row["ms"][f"rows {rows}, warps {warps}"] = timed(rows=rows, num_warps=warps)
     return row
 
 
