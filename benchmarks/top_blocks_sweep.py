@@ -26,7 +26,7 @@ from msa.cli.bench import git_commit
 GROUPS, BLOCK, TOPK = 4, 128, 16
 
 
-def sweep(seqlen: int, positions: int) -> dict:
+def sweep(seqlen: int, positions: int, rows_options: list[int], warps_options: list[int]) -> dict:
     first = seqlen - positions
     n_blocks = (seqlen - 1) // BLOCK
     cu_seqlens = torch.tensor([0, seqlen], dtype=torch.int32, device="cuda")
@@ -48,8 +48,8 @@ def sweep(seqlen: int, positions: int) -> dict:
     for schedule, threshold in (("narrowed", narrow_from), ("rounds", 2**62)):
         kernels.TOP_BLOCKS_NARROW_FROM = threshold
         row[f"{schedule}_ms"] = timed()
-        for rows in (1, 2, 4):
-            for warps in (1, 2, 4, 8):
+        for rows in rows_options:
+            for warps in warps_options:
                 row["ms"][f"{schedule}, rows {rows}, warps {warps}"] = timed(rows=rows, num_warps=warps)
     kernels.TOP_BLOCKS_NARROW_FROM = narrow_from
     return row
@@ -60,12 +60,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seqlens", default="131072,524288,1048576")
     parser.add_argument("--positions", type=int, default=16384, help="query positions in the chunk")
+    parser.add_argument("--rows", default="1,2,4", help="rows per program to time")
+    parser.add_argument("--warps", default="1,2,4,8", help="num_warps to time")
     args = parser.parse_args()
     record = {"benchmark": "top_blocks_sweep", "device": torch.cuda.get_device_name(), "commit": git_commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
     args.out.mkdir(parents=True, exist_ok=True)
     for seqlen in (int(s) for s in args.seqlens.split(",")):
-        record["rows"].append(sweep(seqlen, args.positions))
+        record["rows"].append(sweep(seqlen, args.positions, [int(r) for r in args.rows.split(",")],
+                                    [int(w) for w in args.warps.split(",")]))
         print(json.dumps(record["rows"][-1]), flush=True)
         (args.out / "top_blocks_sweep.json").write_text(json.dumps(record, indent=2))
 
