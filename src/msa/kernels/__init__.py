@@ -137,16 +137,23 @@ def top_blocks(scores, cu_seqlens, block_indices, first_position: int, n_positio
     program and ``num_warps`` override the launch shape (``benchmarks/top_blocks_sweep.py``)."""
     n_seqs, n_groups, topk = cu_seqlens.numel() - 1, block_indices.shape[1], block_indices.shape[2]
     blocks_pow2 = _pow2(n_blocks)
-    rows = rows or _pow2(min(64, 4096 // blocks_pow2))
-    # rows of many blocks are first narrowed to the candidates at or above a bound (see the kernel)
-    segments = 2 * _pow2(topk - 1) if topk > 1 and blocks_pow2 >= TOP_BLOCKS_NARROW_FROM else 0
+    # rows of many blocks are first narrowed to the candidates at or above a bound (see the kernel); that
+    # schedule is fastest with few warps per row, up to 128 scores per thread (top_blocks_sweep.py, results 59)
+    narrow = topk > 1 and blocks_pow2 >= TOP_BLOCKS_NARROW_FROM
+    if narrow:
+        rows = rows or _pow2(2048 // blocks_pow2)
+        num_warps = num_warps or max(1, rows * blocks_pow2 // 4096)
+    else:
+        rows = rows or _pow2(min(64, 4096 // blocks_pow2))
+        num_warps = num_warps or (8 if rows * blocks_pow2 > 4096 else 4)
+    segments = 2 * _pow2(topk - 1) if narrow else 0
     n_candidates = 2 * segments
-    candidates = torch.empty(n_seqs * n_positions * n_groups if segments else 1, 2 * n_candidates,
+    candidates = torch.empty(n_seqs * n_positions * n_groups if narrow else 1, 2 * n_candidates,
                              dtype=torch.float32, device=scores.device)
     top_blocks_kernel[(triton.cdiv(n_positions * n_groups, rows), n_seqs)](
         scores, cu_seqlens, block_indices, candidates, first_position, n_positions, n_blocks, G=n_groups,
         BLOCK_SIZE=block_size, TOPK=topk, NP=blocks_pow2, ROWS=rows, SEGMENTS=segments, CANDIDATES=n_candidates,
-        num_warps=num_warps or (8 if rows * blocks_pow2 > 4096 else 4))
+        num_warps=num_warps)
 
 
 def support_lse(index_q, index_k, block_indices, token_starts, block_size: int, scale: float):
