@@ -138,11 +138,12 @@ def top_blocks(scores, cu_seqlens, block_indices, first_position: int, n_positio
     n_seqs, n_groups, topk = cu_seqlens.numel() - 1, block_indices.shape[1], block_indices.shape[2]
     blocks_pow2 = _pow2(n_blocks)
     # rows of many blocks are first narrowed to the candidates at or above a bound (see the kernel); that
-    # schedule is fastest with few warps per row, up to 128 scores per thread (top_blocks_sweep.py, results 59)
+    # schedule is fastest with one warp per program up to 4096 scores, 64 scores per thread beyond
+    # (top_blocks_sweep.py at 128K / 512K / 1M tokens: results 59)
     narrow = topk > 1 and blocks_pow2 >= TOP_BLOCKS_NARROW_FROM
     if narrow:
         rows = rows or _pow2(2048 // blocks_pow2)
-        num_warps = num_warps or max(1, rows * blocks_pow2 // 4096)
+        num_warps = num_warps or (1 if rows * blocks_pow2 <= 4096 else rows * blocks_pow2 // 2048)
     else:
         rows = rows or _pow2(min(64, 4096 // blocks_pow2))
         num_warps = num_warps or (8 if rows * blocks_pow2 > 4096 else 4)
