@@ -139,7 +139,7 @@ def top_blocks(scores, cu_seqlens, block_indices, first_position: int, n_positio
     blocks_pow2 = _pow2(n_blocks)
     # rows of many blocks are first narrowed to the candidates at or above a bound (see the kernel); that
     # schedule is fastest with one warp per program up to 4096 scores, 64 scores per thread beyond
-    # (top_blocks_sweep.py at 128K / 512K / 1M tokens: results 59)
+    # (top_blocks_sweep.py at 128K / 512K / 1M tokens: results 59, 61)
     narrow = topk > 1 and blocks_pow2 >= TOP_BLOCKS_NARROW_FROM
     if narrow:
         rows = rows or _pow2(2048 // blocks_pow2)
