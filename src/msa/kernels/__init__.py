@@ -140,14 +140,15 @@ def top_blocks(scores, cu_seqlens, block_indices, first_position: int, n_positio
     # rows of many blocks are first narrowed to the candidates at or above a bound (see the kernel); that
     # schedule is fastest with one warp per program up to 4096 scores, 64 scores per thread beyond
     # (top_blocks_sweep.py at 128K / 512K / 1M tokens: results 59, 61)
-    narrow = topk > 1 and blocks_pow2 >= TOP_BLOCKS_NARROW_FROM
+    segments = 2 * _pow2(topk - 1)  # segments of the narrowing bound; at most a quarter of the blocks
+    narrow = topk > 1 and blocks_pow2 >= max(TOP_BLOCKS_NARROW_FROM, 4 * segments)
     if narrow:
         rows = rows or _pow2(2048 // blocks_pow2)
         num_warps = num_warps or (1 if rows * blocks_pow2 <= 4096 else rows * blocks_pow2 // 2048)
     else:
         rows = rows or _pow2(min(64, 4096 // blocks_pow2))
         num_warps = num_warps or (8 if rows * blocks_pow2 > 4096 else 4)
-    segments = 2 * _pow2(topk - 1) if narrow else 0
+    segments = segments if narrow else 0
     n_candidates = 2 * segments
     candidates = torch.empty(n_seqs * n_positions * n_groups if narrow else 1, 2 * n_candidates,
                              dtype=torch.float32, device=scores.device)

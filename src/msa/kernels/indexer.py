@@ -102,7 +102,7 @@ def top_blocks_kernel(
     scores,  # float32 [n, C, G, NBLK] from block_scores_kernel
     cu_seqlens,  # int32 [n + 1]
     block_indices,  # int32 [T, G, TOPK], written for the chunk's tokens
-    candidates,  # float32 [n * C * G, 2 * CANDIDATES] scratch with SEGMENTS (else unused)
+    candidates,  # float32 [n * C * G, 2 * CANDIDATES] scratch with SEGMENTS: scores, then block numbers (< 2**24)
     first_position,
     n_positions,  # C
     NBLK,
