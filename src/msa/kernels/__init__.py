@@ -146,9 +146,9 @@ def top_blocks(scores, cu_seqlens, block_indices, first_position: int, n_positio
         rows = rows or _pow2(2048 // blocks_pow2)
         num_warps = num_warps or (1 if rows * blocks_pow2 <= 4096 else rows * blocks_pow2 // 2048)
     else:
+        segments = 0
         rows = rows or _pow2(min(64, 4096 // blocks_pow2))
         num_warps = num_warps or (8 if rows * blocks_pow2 > 4096 else 4)
-    segments = segments if narrow else 0
     n_candidates = 2 * segments
     candidates = torch.empty(n_seqs * n_positions * n_groups if narrow else 1, 2 * n_candidates,
                              dtype=torch.float32, device=scores.device)
