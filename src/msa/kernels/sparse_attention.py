@@ -318,28 +318,38 @@ def sparse_attention_bwd_dkv_kernel(
     if UPCAST:
         k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
 
+    last_key = block_start + BLOCK_SIZE - 1
     dk_acc = tl.zeros((BLOCK_SIZE, D), tl.float32)
     dv_acc = tl.zeros((BLOCK_SIZE, D), tl.float32)
+    # The forward's gather pipeline (results/*66: 118.6 -> 105.1 ms at 128K with the mask skip below)
+    token, _, heads, row_ok = _entry_rows(csr_entries, first, last, ROWS, QT, R, TOPK)
+    q_rows = _gather_rows(q, token, heads, row_ok, group, dims, HQ, R, D)
+    do_rows = _gather_rows(dout, token, heads, row_ok, group, dims, HQ, R, D)
+    next_token, _, _, next_ok = _entry_rows(csr_entries, first + QT, last, ROWS, QT, R, TOPK)
     for entry in range(first, last, QT):
-        token, _, heads, row_ok = _entry_rows(csr_entries, entry, last, ROWS, QT, R, TOPK)
-        head_index = token * HQ + group * R + heads
-        q_rows = tl.load(q + head_index[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
-        do_rows = tl.load(dout + head_index[:, None] * D + dims[None, :], mask=row_ok[:, None], other=0.0)
+        after_token, _, _, after_ok = _entry_rows(csr_entries, entry + 2 * QT, last, ROWS, QT, R, TOPK)
+        next_q = _gather_rows(q, next_token, heads, next_ok, group, dims, HQ, R, D)
+        next_do = _gather_rows(dout, next_token, heads, next_ok, group, dims, HQ, R, D)
+        q_tile, do_tile = q_rows, do_rows
         if UPCAST:
-            q_rows, do_rows = q_rows.to(tl.float32), do_rows.to(tl.float32)
+            q_tile, do_tile = q_rows.to(tl.float32), do_rows.to(tl.float32)
+        head_index = token * HQ + group * R + heads
         row_lse = tl.load(lse + head_index, mask=row_ok, other=0.0) * LOG2E
         row_delta = tl.load(delta + head_index, mask=row_ok, other=0.0)
-        visible = row_ok[:, None] & (k_pos[None, :] <= (token - start)[:, None]) & key_ok[None, :]
-        scores = tl.dot(q_rows, tl.trans(k_tile)) * scale_log2
-        probs = tl.where(visible, tl.exp2(scores - row_lse[:, None]), 0.0)
-        dv_acc += tl.dot(tl.trans(probs.to(do_rows.dtype)), do_rows)
-        dprobs = tl.dot(do_rows, tl.trans(v_tile))
+        probs = tl.where(row_ok[:, None], tl.exp2(tl.dot(q_tile, tl.trans(k_tile)) * scale_log2 - row_lse[:, None]),
+                         0.0)
+        if tl.min(tl.where(row_ok, token - start, last_key)) < last_key:  # the forward's causal-mask skip
+            probs = tl.where(k_pos[None, :] <= (token - start)[:, None], probs, 0.0)
+        dv_acc += tl.dot(tl.trans(probs.to(do_tile.dtype)), do_tile)
+        dprobs = tl.dot(do_tile, tl.trans(v_tile))
         dscores = probs * (dprobs - row_delta[:, None])
-        dk_acc += tl.dot(tl.trans(dscores.to(q_rows.dtype)), q_rows)
+        dk_acc += tl.dot(tl.trans(dscores.to(q_tile.dtype)), q_tile)
         if ATOMIC:
             dq_rows = tl.dot(dscores.to(k_tile.dtype), k_tile) * scale
             tl.atomic_add(dq_accum + head_index[:, None] * D + dims[None, :], dq_rows, mask=row_ok[:, None],
                           sem="relaxed")
+        token, row_ok, q_rows, do_rows = next_token, next_ok, next_q, next_do
+        next_token, next_ok = after_token, after_ok
     if ATOMIC:
         tl.atomic_add(dk + kv_rows, dk_acc * scale, mask=key_ok[:, None], sem="relaxed")
         tl.atomic_add(dv + kv_rows, dv_acc, mask=key_ok[:, None], sem="relaxed")
