@@ -192,6 +192,38 @@ def test_kv_outer_forward_list_parts(part_entries, parts, monkeypatch):
     assert rel_err(out, ref_out) < BOUNDS[dtype] and rel_err(lse, ref_lse) < BOUNDS[dtype]
 
 
+@pytest.mark.parametrize("max_lists, one_sort", [(2**24, True), (1, False)])
+def test_kv_outer_forward_in_query_chunks(max_lists, one_sort, monkeypatch):
+    """A partials workspace of 23 tokens: the forward runs in query chunks that cut through blocks and sequences,
+    their lists built by one sort (or one per chunk past ``CSR_MAX_LISTS``); outputs, LSEs and the KL loss (whose
+    teacher takes the LSE-only pass) match the reference."""
+    from msa import kernels
+
+    shape, dtype = SHAPES[0], DTYPES[0]
+    heads, head_dim, block_size, topk = shape[2], shape[4], shape[6], shape[7]
+    monkeypatch.setattr(kernels, "KV_OUTER_MIN_TOKENS", 0)
+    monkeypatch.setattr(kernels, "CSR_MAX_LISTS", max_lists)
+    monkeypatch.setattr(kernels, "WORKSPACE_BYTES", 23 * heads * topk * (4 + head_dim * dtype.itemsize))
+    builds, build = [], kernels.build_block_csr
+    monkeypatch.setattr(kernels, "build_block_csr", lambda *args, **kwargs: builds.append(1) or build(*args, **kwargs))
+    seqlens = [shape[1] // 2, 0, shape[1] - 3]
+    q, k, v, index_q, index_k = rand_inputs(3, shape[1], *shape[2:6], dtype=dtype, seed=26, device=DEVICE)
+    packed = [pack(x, seqlens) for x in (q, k, v, index_q, index_k)]
+    cu_seqlens = cu_seqlens_of(seqlens, device=DEVICE)
+    blocks = msa.reference.select_blocks(*(x.double() for x in packed[3:]), block_size=block_size, topk=topk,
+                                         cu_seqlens=cu_seqlens)
+    out, lse = msa.sparse_attention(*packed[:3], blocks, block_size=block_size, cu_seqlens=cu_seqlens,
+                                    return_lse=True)
+    assert len(builds) == (1 if one_sort else -(-sum(seqlens) // 23))
+    ref_out, ref_lse = msa.reference.sparse_attention(*(x.double() for x in packed[:3]), blocks,
+                                                      block_size=block_size, cu_seqlens=cu_seqlens, return_lse=True)
+    assert rel_err(out, ref_out) < BOUNDS[dtype] and rel_err(lse, ref_lse) < BOUNDS[dtype]
+    kl = msa.index_kl_loss(*packed[:2], *packed[3:], blocks, block_size=block_size, cu_seqlens=cu_seqlens)
+    ref_kl = msa.reference.index_kl_loss(*(x.double() for x in packed[:2] + packed[3:]), blocks,
+                                         block_size=block_size, cu_seqlens=cu_seqlens)
+    assert rel_err(kl, ref_kl) < BOUNDS[dtype]
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("give_main_lse", [False, True])

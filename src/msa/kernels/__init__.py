@@ -57,6 +57,8 @@ KV_OUTER_SPLIT = 8
 # (vs 16) take the 1M forward from 495 to 448 ms, 512K from 238 to 215 ms, outputs bitwise equal.
 KV_OUTER_PART_ENTRIES = 64
 MERGE_ROWS = 16
+# The forward sorts the lists of several query chunks at once, up to this many (chunk, group, block) lists.
+CSR_MAX_LISTS = 1 << 24
 # block_scores_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile), for bf16/fp16
 # index vectors and for FP8 ones: the fastest of the sweep at 128K, 512K and 1M on an H100
 # (results/*43-indexer-schedules; 1.13-1.37x faster than the one-pass running Top-k it replaced).
@@ -169,11 +171,13 @@ def support_lse(index_q, index_k, block_indices, token_starts, block_size: int, 
     return lse
 
 
-def _csr(block_indices, cu_seqlens, max_seqlen: int, block_size: int, start: int = 0, end: int | None = None):
-    """The selection of tokens ``start .. end - 1`` inverted into per-(group, block) lists."""
+def _csr(block_indices, cu_seqlens, max_seqlen: int, block_size: int, start: int = 0, end: int | None = None,
+         chunk_tokens: int | None = None):
+    """The selection of tokens ``start .. end - 1`` inverted into per-(group, block) lists, per chunk of
+    ``chunk_tokens`` tokens if given."""
     sequences = token_sequences(cu_seqlens, block_indices.shape[0])[start:end]
     return build_block_csr(block_indices[start:end], sequences, cu_seqlens.numel() - 1,
-                           max(1, triton.cdiv(max_seqlen, block_size)), token_offset=start)
+                           max(1, triton.cdiv(max_seqlen, block_size)), token_offset=start, chunk_tokens=chunk_tokens)
 
 
 def _list_parts(tokens: int, topk: int, n_lists: int) -> int:
@@ -215,24 +219,28 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
         else partial_lse
     launch = _kv_outer_launch(q, k, KV_OUTER_FWD)
     n_seqs = cu_seqlens.numel() - 1
-    for start in range(0, total, chunk):
-        end = min(total, start + chunk)
-        csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size, start, end)
-        # a query's position is at most its packed index: the chunk reaches blocks before cdiv(end, block_size)
-        split = _list_parts(end - start, topk, n_seqs * min(csr.max_blocks, triton.cdiv(end, block_size)))
-        partial_lse.fill_(float("-inf"))
-        _launch(sparse_attention_fwd_partial_kernel, (csr.n_block_slots, k.shape[1], split),
-            q, k, v, cu_seqlens, csr.offsets, csr.entries, partial_out, partial_lse, scale * LOG2E.value,
-            csr.n_block_slots, start, **launch, BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk,
-            SPLIT=split, WRITE_OUT=out is not None, UPCAST=INTERPRET)
-        rows = (end - start) * n_heads
-        if out is None:
-            lse[start:end] = torch.logsumexp(partial_lse[: end - start], dim=-1)
-            continue
-        merge_partials_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
-            partial_out, partial_lse, out[start:end], lse[start:end], rows, TOPK=topk, KP=_pow2(topk), D=head_dim,
-            HEADS=MERGE_ROWS, num_warps=4)
-
+    max_blocks = max(1, triton.cdiv(max_seqlen, block_size))
+    # one sort builds the lists of as many chunks as CSR_MAX_LISTS allows (results/*66: 3.2 -> 1.1 ms at 128K)
+    build = chunk * max(1, CSR_MAX_LISTS // (k.shape[1] * n_seqs * max_blocks))
+    for build_start in range(0, total, build):
+        csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size, build_start, min(total, build_start + build),
+                   chunk_tokens=chunk)
+        for index, start in enumerate(range(build_start, min(total, build_start + build), chunk)):
+            end = min(total, start + chunk)
+            # a query's position is at most its packed index: the chunk reaches blocks before cdiv(end, block_size)
+            split = _list_parts(end - start, topk, n_seqs * min(max_blocks, triton.cdiv(end, block_size)))
+            partial_lse.fill_(float("-inf"))
+            _launch(sparse_attention_fwd_partial_kernel, (csr.n_block_slots, k.shape[1], split),
+                q, k, v, cu_seqlens, csr.chunk_offsets(index), csr.entries, partial_out, partial_lse,
+                scale * LOG2E.value, csr.n_block_slots, start, **launch, BLOCK_SIZE=block_size, MAX_BLOCKS=max_blocks,
+                TOPK=topk, SPLIT=split, WRITE_OUT=out is not None, UPCAST=INTERPRET)
+            rows = (end - start) * n_heads
+            if out is None:
+                lse[start:end] = torch.logsumexp(partial_lse[: end - start], dim=-1)
+                continue
+            merge_partials_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
+                partial_out, partial_lse, out[start:end], lse[start:end], rows, TOPK=topk, KP=_pow2(topk),
+                D=head_dim, HEADS=MERGE_ROWS, num_warps=4)
 
 def sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen: int, block_size: int,
                          scale: float, schedule: str = "auto"):
