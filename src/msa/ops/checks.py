@@ -157,12 +157,14 @@ def check_block_indices(layout: Layout, block_indices, n_groups: int, block_size
     block_indices = block_indices.to(torch.int32)
     if not _capturing() and block_indices.numel():
         n_blocks = math.ceil(layout.max_seqlen / block_size)
-        low, high = block_indices.min().item(), block_indices.max().item()
+        ordered = block_indices.sort(dim=-1).values
+        repeated = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()
+        # one synchronisation with the host for the three checks
+        low, high, repeated = torch.stack([ordered[..., 0].min(), ordered[..., -1].max(), repeated.int()]).tolist()
         if low < -1 or high >= n_blocks:
             raise ValueError(f"block_indices must lie in [-1, {n_blocks - 1}] (-1 = unused, else a block of "
                              f"{block_size} tokens of a {layout.max_seqlen}-token sequence), got {low} .. {high}")
-        ordered = block_indices.sort(dim=-1).values
-        if ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any().item():
+        if repeated:
             raise ValueError("block_indices must list distinct blocks per (token, group); -1 may repeat")
     return block_indices
 
