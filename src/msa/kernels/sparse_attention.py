@@ -13,7 +13,9 @@ group's R heads per tile, unpadded (so groups of few heads still fill it).
 The forward writes one normalised partial output and LSE per (token, head,
 slot), merged by :func:`merge_partials_kernel`; the backward accumulates
 dk/dv in registers (one writer each) and, unless the pass must be
-deterministic, dq with float32 atomics.
+deterministic, dq with float32 atomics. Both load a step's list entries two
+tiles ahead and gather its rows one tile ahead (a software pipeline in
+registers), and mask causally only the tiles that hold the block's own tokens.
 
 Softmax runs in base 2: ``scale_log2 = softmax_scale * log2(e)``; LSEs are
 stored in natural log.
