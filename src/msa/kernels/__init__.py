@@ -242,6 +242,7 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
                 partial_out, partial_lse, out[start:end], lse[start:end], rows, TOPK=topk, KP=_pow2(topk),
                 D=head_dim, HEADS=MERGE_ROWS, num_warps=4)
 
+
 def sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen: int, block_size: int,
                          scale: float, schedule: str = "auto"):
     """Returns ``out`` ``[T, Hq, D]`` (dtype of q) and float32 ``lse`` ``[T, Hq]``.
