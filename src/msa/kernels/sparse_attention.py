@@ -153,6 +153,13 @@ def _gather_rows(ptr, token, heads, row_ok, group, dims, HQ: tl.constexpr, R: tl
 
 
 @triton.jit
+def _tile_needs_mask(token, row_ok, start, last_key):
+    """Whether a KV-outer tile holds a token of the block itself (which sees only part of it): only such tiles need
+    the causal mask. Keys past the end of a sequence need none: no token of the sequence sits past them."""
+    return tl.min(tl.where(row_ok, token - start, last_key)) < last_key
+
+
+@triton.jit
 def sparse_attention_fwd_partial_kernel(
     q, k, v,
     cu_seqlens, csr_offsets, csr_entries,
@@ -196,9 +203,7 @@ def sparse_attention_fwd_partial_kernel(
         if UPCAST:
             q_tile = q_rows.to(tl.float32)
         scores = tl.dot(q_tile, tl.trans(k_tile))
-        # Rows past the block see all of it (keys past the sequence included: no row of it sits there); only
-        # tiles holding the block's own tokens need the causal mask.
-        if tl.min(tl.where(row_ok, token - start, last_key)) < last_key:
+        if _tile_needs_mask(token, row_ok, start, last_key):
             scores = tl.where(row_ok[:, None] & (k_pos[None, :] <= (token - start)[:, None]), scores, float("-inf"))
         row_max = tl.max(scores, axis=1)
         scaled_max = tl.where(row_max == float("-inf"), 0.0, row_max * scale_log2)
@@ -340,7 +345,7 @@ def sparse_attention_bwd_dkv_kernel(
         row_delta = tl.load(delta + head_index, mask=row_ok, other=0.0)
         probs = tl.where(row_ok[:, None], tl.exp2(tl.dot(q_tile, tl.trans(k_tile)) * scale_log2 - row_lse[:, None]),
                          0.0)
-        if tl.min(tl.where(row_ok, token - start, last_key)) < last_key:  # the forward's causal-mask skip
+        if _tile_needs_mask(token, row_ok, start, last_key):
             probs = tl.where(k_pos[None, :] <= (token - start)[:, None], probs, 0.0)
         dv_acc += tl.dot(tl.trans(probs.to(do_tile.dtype)), do_tile)
         dprobs = tl.dot(do_tile, tl.trans(v_tile))
