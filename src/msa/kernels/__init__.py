@@ -223,9 +223,9 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
     # one sort builds the lists of as many chunks as CSR_MAX_LISTS allows (results/*66: 3.2 -> 1.1 ms at 128K)
     build = chunk * max(1, CSR_MAX_LISTS // (k.shape[1] * n_seqs * max_blocks))
     for build_start in range(0, total, build):
-        csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size, build_start, min(total, build_start + build),
-                   chunk_tokens=chunk)
-        for index, start in enumerate(range(build_start, min(total, build_start + build), chunk)):
+        build_end = min(total, build_start + build)
+        csr = _csr(block_indices, cu_seqlens, max_seqlen, block_size, build_start, build_end, chunk_tokens=chunk)
+        for index, start in enumerate(range(build_start, build_end, chunk)):
             end = min(total, start + chunk)
             # a query's position is at most its packed index: the chunk reaches blocks before cdiv(end, block_size)
             split = _list_parts(end - start, topk, n_seqs * min(max_blocks, triton.cdiv(end, block_size)))
