@@ -440,15 +440,16 @@ def paged_append_index_keys(index_k, slots, pool, scale_pool):
 
 
 def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset: int, tokens_per_tile: int,
-                       index_scale=None):
+                       index_scale=None, config: tuple[int, int, int, int] | None = None):
     """Index scan of ``tiles`` into ``scores`` ``[rows, max_pages]`` (float32, rows = tokens x groups).
 
     ``index_q`` ``[T, G, Di]``, ``index_k`` ``[P, block_size, Di]`` (one layer's pages; FP8 with
-    their scales ``index_scale`` ``[P, block_size]``).
+    their scales ``index_scale`` ``[P, block_size]``). ``config``: (pages per program, pages per
+    product, num_warps, num_stages); default ``PAGED_SCAN`` (``PAGED_SCAN_FP8`` for FP8 keys).
     """
     n_groups, index_dim = index_q.shape[1:]
     block_size, max_pages = index_k.shape[1], page_table.shape[1]
-    pages, pages_per_product, num_warps, num_stages = PAGED_SCAN if index_scale is None else PAGED_SCAN_FP8
+    pages, pages_per_product, num_warps, num_stages = config or (PAGED_SCAN if index_scale is None else PAGED_SCAN_FP8)
     groups = max(_pow2(n_groups), triton.cdiv(16, tokens_per_tile))  # tl.dot needs 16 rows
     paged_block_scores_kernel[(tiles.shape[0], triton.cdiv(max_pages, pages))](
         index_q, index_k, index_k if index_scale is None else index_scale, page_table, tiles, scores, token_offset,
