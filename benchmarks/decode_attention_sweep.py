@@ -49,10 +49,14 @@ def sweep_case(batch: int, seqlen: int, q_len: int, draft_union: float, configs)
             partial_out=torch.empty(rows, split, c["head_dim"], device="cuda"),
             partial_lse=torch.empty(rows, split, device="cuda"), lse=torch.empty(rows, device="cuda"))
 
+        block_lists = torch.empty(kernels.paged_block_lists_numel(len(tiles), c["groups"], tokens_per_tile,
+                                                                  attention.selected, split),
+                                  dtype=torch.int32, device="cuda")
+
         def call(layer):
             kernels.paged_sparse_attention(q, cache.k[layer], cache.v[layer], cache.page_table, tiles, block_indices,
-                                           out, c["head_dim"] ** -0.5, tokens_per_tile, split, **buffers,
-                                           num_warps=num_warps, num_stages=num_stages)
+                                           block_lists, out, c["head_dim"] ** -0.5, tokens_per_tile, split,
+                                           **buffers, num_warps=num_warps, num_stages=num_stages)
 
         try:
             call(0)

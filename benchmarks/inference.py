@@ -209,9 +209,11 @@ def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_uni
     topk_ms = graph_ms(lambda i: kernels.top_pages(scores, block_indices.view(-1, selected)), 2 * layers)
     out = attention._view("out", (batch * q_len, c["heads"], c["head_dim"]))
     attention_tiles = attention._view("attention_tiles", (attention.n_attention_tiles, 4))
+    block_lists = attention._view("block_lists", (attention.block_lists_numel,))
     attention_ms = graph_ms(lambda i: kernels.paged_sparse_attention(
-        q, cache.k[i % layers], cache.v[i % layers], cache.page_table, attention_tiles, block_indices, out,
-        c["head_dim"] ** -0.5, attention.attention_tokens, attention.split, **attention.split_buffers()), 2 * layers)
+        q, cache.k[i % layers], cache.v[i % layers], cache.page_table, attention_tiles, block_indices, block_lists,
+        out, c["head_dim"] ** -0.5, attention.attention_tokens, attention.split, **attention.split_buffers()),
+        2 * layers)
     scan_bytes = batch * seqlen * index_key_bytes(index_dtype)
     attention.run(0, q, k, v, index_q, index_k)
     union = distinct_blocks(attention, batch, q_len)

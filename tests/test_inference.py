@@ -223,8 +223,9 @@ def test_freed_pages_hold_stale_values_that_never_leak(backend):
 def test_run_validates_its_inputs():
     cache = PagedKVCache(num_layers=1, num_pages=4, block_size=16, num_kv_heads=2, head_dim=16, index_head_dim=16,
                          max_requests=2, dtype=torch.float32)
-    with pytest.raises(ValueError, match="attention_tokens must be >= 1"):
-        PagedSparseAttention(cache, num_heads=4, topk=2, attention_tokens=0)
+    for tokens in (0, 17):
+        with pytest.raises(ValueError, match="attention_tokens must be in 1..16"):
+            PagedSparseAttention(cache, num_heads=4, topk=2, attention_tokens=tokens)
     attention = PagedSparseAttention(cache, num_heads=4, topk=2)
     request = cache.add_request()
     tensors = [torch.randn(5, *s) for s in ((4, 16), (2, 16), (2, 16), (2, 16), (1, 16))]

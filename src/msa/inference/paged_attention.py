@@ -44,9 +44,9 @@ class PagedSparseAttention:
             ``rows x max_pages_per_request``); longer chunks run in parts.
         kv_splits: parts the blocks of each (tile, group) are split into
             (split-KV); default: enough to fill the GPU when a batch is small.
-        attention_tokens: tokens per sparse-attention tile (1: each token
-            loads its own blocks; more: a request's tokens load each block of
-            their union once). Default: ``kernels.PAGED_ATTENTION_TOKENS`` for
+        attention_tokens: tokens per sparse-attention tile, 1 to 16 (1: each
+            token loads its own blocks; more: a request's tokens load each block
+            of their union once). Default: ``kernels.PAGED_ATTENTION_TOKENS`` for
             decode steps (every ``q_len`` <= 16) whose tiles fill the GPU, else 1.
     """
 
@@ -58,8 +58,8 @@ class PagedSparseAttention:
                              f"({cache.num_kv_heads})")
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
-        if attention_tokens is not None and attention_tokens < 1:
-            raise ValueError(f"attention_tokens must be >= 1, got {attention_tokens}")
+        if attention_tokens is not None and not 1 <= attention_tokens <= 16:
+            raise ValueError(f"attention_tokens must be in 1..16, got {attention_tokens}")
         self.cache, self.num_heads, self.topk = cache, num_heads, topk
         self.softmax_scale = cache.head_dim**-0.5 if softmax_scale is None else softmax_scale
         self.score_workspace_bytes, self.kv_splits = score_workspace_bytes, kv_splits
@@ -115,6 +115,9 @@ class PagedSparseAttention:
         self._buffer("scores", (max_rows * cache.max_pages_per_request,), torch.float32)
         self._buffer("block_indices", (self.total_tokens * groups * self.selected,), torch.int64)
         self._buffer("out", (self.total_tokens * n_heads * head_dim,), cache.dtype)
+        self.block_lists_numel = kernels.paged_block_lists_numel(len(attention_tiles), groups, self.attention_tokens,
+                                                                 self.selected, self.split)
+        self._buffer("block_lists", (self.block_lists_numel,), torch.int32)
         if self.split > 1:
             self._buffer("partial_out", (self.total_tokens * n_heads * self.split * head_dim,), torch.float32)
             self._buffer("partial_lse", (self.total_tokens * n_heads * self.split,), torch.float32)
@@ -268,6 +271,7 @@ class PagedSparseAttention:
             kernels.top_pages(scores, block_indices[first_token:first_token + tokens].view(-1, self.selected))
         out = self._view("out", (total, n_heads, cache.head_dim))
         kernels.paged_sparse_attention(q, cache.k[layer], cache.v[layer], cache.page_table,
-                                       self._view("attention_tiles", (self.n_attention_tiles, 4)), block_indices, out,
-                                       self.softmax_scale, self.attention_tokens, self.split, **self.split_buffers())
+                                       self._view("attention_tiles", (self.n_attention_tiles, 4)), block_indices,
+                                       self._view("block_lists", (self.block_lists_numel,)), out, self.softmax_scale,
+                                       self.attention_tokens, self.split, **self.split_buffers())
         return (out, block_indices.clone()) if return_block_indices else out

@@ -412,10 +412,11 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
 
 # --------------------------------------------------------------------------- paged inference kernels
 
-# Index scan, bf16 / FP8 keys: (pages per program, pages per matrix product, num_warps, pipeline stages),
-# the fastest of the variants timed at 128K x 8, 200K x 8 and 200K x 32 (results/*35-scan-variants);
-# tokens per tile (one read of a request's index keys serves this many of its new tokens).
-PAGED_SCAN = (16, 2, 4, 3)
+# Index scan, bf16 / FP8 keys: (pages per program, pages per matrix product, num_warps, pipeline stages);
+# tokens per tile (one read of a request's index keys serves this many of its new tokens). bf16: within 2% of
+# the fastest at every case of the sweep at 128K x 8 ... 1M x 2 (results/*75-scan-sweep; one page per product
+# instead of two: 7% faster at 200K x 32-128); FP8: the fastest variant of results/*35-scan-variants.
+PAGED_SCAN = (16, 1, 4, 3)
 PAGED_SCAN_FP8 = (32, 2, 8, 3)
 PAGED_SCAN_TOKENS = 16
 # Attention tiles: 1 token (each token reads its own blocks: no wasted rows; the fastest on small batches and
@@ -468,15 +469,21 @@ def top_pages(scores, top_pages_out):
                                   num_warps=4)
 
 
-def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, out, scale: float, tokens_per_tile: int,
-                           split: int = 1, partial_out=None, partial_lse=None, lse=None, *,
+def paged_block_lists_numel(n_tiles: int, n_groups: int, tokens_per_tile: int, topk: int, split: int = 1) -> int:
+    """int32 elements of the scratch in which ``paged_sparse_attention``'s programs list their tile's blocks."""
+    return n_tiles * n_groups * split * 3 * tokens_per_tile * _pow2(topk)
+
+
+def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, block_lists, out, scale: float,
+                           tokens_per_tile: int, split: int = 1, partial_out=None, partial_lse=None, lse=None, *,
                            num_warps: int | None = None, num_stages: int = PAGED_ATTENTION_STAGES):
     """Sparse attention of ``q`` ``[T, Hq, D]`` over the pages ``block_indices`` (int64 ``[T, G, topk]``) names.
 
-    ``k``, ``v``: ``[P, block_size, G, D]`` (one layer's pages). With ``split > 1``
-    the work buffers ``partial_out`` (float32 ``[T * Hq, split, D]``),
-    ``partial_lse`` (``[T * Hq, split]``) and ``lse`` (``[T * Hq]``) are used.
-    Writes ``out`` ``[T, Hq, D]``; allocates nothing. ``num_warps``: default ``PAGED_ATTENTION_WARPS`` by tile width.
+    ``k``, ``v``: ``[P, block_size, G, D]`` (one layer's pages); ``block_lists``: int32 scratch of
+    :func:`paged_block_lists_numel` elements. With ``split > 1`` the work buffers ``partial_out``
+    (float32 ``[T * Hq, split, D]``), ``partial_lse`` (``[T * Hq, split]``) and ``lse`` (``[T * Hq]``)
+    are used. Writes ``out`` ``[T, Hq, D]``; allocates nothing. ``tokens_per_tile``: 1 to 16.
+    ``num_warps``: default ``PAGED_ATTENTION_WARPS`` by tile width.
     """
     n_heads, head_dim = q.shape[1:]
     block_size, n_groups = k.shape[1:3]
@@ -484,7 +491,7 @@ def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, out, scale
     partial_out = out if split == 1 else partial_out
     partial_lse = out if split == 1 else partial_lse
     paged_sparse_attention_kernel[(tiles.shape[0], n_groups, split)](
-        q, k, v, page_table, tiles, block_indices, out, partial_out, partial_lse, scale * LOG2E.value,
+        q, k, v, page_table, tiles, block_indices, block_lists, out, partial_out, partial_lse, scale * LOG2E.value,
         HQ=n_heads, G=n_groups, R=n_heads // n_groups,
         RP=max(_pow2(n_heads // n_groups), triton.cdiv(16, tokens_per_tile)), D=head_dim,
         BLOCK_SIZE=block_size, MAX_PAGES=page_table.shape[1], TOPK=topk, TOPKP=_pow2(topk), QT=tokens_per_tile,

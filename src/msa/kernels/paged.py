@@ -22,8 +22,10 @@ from an FP8 cache: ``paged_append_index_keys_kernel`` rounds the keys as
 rows are the tile's tokens x the group's query heads, and the program walks
 the union of the blocks its tokens selected, each block loaded once for all
 the rows that selected it (exact online softmax, per-row masks): the tile's
-distinct blocks are listed first, so the loop over them has no branch around
-its loads and they can be pipelined. With SPLIT > 1 the distinct blocks are
+distinct blocks are listed first, in a scratch row of its own (block, page,
+bits of the tokens that selected it), so the loop over them loads its K/V
+pages one load after the list's, with no branch and no reduction before
+them, and they can be pipelined. With SPLIT > 1 the distinct blocks are
 divided among SPLIT programs that write normalised partial outputs and LSEs
 for :func:`msa.kernels.sparse_attention.merge_partials_kernel`.
 """
@@ -174,26 +176,6 @@ def top_pages_kernel(
 
 
 @triton.jit
-def _attend_page(block, row_max, row_sum, acc, q_tile, k, v, page_table, request, group, row_selected, position,
-                 last_position, scale_log2, G: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 MAX_PAGES: tl.constexpr, UPCAST: tl.constexpr):
-    """One selected block of the request, loaded once for every row of the tile; rows whose token did not
-    select it, or keys after a row's position, are masked."""
-    offsets = tl.arange(0, BLOCK_SIZE)
-    dims = tl.arange(0, D)
-    physical = tl.load(page_table + request * MAX_PAGES + block).to(tl.int64)
-    kv_rows = ((physical * BLOCK_SIZE + offsets) * G + group)[:, None] * D + dims[None, :]
-    written = (block * BLOCK_SIZE + offsets <= last_position)[:, None]  # the rest of a page is stale
-    k_tile = tl.load(k + kv_rows, mask=written, other=0.0)
-    v_tile = tl.load(v + kv_rows, mask=written, other=0.0)
-    if UPCAST:
-        k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
-    member = tl.max((row_selected == block).to(tl.int32), axis=1) > 0
-    visible = member[:, None] & ((block * BLOCK_SIZE + offsets)[None, :] <= position[:, None])
-    return online_softmax_step(q_tile, k_tile, v_tile, visible, row_max, row_sum, acc, scale_log2)
-
-
-@triton.jit
 def paged_sparse_attention_kernel(
     q,  # [T, HQ, D]
     k,  # [P, BLOCK_SIZE, G, D]: one layer's key pages
@@ -201,6 +183,7 @@ def paged_sparse_attention_kernel(
     page_table,  # int32 [max_requests, MAX_PAGES]
     tiles,  # int32 [n_tiles, 4]
     block_indices,  # int64 [T, G, TOPK]: entries after a token's local block are ignored
+    block_lists,  # int32 [n_tiles * G * SPLIT, 3, QT * TOPKP]: scratch, a row per program
     out,  # [T, HQ, D], written when SPLIT == 1
     partial_out,  # float32 [T * HQ, SPLIT, D], written when SPLIT > 1
     partial_lse,  # float32 [T * HQ, SPLIT], written when SPLIT > 1
@@ -214,7 +197,7 @@ def paged_sparse_attention_kernel(
     MAX_PAGES: tl.constexpr,
     TOPK: tl.constexpr,
     TOPKP: tl.constexpr,  # TOPK rounded up to a power of two
-    QT: tl.constexpr,  # tokens per tile
+    QT: tl.constexpr,  # tokens per tile (at most 16: the tokens that selected a block are bits of an int32)
     SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -241,26 +224,39 @@ def paged_sparse_attention_kernel(
     entry_ok = (entry_token < count) & (slot < TOPK)
     selected = tl.load(block_indices + ((first_token + entry_token) * G + group) * TOPK + slot, mask=entry_ok, other=-1)
     selected = tl.where(selected <= (first_position + entry_token) // BLOCK_SIZE, selected, -1)
-    # Each row's own list, to mask the blocks its token did not select.
-    slots = tl.arange(0, TOPKP)
-    row_selected = tl.load(block_indices + ((first_token + token) * G + group)[:, None] * TOPK + slots[None, :],
-                           mask=row_ok[:, None] & (slots[None, :] < TOPK), other=-1)
+    # The distinct blocks in order of first appearance, with the bits of the tokens that selected each (a token
+    # selects a block once), written to this program's scratch row: the loop below then loads a block's K/V one
+    # load after its list entry, with no reduction and no branch before them, and the compiler pipelines them
+    # (1.07-1.11x faster than finding each block by a reduction in the loop, results/*76; that in turn was
+    # 1.2-1.3x faster than a branch at each entry's first occurrence, results/*42-decode-block-loops).
+    same = (selected[:, None] == selected[None, :]) & (selected[:, None] >= 0)
+    first = (selected >= 0) & (tl.max((same & (entries[None, :] < entries[:, None])).to(tl.int32), axis=1) == 0)
+    rank = tl.cumsum(first.to(tl.int32), axis=0) - 1
+    n_distinct = tl.sum(first.to(tl.int32), axis=0)
+    token_bits = tl.sum(tl.where(same, (1 << entry_token)[None, :], 0), axis=1)
+    list_row = block_lists + ((tl.program_id(0) * G + group) * SPLIT + part).to(tl.int64) * 3 * ENTRIES
+    tl.store(list_row + rank, selected, mask=first)
+    tl.store(list_row + ENTRIES + rank, tl.load(page_table + request * MAX_PAGES + selected, mask=first), mask=first)
+    tl.store(list_row + 2 * ENTRIES + rank, token_bits, mask=first)
+    tl.debug_barrier()  # the row's stores are visible to all the program's threads
 
     row_max = tl.full((ROWS,), float("-inf"), tl.float32)
     row_sum = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, D), tl.float32)
-    # the distinct blocks, in order of first appearance, split evenly over the parts: a loop of unconditional
-    # loads that the compiler can pipeline (1.2-1.3x faster than visiting every entry and loading a block under
-    # a branch at its first one: results/*42-decode-block-loops)
-    earlier = (selected[:, None] == selected[None, :]) & (entries[None, :] < entries[:, None])
-    first = (selected >= 0) & (tl.max(earlier.to(tl.int32), axis=1) == 0)
-    rank = tl.cumsum(first.to(tl.int32), axis=0) - 1
-    n_distinct = tl.sum(first.to(tl.int32), axis=0)
+    offsets = tl.arange(0, BLOCK_SIZE)
     for index in range(part * n_distinct // SPLIT, (part + 1) * n_distinct // SPLIT):
-        block = tl.max(tl.where(first & (rank == index), selected, -1), axis=0)
-        row_max, row_sum, acc = _attend_page(
-            block, row_max, row_sum, acc, q_tile, k, v, page_table, request, group, row_selected, position,
-            last_position, scale_log2, G, D, BLOCK_SIZE, MAX_PAGES, UPCAST)
+        block = tl.load(list_row + index)
+        page = tl.load(list_row + ENTRIES + index).to(tl.int64)
+        kv_rows = ((page * BLOCK_SIZE + offsets) * G + group)[:, None] * D + dims[None, :]
+        written = (block * BLOCK_SIZE + offsets <= last_position)[:, None]  # the rest of a page is stale
+        k_tile = tl.load(k + kv_rows, mask=written, other=0.0)
+        v_tile = tl.load(v + kv_rows, mask=written, other=0.0)
+        if UPCAST:
+            k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
+        member = (tl.load(list_row + 2 * ENTRIES + index) >> token) & 1  # rows whose token selected the block
+        visible = (member[:, None] != 0) & ((block * BLOCK_SIZE + offsets)[None, :] <= position[:, None])
+        row_max, row_sum, acc = online_softmax_step(q_tile, k_tile, v_tile, visible, row_max, row_sum, acc,
+                                                    scale_log2)
 
     acc = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
     if SPLIT == 1:
