@@ -1,7 +1,7 @@
 """GPU sweep of the paged index scan's launch shape: tokens per tile x pages per program x pages per product x
 warps x pipeline stages.
 
-For decode cases (8 new tokens per request over a bf16 index-key cache),
+For decode cases (8 new tokens per request over a bf16 or FP8 index-key cache),
 times ``kernels.paged_block_scores`` alone as CUDA-graph replays over rotated
 layers (cold L2, as ``inference.py`` times it) for every configuration, checks
 that each configuration's page scores equal the default one's, and writes
@@ -25,12 +25,15 @@ from rich.progress import Progress
 from inference import LAYER, copy_gbps, graph_ms, index_key_bytes, new_tokens, paged_cache
 from msa import kernels
 from msa.cli.bench import git_commit
+from msa.fp8 import FP8_DTYPE
 from msa.inference import PagedSparseAttention
 
 
-def sweep_case(batch: int, seqlen: int, q_len: int, configs) -> dict:
+def sweep_case(batch: int, seqlen: int, q_len: int, configs, index_dtype=None) -> dict:
     c = LAYER
-    cache, requests = paged_cache(batch, seqlen - q_len, q_len, max_layers=4, bytes_limit=int(60e9))
+    cache, requests = paged_cache(batch, seqlen - q_len, q_len, max_layers=4, bytes_limit=int(60e9),
+                                  index_dtype=index_dtype)
+    default = kernels.PAGED_SCAN if index_dtype is None else kernels.PAGED_SCAN_FP8
     attention = PagedSparseAttention(cache, num_heads=c["heads"], topk=c["topk"])
     attention.plan(requests, [q_len] * batch)
     index_q = new_tokens(batch * q_len)[3]
@@ -39,14 +42,15 @@ def sweep_case(batch: int, seqlen: int, q_len: int, configs) -> dict:
 
     def scan(tokens_per_tile, config, scores, tiles, layer):
         kernels.paged_block_scores(index_q, cache.index_k[layer], cache.page_table, tiles, scores, 0,
-                                   tokens_per_tile, config=config)
+                                   tokens_per_tile, None if index_dtype is None else cache.index_scale[layer],
+                                   config=config)
 
     def tiles_of(tokens_per_tile):
         return torch.tensor(attention.work_tiles(tokens_per_tile), dtype=torch.int32, device="cuda")
 
     reference = torch.empty(n_rows, cache.max_pages_per_request, device="cuda")
     scan(kernels.PAGED_SCAN_TOKENS, None, reference, tiles_of(kernels.PAGED_SCAN_TOKENS), 0)
-    scan_bytes = batch * seqlen * index_key_bytes(None)
+    scan_bytes = batch * seqlen * index_key_bytes(index_dtype)
     timings = []
     for tokens_per_tile, *config in configs:
         tiles, scores = tiles_of(tokens_per_tile), torch.full_like(reference, float("nan"))
@@ -59,7 +63,7 @@ def sweep_case(batch: int, seqlen: int, q_len: int, configs) -> dict:
             continue
         ms = graph_ms(lambda i: scan(tokens_per_tile, tuple(config), scores, tiles, i % layers), 2 * layers)
         timings.append(dict(entry, ms=ms, gbps=scan_bytes / ms / 1e6, equal=bool(torch.equal(scores, reference))))
-    return dict(batch=batch, seqlen=seqlen, q_len=q_len, layers_rotated=layers, default=list(kernels.PAGED_SCAN),
+    return dict(batch=batch, seqlen=seqlen, q_len=q_len, layers_rotated=layers, default=list(default),
                 default_tokens=kernels.PAGED_SCAN_TOKENS, timings=timings)
 
 
@@ -73,7 +77,9 @@ def main() -> None:
     parser.add_argument("--pages-per-product", default="1,2")
     parser.add_argument("--warps", default="4,8")
     parser.add_argument("--stages", default="2,3,4")
+    parser.add_argument("--index-dtype", choices=["bf16", "fp8"], default="bf16")
     args = parser.parse_args()
+    index_dtype = FP8_DTYPE if args.index_dtype == "fp8" else None
 
     def ints(text):
         return [int(x) for x in text.split(",")]
@@ -85,12 +91,12 @@ def main() -> None:
     path = args.out / "scan_sweep.json"
     record = dict(benchmark="paged index scan sweep", device=torch.cuda.get_device_name(), torch=torch.__version__,
                   commit=git_commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  layer=LAYER, copy_gbps=copy_gbps(), cases=[])
+                  layer=LAYER, index_dtype=args.index_dtype, copy_gbps=copy_gbps(), cases=[])
     with Progress() as progress:
         task = progress.add_task("sweep", total=len(cases))
         for batch, seqlen in cases:
             progress.update(task, description=f"B={batch} S={seqlen}")
-            row = sweep_case(batch, seqlen, 8, configs)
+            row = sweep_case(batch, seqlen, 8, configs, index_dtype)
             record["cases"].append(row)
             path.write_text(json.dumps(record, indent=2))
             ranked = sorted((t for t in row["timings"] if "ms" in t), key=lambda t: t["ms"])
