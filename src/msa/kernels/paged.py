@@ -227,7 +227,7 @@ def paged_sparse_attention_kernel(
     # The distinct blocks in order of first appearance, with the bits of the tokens that selected each (a token
     # selects a block once), written to this program's scratch row: the loop below then loads a block's K/V one
     # load after its list entry, with no reduction and no branch before them, and the compiler pipelines them
-    # (1.07-1.11x faster than finding each block by a reduction in the loop, results/*76; that in turn was
+    # (1.07-1.12x faster than finding each block by a reduction in the loop, results/*76; that in turn was
     # 1.2-1.3x faster than a branch at each entry's first occurrence, results/*42-decode-block-loops).
     same = (selected[:, None] == selected[None, :]) & (selected[:, None] >= 0)
     first = (selected >= 0) & (tl.max((same & (entries[None, :] < entries[:, None])).to(tl.int32), axis=1) == 0)
