@@ -61,8 +61,9 @@ def sweep_case(batch: int, seqlen: int, q_len: int, configs, index_dtype=None) -
         except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: record and go on
             timings.append(dict(entry, error=type(error).__name__))
             continue
+        equal = bool(torch.equal(scores, reference))  # layer 0's scores, before the timed calls rotate layers
         ms = graph_ms(lambda i: scan(tokens_per_tile, tuple(config), scores, tiles, i % layers), 2 * layers)
-        timings.append(dict(entry, ms=ms, gbps=scan_bytes / ms / 1e6, equal=bool(torch.equal(scores, reference))))
+        timings.append(dict(entry, ms=ms, gbps=scan_bytes / ms / 1e6, equal=equal))
     return dict(batch=batch, seqlen=seqlen, q_len=q_len, layers_rotated=layers, default=list(default),
                 default_tokens=kernels.PAGED_SCAN_TOKENS, timings=timings)
 
