@@ -415,7 +415,7 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
 # Index scan, bf16 / FP8 keys: (pages per program, pages per matrix product, num_warps, pipeline stages);
 # tokens per tile (one read of a request's index keys serves this many of its new tokens). bf16: within 2% of
 # the fastest at every case of the sweep at 128K x 8 ... 1M x 2 (results/*75-scan-sweep; one page per product
-# instead of two: 7% faster at 200K x 32-128); FP8: the fastest variant of results/*35-scan-variants.
+# instead of two: 6% faster at 200K x 32-128); FP8: the fastest variant of results/*35-scan-variants.
 PAGED_SCAN = (16, 1, 4, 3)
 PAGED_SCAN_FP8 = (32, 2, 8, 3)
 PAGED_SCAN_TOKENS = 16
