@@ -11,6 +11,7 @@ float32 (the interpreter's bf16 ``tl.dot`` is wrong).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -81,6 +82,11 @@ def _launch(kernel, grid, *args, **kwargs):
 
 def _pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(n))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _heads(q: torch.Tensor, k: torch.Tensor) -> dict:
@@ -451,6 +457,11 @@ def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset
     n_groups, index_dim = index_q.shape[1:]
     block_size, max_pages = index_k.shape[1], page_table.shape[1]
     pages, pages_per_product, num_warps, num_stages = config or (PAGED_SCAN if index_scale is None else PAGED_SCAN_FP8)
+    if config is None and index_q.is_cuda:
+        # few requests over short contexts: fewer pages per program, so that the programs cover the GPU twice
+        programs_wanted = 2 * _sm_count(index_q.device.index)
+        while pages > pages_per_product and tiles.shape[0] * triton.cdiv(max_pages, pages) < programs_wanted:
+            pages //= 2
     groups = max(_pow2(n_groups), triton.cdiv(16, tokens_per_tile))  # tl.dot needs 16 rows
     paged_block_scores_kernel[(tiles.shape[0], triton.cdiv(max_pages, pages))](
         index_q, index_k, index_k if index_scale is None else index_scale, page_table, tiles, scores, token_offset,
