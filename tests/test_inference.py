@@ -139,6 +139,40 @@ def test_decode_steps_that_fill_the_gpu_take_wide_attention_tiles(monkeypatch):
     assert tokens([8] * 17, attention_tokens=2) == 2
 
 
+def test_index_scan_takes_fewer_pages_per_program_when_few_programs_would_run():
+    from msa.kernels import _scan_pages
+
+    assert _scan_pages(16, 1, n_tiles=1, max_pages=250, min_programs=264) == 1  # 250 programs: down to one page
+    assert _scan_pages(16, 1, n_tiles=4, max_pages=250, min_programs=264) == 2  # 500 programs
+    assert _scan_pages(32, 2, n_tiles=1, max_pages=8, min_programs=264) == 2  # never below one product
+    assert _scan_pages(16, 1, n_tiles=8, max_pages=1024, min_programs=264) == 16  # 512 programs: as configured
+
+
+@pytest.mark.parametrize("config", [(1, 1, 4, 1), (2, 1, 4, 2), (4, 2, 4, 2), (8, 2, 4, 3)])
+def test_index_scan_launch_shapes_give_the_same_scores(config):
+    """Pages per program and per product only change the work split: every page's score is the same."""
+    from msa import kernels
+
+    heads, groups, head_dim, index_dim, block_size, _ = SHAPES[0]
+    cache = PagedKVCache(num_layers=1, num_pages=40, block_size=block_size, num_kv_heads=groups, head_dim=head_dim,
+                         index_head_dim=index_dim, max_requests=2, max_pages_per_request=20, dtype=DTYPES[0],
+                         device=DEVICE)
+    cache.index_k.normal_()
+    attention = PagedSparseAttention(cache, num_heads=heads, topk=2)
+    requests = [cache.add_request() for _ in range(2)]
+    for request, cached in zip(requests, (19 * block_size - 3, 7 * block_size + 5)):
+        cache.reserve(request, cached)
+    attention.plan(requests, [3, 3])
+    tiles = torch.tensor(attention.work_tiles(kernels.PAGED_SCAN_TOKENS), dtype=torch.int32, device=DEVICE)
+    index_q = torch.randn(6, groups, index_dim, dtype=DTYPES[0], device=DEVICE)
+    scores = [torch.full((6 * groups, 20), math.nan, device=DEVICE) for _ in range(2)]
+    for out, shape in zip(scores, (None, config)):
+        kernels.paged_block_scores(index_q, cache.index_k[0], cache.page_table, tiles, out, 0,
+                                   kernels.PAGED_SCAN_TOKENS, config=shape)
+    assert not scores[0].isnan().any()
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-5, atol=1e-5)
+
+
 def test_long_chunks_run_in_bounded_score_parts(backend):
     """A score workspace of a few rows splits each prefill chunk into parts: same result."""
     shape, dtype = SHAPES[0], DTYPES[0]

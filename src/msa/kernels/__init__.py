@@ -446,6 +446,15 @@ def paged_append_index_keys(index_k, slots, pool, scale_pool):
         INVERSE_FP8_MAX=INVERSE_FP8_MAX)
 
 
+def _scan_pages(pages: int, pages_per_product: int, n_tiles: int, max_pages: int, min_programs: int) -> int:
+    """Pages per index-scan program: halved (down to one product) while the scan would run fewer than
+    ``min_programs`` programs, as few requests over short contexts do (results/*82: 19-32 -> 4-17 us at
+    1-4 requests x 1K-32K tokens)."""
+    while pages > pages_per_product and n_tiles * triton.cdiv(max_pages, pages) < min_programs:
+        pages //= 2
+    return pages
+
+
 def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset: int, tokens_per_tile: int,
                        index_scale=None, config: tuple[int, int, int, int] | None = None):
     """Index scan of ``tiles`` into ``scores`` ``[rows, max_pages]`` (float32, rows = tokens x groups).
@@ -457,12 +466,8 @@ def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset
     n_groups, index_dim = index_q.shape[1:]
     block_size, max_pages = index_k.shape[1], page_table.shape[1]
     pages, pages_per_product, num_warps, num_stages = config or (PAGED_SCAN if index_scale is None else PAGED_SCAN_FP8)
-    if config is None and index_q.is_cuda:
-        # few requests over short contexts: fewer pages per program, so that the programs cover the GPU twice
-        # (results/*82: the scan of 1-4 requests at 1K-32K tokens 19-32 -> 4-17 us)
-        programs_wanted = 2 * _sm_count(index_q.device.index)
-        while pages > pages_per_product and tiles.shape[0] * triton.cdiv(max_pages, pages) < programs_wanted:
-            pages //= 2
+    if config is None and index_q.is_cuda:  # enough programs to cover the GPU twice
+        pages = _scan_pages(pages, pages_per_product, tiles.shape[0], max_pages, 2 * _sm_count(index_q.device.index))
     groups = max(_pow2(n_groups), triton.cdiv(16, tokens_per_tile))  # tl.dot needs 16 rows
     paged_block_scores_kernel[(tiles.shape[0], triton.cdiv(max_pages, pages))](
         index_q, index_k, index_k if index_scale is None else index_scale, page_table, tiles, scores, token_offset,
