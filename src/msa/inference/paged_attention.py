@@ -186,7 +186,9 @@ class PagedSparseAttention:
         return max(1, min(kernels.PAGED_MAX_SPLIT, per_sm * self._sm_count() // programs))
 
     def _sm_count(self) -> int:
-        return torch.cuda.get_device_properties(self.cache.device).multi_processor_count
+        from msa import kernels
+
+        return kernels.sm_count(self.cache.device.index)
 
     def split_buffers(self) -> dict[str, torch.Tensor]:
         """The split-KV work buffers of ``kernels.paged_sparse_attention`` for the planned step (none unsplit)."""

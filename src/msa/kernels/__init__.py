@@ -85,7 +85,8 @@ def _pow2(n: int, minimum: int = 1) -> int:
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
+def sm_count(device_index: int | None) -> int:
+    """Streaming multiprocessors of a CUDA device (``None``: the current one)."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
@@ -419,7 +420,7 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
 # --------------------------------------------------------------------------- paged inference kernels
 
 # Index scan, bf16 / FP8 keys: (pages per program, pages per matrix product, num_warps, pipeline stages);
-# tokens per tile (one read of a request's index keys serves this many of its new tokens). bf16: within 2% of
+# tokens per tile (one read of a request's index keys serves this many of its new tokens). bf16: within 2.4% of
 # the fastest at every case of the sweep at 128K x 8 ... 1M x 2 (results/*75-scan-sweep; one page per product
 # instead of two: 6% faster at 200K x 32-128); FP8: the fastest variant of results/*35-scan-variants.
 PAGED_SCAN = (16, 1, 4, 3)
@@ -461,13 +462,14 @@ def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset
 
     ``index_q`` ``[T, G, Di]``, ``index_k`` ``[P, block_size, Di]`` (one layer's pages; FP8 with
     their scales ``index_scale`` ``[P, block_size]``). ``config``: (pages per program, pages per
-    product, num_warps, num_stages); default ``PAGED_SCAN`` (``PAGED_SCAN_FP8`` for FP8 keys).
+    product, num_warps, num_stages); default ``PAGED_SCAN`` (``PAGED_SCAN_FP8`` for FP8 keys), with
+    fewer pages per program where few programs would run (:func:`_scan_pages`).
     """
     n_groups, index_dim = index_q.shape[1:]
     block_size, max_pages = index_k.shape[1], page_table.shape[1]
     pages, pages_per_product, num_warps, num_stages = config or (PAGED_SCAN if index_scale is None else PAGED_SCAN_FP8)
     if config is None and index_q.is_cuda:  # enough programs to cover the GPU twice
-        pages = _scan_pages(pages, pages_per_product, tiles.shape[0], max_pages, 2 * _sm_count(index_q.device.index))
+        pages = _scan_pages(pages, pages_per_product, tiles.shape[0], max_pages, 2 * sm_count(index_q.device.index))
     groups = max(_pow2(n_groups), triton.cdiv(16, tokens_per_tile))  # tl.dot needs 16 rows
     paged_block_scores_kernel[(tiles.shape[0], triton.cdiv(max_pages, pages))](
         index_q, index_k, index_k if index_scale is None else index_scale, page_table, tiles, scores, token_offset,
