@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from msa.kernels.indexer import write_top
-from msa.kernels.sparse_attention import LN2, online_softmax_step
+from msa.kernels.sparse_attention import LN2
 
 
 @triton.jit
@@ -176,6 +176,21 @@ def top_pages_kernel(
 
 
 @triton.jit
+def _member_rows_step(scores, v_tile, member, row_max, row_sum, acc, scale_log2):
+    """One block of an exact online softmax (base 2) in which only the ``member`` rows take part: ``scores``
+    ``[M, N]`` unscaled (-inf where masked), the scale folded into the exponent's FMA, a row mask instead of an
+    element mask (other rows keep their state: their exponent's bias is +inf)."""
+    block_max = tl.max(scores, axis=1) * scale_log2
+    new_max = tl.where(member, tl.maximum(row_max, block_max), row_max)
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    alpha = tl.exp2(row_max - safe_max)
+    probs = tl.exp2(scores * scale_log2 - tl.where(member, safe_max, float("inf"))[:, None])
+    row_sum = row_sum * alpha + tl.sum(probs, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(probs.to(v_tile.dtype), v_tile)
+    return new_max, row_sum, acc
+
+
+@triton.jit
 def paged_sparse_attention_kernel(
     q,  # [T, HQ, D]
     k,  # [P, BLOCK_SIZE, G, D]: one layer's key pages
@@ -222,7 +237,8 @@ def paged_sparse_attention_kernel(
     entry_token = entries // TOPKP
     slot = entries % TOPKP
     entry_ok = (entry_token < count) & (slot < TOPK)
-    selected = tl.load(block_indices + ((first_token + entry_token) * G + group) * TOPK + slot, mask=entry_ok, other=-1)
+    selected = tl.load(block_indices + ((first_token + entry_token) * G + group) * TOPK + slot, mask=entry_ok,
+                       other=-1).to(tl.int32)
     selected = tl.where(selected <= (first_position + entry_token) // BLOCK_SIZE, selected, -1)
     # The distinct blocks in order of first appearance, with the bits of the tokens that selected each (a token
     # selects a block once), written to this program's scratch row: the loop below then loads a block's K/V one
@@ -253,10 +269,11 @@ def paged_sparse_attention_kernel(
         v_tile = tl.load(v + kv_rows, mask=written, other=0.0)
         if UPCAST:
             k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
-        member = (tl.load(list_row + 2 * ENTRIES + index) >> token) & 1  # rows whose token selected the block
-        visible = (member[:, None] != 0) & ((block * BLOCK_SIZE + offsets)[None, :] <= position[:, None])
-        row_max, row_sum, acc = online_softmax_step(q_tile, k_tile, v_tile, visible, row_max, row_sum, acc,
-                                                    scale_log2)
+        member = ((tl.load(list_row + 2 * ENTRIES + index) >> token) & 1) != 0  # rows whose token selected it
+        scores = tl.dot(q_tile, tl.trans(k_tile))
+        if block * BLOCK_SIZE + BLOCK_SIZE - 1 > first_position:  # holds a tile token's position: causal mask
+            scores = tl.where((block * BLOCK_SIZE + offsets)[None, :] <= position[:, None], scores, float("-inf"))
+        row_max, row_sum, acc = _member_rows_step(scores, v_tile, member, row_max, row_sum, acc, scale_log2)
 
     acc = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
     if SPLIT == 1:
