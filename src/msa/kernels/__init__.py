@@ -495,8 +495,7 @@ def paged_block_lists_numel(n_tiles: int, n_groups: int, tokens_per_tile: int, t
 
 def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, block_lists, out, scale: float,
                            tokens_per_tile: int, split: int = 1, partial_out=None, partial_lse=None, lse=None, *,
-                           num_warps: int | None = None, num_stages: int = PAGED_ATTENTION_STAGES,
-                           keys_per_step: int | None = None):
+                           num_warps: int | None = None, num_stages: int = PAGED_ATTENTION_STAGES):
     """Sparse attention of ``q`` ``[T, Hq, D]`` over the pages ``block_indices`` (int64 ``[T, G, topk]``) names.
 
     ``k``, ``v``: ``[P, block_size, G, D]`` (one layer's pages); ``block_lists``: int32 scratch of
@@ -515,8 +514,7 @@ def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, block_list
         HQ=n_heads, G=n_groups, R=n_heads // n_groups,
         RP=max(_pow2(n_heads // n_groups), triton.cdiv(16, tokens_per_tile)), D=head_dim,
         BLOCK_SIZE=block_size, MAX_PAGES=page_table.shape[1], TOPK=topk, TOPKP=_pow2(topk), QT=tokens_per_tile,
-        SPLIT=split, KEYS=keys_per_step or block_size, UPCAST=INTERPRET,
-        num_warps=num_warps or PAGED_ATTENTION_WARPS[tokens_per_tile > 1],
+        SPLIT=split, UPCAST=INTERPRET, num_warps=num_warps or PAGED_ATTENTION_WARPS[tokens_per_tile > 1],
         num_stages=num_stages)
     if split > 1:
         rows = q.shape[0] * n_heads

@@ -214,7 +214,6 @@ def paged_sparse_attention_kernel(
     TOPKP: tl.constexpr,  # TOPK rounded up to a power of two
     QT: tl.constexpr,  # tokens per tile (at most 16: the tokens that selected a block are bits of an int32)
     SPLIT: tl.constexpr,
-    KEYS: tl.constexpr,  # keys per loop step (divides BLOCK_SIZE)
     UPCAST: tl.constexpr,
 ):
     request, first_token, count, first_position = _tile(tiles)
@@ -260,12 +259,10 @@ def paged_sparse_attention_kernel(
     row_max = tl.full((ROWS,), float("-inf"), tl.float32)
     row_sum = tl.zeros((ROWS,), tl.float32)
     acc = tl.zeros((ROWS, D), tl.float32)
-    STEPS: tl.constexpr = BLOCK_SIZE // KEYS  # loop steps per block
-    for step in range(part * n_distinct // SPLIT * STEPS, (part + 1) * n_distinct // SPLIT * STEPS):
-        index = step // STEPS
+    offsets = tl.arange(0, BLOCK_SIZE)
+    for index in range(part * n_distinct // SPLIT, (part + 1) * n_distinct // SPLIT):
         block = tl.load(list_row + index)
         page = tl.load(list_row + ENTRIES + index).to(tl.int64)
-        offsets = (step % STEPS) * KEYS + tl.arange(0, KEYS)
         kv_rows = ((page * BLOCK_SIZE + offsets) * G + group)[:, None] * D + dims[None, :]
         written = (block * BLOCK_SIZE + offsets <= last_position)[:, None]  # the rest of a page is stale
         k_tile = tl.load(k + kv_rows, mask=written, other=0.0)
