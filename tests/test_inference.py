@@ -173,6 +173,40 @@ def test_index_scan_launch_shapes_give_the_same_scores(config):
     torch.testing.assert_close(scores[1], scores[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("index_dtype", [None, torch.float8_e4m3fn])
+def test_append_writes_strided_rows_at_their_slots(index_dtype):
+    """The one-launch append: K and V read through their own token strides (views), G * D not a power of two,
+    each row at its slot and nothing else written; FP8 index keys rounded as the PyTorch path rounds them."""
+    from msa import kernels
+
+    dtype, groups, head_dim, index_dim, block_size = DTYPES[0], 3, 16, 32, 16
+    cache = PagedKVCache(num_layers=1, num_pages=4, block_size=block_size, num_kv_heads=groups, head_dim=head_dim,
+                         index_head_dim=index_dim, max_requests=1, dtype=dtype, index_dtype=index_dtype, device=DEVICE)
+    expected = PagedKVCache(num_layers=1, num_pages=4, block_size=block_size, num_kv_heads=groups, head_dim=head_dim,
+                            index_head_dim=index_dim, max_requests=1, dtype=dtype, index_dtype=index_dtype,
+                            device=DEVICE)
+    for pools in ((cache.k, cache.v, cache.index_k), (expected.k, expected.v, expected.index_k)):
+        for pool in pools:
+            pool.view(torch.uint8).fill_(7)
+    if index_dtype is not None:
+        cache.index_scale.fill_(3.0)
+        expected.index_scale.fill_(3.0)
+    k = torch.randn(21, 2, groups, head_dim, dtype=dtype, device=DEVICE)[:, 0]  # token stride 2 * G * D
+    v = torch.randn(21, groups + 1, head_dim, dtype=dtype, device=DEVICE)[:, 1:]  # token stride (G + 1) * D
+    index_k = torch.randn(21, index_dim, dtype=dtype, device=DEVICE)
+    slots = torch.randperm(4 * block_size, device=DEVICE)[:21]
+    kernels.paged_append(k, v, index_k, slots, cache.k[0].view(-1, groups * head_dim),
+                         cache.v[0].view(-1, groups * head_dim), cache.index_k[0].view(-1, index_dim),
+                         None if index_dtype is None else cache.index_scale[0].view(-1))
+    expected.k[0].view(-1, groups, head_dim).index_copy_(0, slots, k)
+    expected.v[0].view(-1, groups, head_dim).index_copy_(0, slots, v)
+    expected.write_index_keys(0, slots, index_k)
+    for pool, expected_pool in ((cache.k, expected.k), (cache.v, expected.v), (cache.index_k, expected.index_k)):
+        assert torch.equal(pool.view(torch.uint8), expected_pool.view(torch.uint8))
+    if index_dtype is not None:
+        assert torch.equal(cache.index_scale, expected.index_scale)
+
+
 def test_long_chunks_run_in_bounded_score_parts(backend):
     """A score workspace of a few rows splits each prefill chunk into parts: same result."""
     shape, dtype = SHAPES[0], DTYPES[0]

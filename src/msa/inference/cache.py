@@ -96,7 +96,7 @@ class PagedKVCache:
     def write_index_keys(self, layer: int, slots: torch.Tensor, index_k: torch.Tensor) -> None:
         """Store ``index_k`` ``[T, Di]`` at the flat ``slots`` (int64 ``[T]``) of ``layer``, rounded if FP8.
 
-        The PyTorch path; the Triton one is :func:`msa.kernels.paged_append_index_keys`.
+        The PyTorch path; the Triton one is :func:`msa.kernels.paged_append`.
         """
         pool = self.index_k[layer].view(-1, self.index_head_dim)
         if self.index_scale is None:

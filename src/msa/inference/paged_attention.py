@@ -243,15 +243,18 @@ class PagedSparseAttention:
                                  f"{x.device}")
 
         slots = self._view("slots", (total,))
-        cache.k[layer].view(-1, groups, cache.head_dim).index_copy_(0, slots, k)
-        cache.v[layer].view(-1, groups, cache.head_dim).index_copy_(0, slots, v)
         index_scale = None if cache.index_scale is None else cache.index_scale[layer]
-        if index_scale is not None and self.triton_path:  # FP8 index keys, rounded in one launch
+        if self.triton_path:  # K, V and index keys (rounded if FP8) in one launch
             from msa import kernels
 
-            index_pool = cache.index_k[layer].view(-1, cache.index_head_dim)
-            kernels.paged_append_index_keys(index_k.contiguous(), slots, index_pool, index_scale.view(-1))
+            k, v, index_k = (x if x[0].is_contiguous() else x.contiguous() for x in (k, v, index_k))  # rows read whole
+            kernels.paged_append(k, v, index_k, slots, cache.k[layer].view(-1, groups * cache.head_dim),
+                                 cache.v[layer].view(-1, groups * cache.head_dim),
+                                 cache.index_k[layer].view(-1, cache.index_head_dim),
+                                 None if index_scale is None else index_scale.view(-1))
         else:
+            cache.k[layer].view(-1, groups, cache.head_dim).index_copy_(0, slots, k)
+            cache.v[layer].view(-1, groups, cache.head_dim).index_copy_(0, slots, v)
             cache.write_index_keys(layer, slots, index_k)
 
         if not self.triton_path:

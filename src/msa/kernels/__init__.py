@@ -22,7 +22,7 @@ from msa.kernels.index_kl import index_kl_bwd_dk_kernel, index_kl_bwd_dq_kernel,
 from msa.kernels.indexer import block_scores_kernel, support_lse_kernel, top_blocks_kernel
 from msa.fp8 import INVERSE_FP8_MAX
 from msa.kernels.paged import (
-    paged_append_index_keys_kernel,
+    paged_append_kernel,
     paged_block_scores_kernel,
     paged_sparse_attention_kernel,
     top_pages_kernel,
@@ -438,13 +438,17 @@ PAGED_ATTENTION_STAGES = 3
 PAGED_MAX_SPLIT = 8  # at most this many programs per tile and group split the attention of small batches
 
 
-def paged_append_index_keys(index_k, slots, pool, scale_pool):
-    """Round ``index_k`` ``[T, Di]`` to the FP8 ``pool`` ``[P * block_size, Di]`` at ``slots`` (int64 ``[T]``),
-    the scales to ``scale_pool`` ``[P * block_size]``."""
+def paged_append(k, v, index_k, slots, k_pool, v_pool, index_pool, scale_pool=None):
+    """Write a step's keys and values ``[T, G, D]`` and index keys ``[T, Di]`` at the flat ``slots``
+    (int64 ``[T]``) of one layer's pools (``k_pool``, ``v_pool``: ``[P * block_size, G * D]``; ``index_pool``:
+    ``[P * block_size, Di]``) in one launch. With ``scale_pool`` (float32 ``[P * block_size]``) the index pool is
+    FP8 and each key is rounded to it with its own scale (:func:`msa.fp8.quantize_rows`)."""
     rows = 16
-    paged_append_index_keys_kernel[(triton.cdiv(index_k.shape[0], rows),)](
-        index_k, slots, pool, scale_pool, index_k.shape[0], DI=index_k.shape[1], ROWS=rows,
-        INVERSE_FP8_MAX=INVERSE_FP8_MAX)
+    groups, head_dim = k.shape[1:]
+    paged_append_kernel[(triton.cdiv(k.shape[0], rows),)](
+        k, v, index_k, slots, k_pool, v_pool, index_pool, index_pool if scale_pool is None else scale_pool,
+        k.shape[0], k.stride(0), v.stride(0), index_k.stride(0), GD=groups * head_dim, GDP=_pow2(groups * head_dim),
+        DI=index_k.shape[1], ROWS=rows, SCALED=scale_pool is not None, INVERSE_FP8_MAX=INVERSE_FP8_MAX)
 
 
 def _scan_pages(pages: int, pages_per_product: int, n_tiles: int, max_pages: int, min_programs: int) -> int:

@@ -15,8 +15,9 @@ scale (it does not change the ranking): the Top-k over these scores
 (``top_pages_kernel``) is the Index Branch's selection. Splitting over pages
 keeps the GPU busy at any batch size, and the scores are ~1 byte per key read
 (the scan is memory-bound on the index keys, 2 * Di bytes per key, or Di + 4
-from an FP8 cache: ``paged_append_index_keys_kernel`` rounds the keys as
-:mod:`msa.fp8` does, and the scan rounds its queries the same way).
+from an FP8 cache: ``paged_append_kernel``, which writes a step's K, V and
+index keys in one launch, rounds the keys as :mod:`msa.fp8` does, and the
+scan rounds its queries the same way).
 
 ``paged_sparse_attention_kernel`` runs one tile x one GQA group per program:
 rows are the tile's tokens x the group's query heads, and the program walks
@@ -71,24 +72,40 @@ def _fp8_rows(x, INVERSE_FP8_MAX: tl.constexpr):
 
 
 @triton.jit
-def paged_append_index_keys_kernel(
-    index_k,  # [T, DI]: the new tokens' index keys
+def paged_append_kernel(
+    k,  # [T, G, D]: the new tokens' keys (token stride ``k_stride``, each token's (G, D) row contiguous)
+    v,  # [T, G, D] (token stride ``v_stride``)
+    index_k,  # [T, DI] (token stride ``index_stride``)
     slots,  # int64 [T]: their flat cache slots (page * BLOCK_SIZE + offset)
-    pool,  # float8_e4m3fn [P * BLOCK_SIZE, DI]: one layer's index-key pages, written at ``slots``
-    scale_pool,  # float32 [P * BLOCK_SIZE], written at ``slots``
-    n_tokens,
+    k_pool,  # [P * BLOCK_SIZE, G * D]: one layer's key pages, written at ``slots``
+    v_pool,  # [P * BLOCK_SIZE, G * D]
+    index_pool,  # [P * BLOCK_SIZE, DI] (float8_e4m3fn with SCALED)
+    scale_pool,  # float32 [P * BLOCK_SIZE], written at ``slots`` with SCALED, else unused
+    n_tokens, k_stride, v_stride, index_stride,
+    GD: tl.constexpr,  # G * D
+    GDP: tl.constexpr,  # GD rounded up to a power of two
     DI: tl.constexpr,
     ROWS: tl.constexpr,
+    SCALED: tl.constexpr,  # round the index keys to FP8 with a scale per key (:mod:`msa.fp8`)
     INVERSE_FP8_MAX: tl.constexpr,
 ):
+    """A decode or prefill step's cache append in one launch: K, V and index key of ROWS tokens per program."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_tokens
-    dims = tl.arange(0, DI)
-    keys = tl.load(index_k + rows.to(tl.int64)[:, None] * DI + dims[None, :], mask=row_ok[:, None], other=0.0)
-    values, scale = _fp8_rows(keys, INVERSE_FP8_MAX)
     slot = tl.load(slots + rows, mask=row_ok, other=0)
-    tl.store(pool + slot[:, None] * DI + dims[None, :], values, mask=row_ok[:, None])
-    tl.store(scale_pool + slot, scale, mask=row_ok)
+    columns = tl.arange(0, GDP)
+    ok = row_ok[:, None] & (columns < GD)[None, :]
+    token = rows.to(tl.int64)[:, None]
+    target = slot[:, None] * GD + columns[None, :]
+    tl.store(k_pool + target, tl.load(k + token * k_stride + columns[None, :], mask=ok), mask=ok)
+    tl.store(v_pool + target, tl.load(v + token * v_stride + columns[None, :], mask=ok), mask=ok)
+    dims = tl.arange(0, DI)
+    keys = tl.load(index_k + rows.to(tl.int64)[:, None] * index_stride + dims[None, :], mask=row_ok[:, None],
+                   other=0.0)
+    if SCALED:
+        keys, scale = _fp8_rows(keys, INVERSE_FP8_MAX)
+        tl.store(scale_pool + slot, scale, mask=row_ok)
+    tl.store(index_pool + slot[:, None] * DI + dims[None, :], keys, mask=row_ok[:, None])
 
 
 @triton.jit
