@@ -436,20 +436,6 @@ PAGED_ATTENTION_TOKENS = 8
 PAGED_ATTENTION_WARPS = (4, 8)
 PAGED_ATTENTION_STAGES = 3
 PAGED_MAX_SPLIT = 8  # at most this many programs per tile and group split the attention of small batches
-# The append, scan, Top-k and attention kernels of a step launch with programmatic dependent launch on sm_90+:
-# each one's programs become resident while the previous kernel finishes (results/*85).
-PAGED_PDL = True
-
-
-@functools.cache
-def _pdl_capable(device_index: int | None) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (9, 0)
-
-
-def _pdl(x: torch.Tensor) -> dict:
-    """Launch options of a paged kernel: programmatic dependent launch where the GPU has it (``PAGED_PDL``)."""
-    on = PAGED_PDL and x.is_cuda and not INTERPRET and _pdl_capable(x.device.index)
-    return dict(PDL=on, launch_pdl=on)
 
 
 def paged_append(k, v, index_k, slots, k_pool, v_pool, index_pool, scale_pool=None):
@@ -462,7 +448,7 @@ def paged_append(k, v, index_k, slots, k_pool, v_pool, index_pool, scale_pool=No
     paged_append_kernel[(triton.cdiv(k.shape[0], rows),)](
         k, v, index_k, slots, k_pool, v_pool, index_pool, index_pool if scale_pool is None else scale_pool,
         k.shape[0], k.stride(0), v.stride(0), index_k.stride(0), GD=groups * head_dim, GDP=_pow2(groups * head_dim),
-        DI=index_k.shape[1], ROWS=rows, SCALED=scale_pool is not None, INVERSE_FP8_MAX=INVERSE_FP8_MAX, **_pdl(k))
+        DI=index_k.shape[1], ROWS=rows, SCALED=scale_pool is not None, INVERSE_FP8_MAX=INVERSE_FP8_MAX)
 
 
 def _scan_pages(pages: int, pages_per_product: int, n_tiles: int, max_pages: int, min_programs: int) -> int:
@@ -493,7 +479,8 @@ def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset
         index_q, index_k, index_k if index_scale is None else index_scale, page_table, tiles, scores, token_offset,
         G=n_groups, GP=groups, DI=index_dim, BLOCK_SIZE=block_size, MAX_PAGES=max_pages, QT=tokens_per_tile,
         PAGES=pages, NB=pages_per_product, STAGES=num_stages, SCALED=index_scale is not None,
-        INVERSE_FP8_MAX=INVERSE_FP8_MAX, UPCAST=INTERPRET, num_warps=num_warps, **_pdl(index_q))
+        INVERSE_FP8_MAX=INVERSE_FP8_MAX,
+        UPCAST=INTERPRET, num_warps=num_warps)
 
 
 def top_pages(scores, top_pages_out):
@@ -502,7 +489,7 @@ def top_pages(scores, top_pages_out):
     rows, n_pages = scores.shape
     if rows:
         top_pages_kernel[(rows,)](scores, top_pages_out, N=n_pages, NP=_pow2(n_pages), TOPK=top_pages_out.shape[1],
-                                  num_warps=4, **_pdl(scores))
+                                  num_warps=4)
 
 
 def paged_block_lists_numel(n_tiles: int, n_groups: int, tokens_per_tile: int, topk: int, split: int = 1) -> int:
@@ -532,7 +519,7 @@ def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, block_list
         RP=max(_pow2(n_heads // n_groups), triton.cdiv(16, tokens_per_tile)), D=head_dim,
         BLOCK_SIZE=block_size, MAX_PAGES=page_table.shape[1], TOPK=topk, TOPKP=_pow2(topk), QT=tokens_per_tile,
         SPLIT=split, UPCAST=INTERPRET, num_warps=num_warps or PAGED_ATTENTION_WARPS[tokens_per_tile > 1],
-        num_stages=num_stages, **_pdl(q))
+        num_stages=num_stages)
     if split > 1:
         rows = q.shape[0] * n_heads
         merge_partials_kernel[(triton.cdiv(rows, MERGE_ROWS),)](

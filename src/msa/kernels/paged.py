@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from msa.kernels.indexer import write_top
 from msa.kernels.sparse_attention import LN2
@@ -49,15 +48,6 @@ def _tile(tiles):
     count = tl.load(tiles + tile * 4 + 2)
     first_position = tl.load(tiles + tile * 4 + 3)
     return request, first_token, count, first_position
-
-
-@triton.jit
-def _chained(PDL: tl.constexpr):
-    """Programmatic dependent launch (sm_90+; PDL): a program of a step's kernel can be resident before the
-    previous kernel has finished; it waits for that kernel's writes here, then lets the next kernel launch."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
 
 
 @triton.jit
@@ -98,10 +88,8 @@ def paged_append_kernel(
     ROWS: tl.constexpr,
     SCALED: tl.constexpr,  # round the index keys to FP8 with a scale per key (:mod:`msa.fp8`)
     INVERSE_FP8_MAX: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """A decode or prefill step's cache append in one launch: K, V and index key of ROWS tokens per program."""
-    _chained(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_ok = rows < n_tokens
     slot = tl.load(slots + rows, mask=row_ok, other=0)
@@ -141,9 +129,7 @@ def paged_block_scores_kernel(
     SCALED: tl.constexpr,  # FP8 keys with per-key scales: the queries are rounded to FP8 too (FP8 products)
     INVERSE_FP8_MAX: tl.constexpr,
     UPCAST: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    _chained(PDL)
     request, first_token, count, first_position = _tile(tiles)
     ROWS: tl.constexpr = QT * GP
     rows = tl.arange(0, ROWS)
@@ -198,10 +184,8 @@ def top_pages_kernel(
     N: tl.constexpr,
     NP: tl.constexpr,  # N rounded up to a power of two
     TOPK: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """Top-k of one row of page scores by TOPK rounds of argmax (no sort; ties go to the lower page)."""
-    _chained(PDL)
     row = tl.program_id(0).to(tl.int64)
     pages = tl.arange(0, NP)[None, :]
     row_scores = tl.load(scores + row * N + pages, mask=pages < N, other=float("-inf"))
@@ -248,9 +232,7 @@ def paged_sparse_attention_kernel(
     QT: tl.constexpr,  # tokens per tile (at most 16: the tokens that selected a block are bits of an int32)
     SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    _chained(PDL)
     request, first_token, count, first_position = _tile(tiles)
     group = tl.program_id(1)
     part = tl.program_id(2)
