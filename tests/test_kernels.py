@@ -6,6 +6,7 @@ in bfloat16/float16/float32. Every allocation made during a kernel call is
 poisoned (NaN, or 2**30 for integers) so that unwritten outputs fail.
 """
 
+import math
 import warnings
 
 import pytest
@@ -125,6 +126,31 @@ def test_top_blocks(n_blocks, topk, values):
                 order = torch.sort(row, descending=True, stable=True).indices[: topk - 1]
                 picks = torch.where(row[order] > float("-inf"), order, -1).tolist()
                 expected[start + q_pos, group] = torch.tensor(picks + [-1] * (topk - 1 - len(picks)) + [local])
+    assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.parametrize("n_pages, topk, values, narrow", [(1600, 16, 1600, True), (1600, 16, 1600, False),
+                                                           (300, 8, 3, True), (130, 16, 130, True), (20, 4, 20, True)])
+def test_top_pages(n_pages, topk, values, narrow):
+    """The decode Top-k on page scores with ties (``values`` distinct ones; 3: more candidates than the
+    narrowing keeps, so the rounds run over whole rows), -inf pages and one +inf (local) page per row, with and
+    without the candidates scratch: per row, pages in (score descending, page ascending) order, -1 for -inf."""
+    from msa import kernels
+
+    gen = torch.Generator().manual_seed(n_pages + topk)
+    rows = 12
+    scores = torch.randint(0, values, (rows, n_pages), generator=gen).float()
+    scores[torch.rand(scores.shape, generator=gen) < 0.3] = float("-inf")
+    scores[torch.arange(rows), torch.randint(0, n_pages, (rows,), generator=gen)] = float("inf")
+    scores[-1, topk // 2:] = float("-inf")  # a row with fewer scored pages than topk
+    got = torch.full((rows, topk), -7, dtype=torch.int64, device=DEVICE)
+    candidates = None
+    if narrow:
+        candidates = torch.full((max(1, kernels.top_pages_candidates_numel(rows, n_pages, topk)),), math.nan,
+                                device=DEVICE)
+    kernels.top_pages(scores.to(DEVICE), got, candidates)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :topk]
+    expected = torch.where(scores.gather(1, order) > float("-inf"), order, -1)
     assert torch.equal(got.cpu(), expected)
 
 

@@ -40,6 +40,36 @@ def write_top(scores, index, N: tl.constexpr, out, row_ok, K: tl.constexpr):
 
 
 @triton.jit
+def write_top_narrowed(scores, index, N: tl.constexpr, out, row_ok, K: tl.constexpr, scratch,
+                       SEGMENTS: tl.constexpr, CANDIDATES: tl.constexpr):
+    """:func:`write_top` over each row's candidates only. The maxima of SEGMENTS interleaved segments of a row
+    are distinct elements, so their K-th best is a lower bound of the row's K-th best and the elements at or
+    above it hold the answer, ties included (~22 of 4096 expected on i.i.d. scores, not counted on the GPU).
+    They are compacted in index order into ``scratch`` (``[R, 1]`` pointers to a row's 2 * CANDIDATES floats:
+    scores, then indices < 2**24); rows with more than CANDIDATES of them (ties) keep the rounds over all
+    their elements."""
+    ROWS: tl.constexpr = scores.shape[0]
+    segment_max = tl.max(tl.reshape(scores, (ROWS, N // SEGMENTS, SEGMENTS)), axis=1)
+    bound = tl.full((ROWS,), float("-inf"), tl.float32)
+    for _round in tl.static_range(K):
+        bound, _, segment_max = pop_max(segment_max, tl.arange(0, SEGMENTS)[None, :], SEGMENTS)
+    is_candidate = (scores >= bound[:, None]) & (scores > float("-inf"))
+    n_candidates = tl.sum(is_candidate.to(tl.int32), axis=1)
+    if tl.max(n_candidates, axis=0) <= CANDIDATES:
+        slot_of = tl.cumsum(is_candidate.to(tl.int32), axis=1) - 1
+        tl.store(scratch + slot_of, scores, mask=is_candidate)
+        tl.store(scratch + CANDIDATES + slot_of, index.to(tl.float32), mask=is_candidate)
+        tl.debug_barrier()  # the stores above are read back by other threads of the program
+        slots = tl.arange(0, CANDIDATES)[None, :]
+        kept = slots < n_candidates[:, None]
+        candidate_scores = tl.load(scratch + slots, mask=kept, other=float("-inf"))
+        candidate_index = tl.load(scratch + CANDIDATES + slots, mask=kept, other=N).to(tl.int32)
+        write_top(candidate_scores, candidate_index, N + 1, out, row_ok, K)
+    else:
+        write_top(scores, index, N, out, row_ok, K)
+
+
+@triton.jit
 def block_scores_kernel(
     index_q,  # [T, G, DI]
     index_k,  # [T, DI] (the one index-key head)
@@ -117,11 +147,7 @@ def top_blocks_kernel(
     """Phase 2: per row, the TOPK - 1 best blocks before the local one by rounds of argmax (no sort; ties go
     to the lower block), -1 where there are fewer, and the local block in the last slot.
 
-    With SEGMENTS the rounds run over a row's candidates only: the maxima of SEGMENTS interleaved segments
-    are distinct elements, so their (TOPK - 1)-th best is a lower bound of the row's (TOPK - 1)-th best and
-    the elements at or above it hold the answer, ties included (~22 of 4096 expected on i.i.d. scores, not
-    counted on the GPU). They are compacted in block order into ``candidates``; rows with more than CANDIDATES
-    of them (ties) keep the rounds over all their blocks.
+    With SEGMENTS the rounds run over a row's candidates only (:func:`write_top_narrowed`).
     """
     seq = tl.program_id(1)
     start = tl.load(cu_seqlens + seq)
@@ -138,25 +164,8 @@ def top_blocks_kernel(
                          mask=row_ok[:, None] & (blocks < local[:, None]), other=float("-inf"))
     out = block_indices + ((start + q_pos) * G + rows % G) * TOPK
     if SEGMENTS > 0:
-        segment_max = tl.max(tl.reshape(row_scores, (ROWS, NP // SEGMENTS, SEGMENTS)), axis=1)
-        bound = tl.full((ROWS,), float("-inf"), tl.float32)
-        for _round in tl.static_range(TOPK - 1):
-            bound, _, segment_max = pop_max(segment_max, tl.arange(0, SEGMENTS)[None, :], SEGMENTS)
-        is_candidate = (row_scores >= bound[:, None]) & (row_scores > float("-inf"))
-        n_candidates = tl.sum(is_candidate.to(tl.int32), axis=1)
-        if tl.max(n_candidates, axis=0) <= CANDIDATES:
-            slot_of = tl.cumsum(is_candidate.to(tl.int32), axis=1) - 1
-            scratch = candidates + workspace_row[:, None] * (2 * CANDIDATES)
-            tl.store(scratch + slot_of, row_scores, mask=is_candidate)
-            tl.store(scratch + CANDIDATES + slot_of, blocks.to(tl.float32), mask=is_candidate)
-            tl.debug_barrier()  # the stores above are read back by other threads of the program
-            slots = tl.arange(0, CANDIDATES)[None, :]
-            kept = slots < n_candidates[:, None]
-            candidate_scores = tl.load(scratch + slots, mask=kept, other=float("-inf"))
-            candidate_blocks = tl.load(scratch + CANDIDATES + slots, mask=kept, other=NP).to(tl.int32)
-            write_top(candidate_scores, candidate_blocks, NP + 1, out, row_ok, TOPK - 1)
-        else:
-            write_top(row_scores, blocks, NP, out, row_ok, TOPK - 1)
+        scratch = candidates + workspace_row[:, None] * (2 * CANDIDATES)
+        write_top_narrowed(row_scores, blocks, NP, out, row_ok, TOPK - 1, scratch, SEGMENTS, CANDIDATES)
     else:
         write_top(row_scores, blocks, NP, out, row_ok, TOPK - 1)
     tl.store(out + TOPK - 1, local, mask=row_ok)

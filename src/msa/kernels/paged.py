@@ -36,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from msa.kernels.indexer import write_top
+from msa.kernels.indexer import write_top, write_top_narrowed
 from msa.kernels.sparse_attention import LN2
 
 
@@ -181,15 +181,24 @@ def paged_block_scores_kernel(
 def top_pages_kernel(
     scores,  # float32 [rows, N]
     top_pages,  # int64 [rows, TOPK], written: the TOPK highest-scoring pages of each row, -1 for -inf ones
+    candidates,  # float32 [rows, 2 * CANDIDATES] scratch with SEGMENTS
     N: tl.constexpr,
     NP: tl.constexpr,  # N rounded up to a power of two
     TOPK: tl.constexpr,
+    SEGMENTS: tl.constexpr,  # > 0: the rounds run over the row's candidates (write_top_narrowed)
+    CANDIDATES: tl.constexpr,
 ):
     """Top-k of one row of page scores by TOPK rounds of argmax (no sort; ties go to the lower page)."""
     row = tl.program_id(0).to(tl.int64)
     pages = tl.arange(0, NP)[None, :]
     row_scores = tl.load(scores + row * N + pages, mask=pages < N, other=float("-inf"))
-    write_top(row_scores, pages, NP, top_pages + row * TOPK + tl.arange(0, 1), tl.full((1,), True, tl.int1), TOPK)
+    out = top_pages + row * TOPK + tl.arange(0, 1)
+    row_ok = tl.full((1,), True, tl.int1)
+    if SEGMENTS > 0:
+        scratch = candidates + row * (2 * CANDIDATES) + tl.arange(0, 1)[:, None]
+        write_top_narrowed(row_scores, pages, NP, out, row_ok, TOPK, scratch, SEGMENTS, CANDIDATES)
+    else:
+        write_top(row_scores, pages, NP, out, row_ok, TOPK)
 
 
 @triton.jit
