@@ -131,7 +131,7 @@ def test_top_blocks(n_blocks, topk, values):
 
 @pytest.mark.parametrize("n_pages, topk, values, narrow", [(1600, 16, 1600, True), (1600, 16, 1600, False),
                                                            (300, 8, 3, True), (130, 16, 130, True), (20, 4, 20, True)])
-def test_top_pages(n_pages, topk, values, narrow):
+def test_top_pages(n_pages, topk, values, narrow, monkeypatch):
     """The decode Top-k on page scores with ties (``values`` distinct ones; 3: more candidates than the
     narrowing keeps, so the rounds run over whole rows), -inf pages and one +inf (local) page per row, with and
     without the candidates scratch: per row, pages in (score descending, page ascending) order, -1 for -inf."""
@@ -146,6 +146,7 @@ def test_top_pages(n_pages, topk, values, narrow):
     got = torch.full((rows, topk), -7, dtype=torch.int64, device=DEVICE)
     candidates = None
     if narrow:
+        monkeypatch.setattr(kernels, "TOP_PAGES_NARROW_ROWS_PER_SM", 0)  # narrowed however few the rows
         candidates = torch.full((max(1, kernels.top_pages_candidates_numel(rows, n_pages, topk)),), math.nan,
                                 device=DEVICE)
     kernels.top_pages(scores.to(DEVICE), got, candidates)

@@ -66,8 +66,10 @@ CSR_MAX_LISTS = 1 << 24
 INDEXER_CONFIG = (256, 8, 3, 128)
 INDEXER_CONFIG_FP8 = (128, 8, 3, 256)
 INDEXER_MAX_LOGITS = 256 * 128
-# top_blocks_kernel narrows rows of at least this many blocks (rounded up to a power of two) to their candidates
+# top_blocks_kernel narrows rows of at least this many blocks (rounded up to a power of two) to their candidates;
+# top_pages from this many rows per SM on (fewer rows: one row per 4-warp program has the lower latency)
 TOP_BLOCKS_NARROW_FROM = 128
+TOP_PAGES_NARROW_ROWS_PER_SM = 4
 
 
 def _launch(kernel, grid, *args, **kwargs):
@@ -496,12 +498,14 @@ def top_pages_candidates_numel(rows: int, n_pages: int, k: int) -> int:
 
 def top_pages(scores, top_pages_out, candidates=None):
     """Writes the ``k`` best pages of each row of ``scores`` ``[rows, N]`` into int64 ``top_pages_out``
-    ``[rows, k]`` (-1 for pages scored -inf). With ``candidates`` (float32 scratch of
-    :func:`top_pages_candidates_numel` elements) rows of many pages are first narrowed to their candidates and
-    take one warp, as ``top_blocks`` does (results/*86); 3-5x faster than ``torch.topk`` without (results/*35)."""
+    ``[rows, k]`` (-1 for pages scored -inf), 3-5x faster than ``torch.topk`` (results/*35). With ``candidates``
+    (float32 scratch of :func:`top_pages_candidates_numel` elements) and enough rows to fill the GPU several
+    times, rows of many pages are first narrowed to their candidates and take one warp, as ``top_blocks`` does:
+    1.7-1.8x faster from 1024 rows x 1600 pages on, 1.2x slower at 256 rows (results/*86)."""
     rows, n_pages = scores.shape
     k, pages_pow2 = top_pages_out.shape[1], _pow2(n_pages)
-    segments = _top_pages_narrowing(n_pages, k) if candidates is not None else 0
+    many_rows = not scores.is_cuda or rows >= TOP_PAGES_NARROW_ROWS_PER_SM * sm_count(scores.device.index)
+    segments = _top_pages_narrowing(n_pages, k) if candidates is not None and many_rows else 0
     num_warps = (1 if pages_pow2 <= 4096 else pages_pow2 // 2048) if segments else 4
     if rows:
         top_pages_kernel[(rows,)](scores, top_pages_out, scores if candidates is None else candidates, N=n_pages,
