@@ -170,8 +170,9 @@ def paged_block_scores_kernel(
         logits = tl.dot(iq, tl.trans(ik))
         if SCALED:
             logits *= tl.load(index_scale + key_rows, mask=key_read, other=1.0)[None, :]
-        key_position = tl.reshape((page * BLOCK_SIZE)[:, None] + offsets[None, :], (NB * BLOCK_SIZE,))
-        logits = tl.where(key_position[None, :] <= position[:, None], logits, float("-inf"))
+        if (first_page + step + NB) * BLOCK_SIZE - 1 > first_position:  # keys after a row's position
+            key_position = tl.reshape((page * BLOCK_SIZE)[:, None] + offsets[None, :], (NB * BLOCK_SIZE,))
+            logits = tl.where(key_position[None, :] <= position[:, None], logits, float("-inf"))
         pooled = tl.max(tl.reshape(logits, (ROWS, NB, BLOCK_SIZE)), axis=2)
         pooled = tl.where(page[None, :] == local[:, None], float("inf"), pooled)
         tl.store(score_rows + page[None, :], pooled, mask=row_ok[:, None] & (page[None, :] < MAX_PAGES))
