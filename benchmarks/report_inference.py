@@ -4,7 +4,10 @@
 
 Each run folder holds ``inference.json`` (benchmarks/inference.py) and may hold
 ``provenance.json`` (the commit the tree was at, where the recorded one is
-wrong). Rows of later runs replace rows of the same case from earlier ones.
+wrong). Rows of later runs replace rows of the same case from earlier ones. An
+argument may join folders with ``+``: samples of one measurement (the same
+kernels), of which each decode case shows its median sample by speed-up (the
+lower middle one of an even count).
 """
 
 from __future__ import annotations
@@ -22,29 +25,35 @@ HERE = Path(__file__).resolve().parent
 DECODE_TARGET, SCAN_TARGET, LONG_CONTEXT = 6.0, 0.8, 128 * 1024
 
 
-def load(folders: list[Path]):
+def load(arguments: list[str]):
     runs, decode, prefill = [], {}, {}
-    for folder in folders:
-        record = json.loads((folder / "inference.json").read_text())
-        provenance = next((p for p in (folder / "provenance.json", folder.parent / "provenance.json") if p.exists()),
-                          None)  # a run's variants are sub-folders of one results folder
-        commit = json.loads(provenance.read_text())["commit"] if provenance else record["commit"]
-        name = folder.name if folder.parent.name == "results" else f"{folder.parent.name}/{folder.name}"
-        run = dict(folder=name, number=name.split("-")[4], device=record["device"], date=record["date"],
-                   commit=commit, copy_gbps=record["copy_gbps"])
-        runs.append(run)
-        qualifiers = []
-        if record.get("selections", "independent") != "independent":
-            tiles = record["attention_tokens"]  # None: PagedSparseAttention's choice per case
-            qualifiers.append("overlapping selections" + (f", {tiles}-token tiles" if tiles else ""))
-        if record.get("index_dtype", "bf16") != "bf16":
-            qualifiers.append(f"{record['index_dtype'].upper()} index keys")
-        suite_label = ", ".join(["{}", *qualifiers])
-        for row in record["decode"]:
-            tiles = row.get("attention_tokens", record.get("attention_tokens", 1))  # recorded per row since run 49
-            decode[suite_label.format(row["suite"]), row["batch"], row["seqlen"]] = dict(row, run=run, tiles=tiles)
-        for row in record["prefill"]:
-            prefill[row["case_id"]] = dict(row, run=run)
+    for argument in arguments:
+        samples = {}  # decode case -> its rows in the folders of this argument
+        for folder in map(Path, argument.split("+")):
+            record = json.loads((folder / "inference.json").read_text())
+            provenance = next((p for p in (folder / "provenance.json", folder.parent / "provenance.json")
+                               if p.exists()), None)  # a run's variants are sub-folders of one results folder
+            commit = json.loads(provenance.read_text())["commit"] if provenance else record["commit"]
+            name = folder.name if folder.parent.name == "results" else f"{folder.parent.name}/{folder.name}"
+            run = dict(folder=name, number=name.split("-")[4], device=record["device"], date=record["date"],
+                       commit=commit, copy_gbps=record["copy_gbps"])
+            runs.append(run)
+            qualifiers = []
+            if record.get("selections", "independent") != "independent":
+                tiles = record["attention_tokens"]  # None: PagedSparseAttention's choice per case
+                qualifiers.append("overlapping selections" + (f", {tiles}-token tiles" if tiles else ""))
+            if record.get("index_dtype", "bf16") != "bf16":
+                qualifiers.append(f"{record['index_dtype'].upper()} index keys")
+            suite_label = ", ".join(["{}", *qualifiers])
+            for row in record["decode"]:
+                tiles = row.get("attention_tokens", record.get("attention_tokens", 1))  # recorded per row since 49
+                samples.setdefault((suite_label.format(row["suite"]), row["batch"], row["seqlen"]), []).append(
+                    dict(row, run=run, tiles=tiles))
+            for row in record["prefill"]:
+                prefill[row["case_id"]] = dict(row, run=run)
+        for case, rows in samples.items():
+            rows.sort(key=lambda row: row["speedup"])
+            decode[case] = dict(rows[(len(rows) - 1) // 2], samples=len(rows))
     return runs, decode, prefill
 
 
@@ -53,6 +62,10 @@ def fmt_len(n: int) -> str:
     if n % 1024:
         return f"{n / 1000:g}k"
     return f"{n // 1024}K" if n < 1 << 20 else f"{n >> 20}M"
+
+
+def median_of(row: dict) -> str:
+    return f" (median of {row['samples']})" if row["samples"] > 1 else ""
 
 
 def decode_table(decode: dict) -> list[str]:
@@ -66,7 +79,8 @@ def decode_table(decode: dict) -> list[str]:
             f"| {suite} | {batch} | {fmt_len(seqlen)} | {row['msa_ms']:.3f} | {row['dense_ms']:.3f} "
             f"({row['dense_backend']}) | **{row['speedup']:.2f}x** | {row['dense_bytes'] / row['msa_bytes']:.2f}x | "
             f"{row['scan_ms']:.3f} | {row['scan_gbps']:.0f} ({100 * row['scan_gbps'] / copy:.0f}%) | "
-            f"{row['topk_ms']:.3f} | {row['attention_ms']:.3f} | {row['tiles']} | {row['run']['number']} |")
+            f"{row['topk_ms']:.3f} | {row['attention_ms']:.3f} | {row['tiles']} | {row['run']['number']}"
+            f"{median_of(row)} |")
     return lines
 
 
@@ -111,7 +125,7 @@ def plot(decode: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("runs", nargs="+", help="run folders; folder+folder+...: samples of one measurement")
     args = parser.parse_args()
     runs, decode, prefill = load(args.runs)
     long_rows = [dict(r, suite=suite) for (suite, _, s), r in decode.items() if s >= LONG_CONTEXT]
@@ -127,7 +141,8 @@ def main() -> None:
     for row in long_rows:
         selections = " (" + row["suite"].split(", ", 1)[1] + ")" if ", " in row["suite"] else ""
         lines.append(f"| decode >= {DECODE_TARGET:.0f}x dense at {fmt_len(row['seqlen'])} (batch {row['batch']})"
-                     f"{selections} | {row['speedup']:.2f}x | {'yes' if row['speedup'] >= DECODE_TARGET else 'no'} |")
+                     f"{selections} | {row['speedup']:.2f}x{median_of(row)} | "
+                     f"{'yes' if row['speedup'] >= DECODE_TARGET else 'no'} |")
     for row in long_rows:
         share = row["scan_gbps"] / row["run"]["copy_gbps"]
         selections = " (" + row["suite"].split(", ", 1)[1] + ")" if ", " in row["suite"] else ""
@@ -152,7 +167,8 @@ def main() -> None:
               "bytes per key instead of 2 Di. `tile tokens`: tokens per sparse-attention tile (1: each token loads its "
               "own blocks; 8: a request's 8 tokens load each block of their union once); suites without a "
               "tile qualifier run `PagedSparseAttention`'s default choice (8-token tiles for decode batches that "
-              "fill the GPU). `run`: the number of the results folder.\n",
+              "fill the GPU). `run`: the number of the results folder; `(median of n)`: the median sample of n "
+              "samples of one measurement (by speed-up).\n",
               "![decode speed-up](decode_speedup.png)\n", *decode_table(decode),
               "\n## Production prefill (paged)\n", *prefill_lines]
     (HERE / "INFERENCE.md").write_text("\n".join(lines) + "\n")
