@@ -72,6 +72,13 @@ TOP_BLOCKS_NARROW_FROM = 128
 TOP_PAGES_NARROW_ROWS_PER_SM = 4
 
 
+def _narrowing_segments(n: int, k: int) -> int:
+    """Segments of ``write_top_narrowed``'s bound for a Top-``k`` of rows of ``n`` elements (at most a quarter of
+    them), or 0 where the rounds run over whole rows."""
+    segments = 2 * _pow2(k)
+    return segments if k > 0 and _pow2(n) >= max(TOP_BLOCKS_NARROW_FROM, 4 * segments) else 0
+
+
 def _launch(kernel, grid, *args, **kwargs):
     """Launch; a configuration that runs out of shared memory on this GPU retries with one stage."""
     try:
@@ -151,8 +158,8 @@ def top_blocks(scores, cu_seqlens, block_indices, first_position: int, n_positio
     # rows of many blocks are first narrowed to the candidates at or above a bound (see the kernel); that
     # schedule is fastest with one warp per program up to 4096 scores, 64 scores per thread beyond
     # (top_blocks_sweep.py at 128K / 512K / 1M tokens: results 59, 61)
-    segments = 2 * _pow2(topk - 1)  # segments of the narrowing bound; at most a quarter of the blocks
-    narrow = topk > 1 and blocks_pow2 >= max(TOP_BLOCKS_NARROW_FROM, 4 * segments)
+    segments = _narrowing_segments(n_blocks, topk - 1)
+    narrow = segments > 0
     if narrow:
         rows = rows or _pow2(2048 // blocks_pow2)
         num_warps = num_warps or (1 if rows * blocks_pow2 <= 4096 else rows * blocks_pow2 // 2048)
@@ -485,15 +492,9 @@ def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset
         UPCAST=INTERPRET, num_warps=num_warps)
 
 
-def _top_pages_narrowing(n_pages: int, k: int) -> int:
-    """Segments of :func:`top_pages`'s narrowing bound for rows of ``n_pages`` (0: no narrowing)."""
-    segments = 2 * _pow2(k)
-    return segments if _pow2(n_pages) >= max(TOP_BLOCKS_NARROW_FROM, 4 * segments) else 0
-
-
 def top_pages_candidates_numel(rows: int, n_pages: int, k: int) -> int:
     """float32 elements of :func:`top_pages`'s candidates scratch."""
-    return rows * 4 * _top_pages_narrowing(n_pages, k)
+    return rows * 4 * _narrowing_segments(n_pages, k)
 
 
 def top_pages(scores, top_pages_out, candidates=None):
@@ -505,7 +506,7 @@ def top_pages(scores, top_pages_out, candidates=None):
     rows, n_pages = scores.shape
     k, pages_pow2 = top_pages_out.shape[1], _pow2(n_pages)
     many_rows = not scores.is_cuda or rows >= TOP_PAGES_NARROW_ROWS_PER_SM * sm_count(scores.device.index)
-    segments = _top_pages_narrowing(n_pages, k) if candidates is not None and many_rows else 0
+    segments = _narrowing_segments(n_pages, k) if candidates is not None and many_rows else 0
     num_warps = (1 if pages_pow2 <= 4096 else pages_pow2 // 2048) if segments else 4
     if rows:
         top_pages_kernel[(rows,)](scores, top_pages_out, scores if candidates is None else candidates, N=n_pages,
