@@ -206,7 +206,7 @@ def decode_case(batch: int, seqlen: int, q_len: int, bytes_limit: int, draft_uni
     scan_ms = graph_ms(lambda i: kernels.paged_block_scores(
         index_q, cache.index_k[i % layers], cache.page_table, scan_tiles, scores, first_token, attention.scan_tokens,
         None if scales is None else scales[i % layers]), 2 * layers)
-    candidates = attention._view("top_candidates", (max(1, attention.candidates_numel),))
+    candidates = attention._view("top_candidates", (attention.candidates_numel,))
     topk_ms = graph_ms(lambda i: kernels.top_pages(scores, block_indices.view(-1, selected), candidates), 2 * layers)
     out = attention._view("out", (batch * q_len, c["heads"], c["head_dim"]))
     attention_tiles = attention._view("attention_tiles", (attention.n_attention_tiles, 4))

@@ -113,9 +113,9 @@ class PagedSparseAttention:
             self._buffer(name, (len(tiles), 4), torch.int32).copy_(torch.tensor(tiles, dtype=torch.int32))
         max_rows = max(tokens for _, _, _, tokens in self.chunks) * groups
         self._buffer("scores", (max_rows * cache.max_pages_per_request,), torch.float32)
-        self.candidates_numel = kernels.top_pages_candidates_numel(max_rows, cache.max_pages_per_request,
-                                                                   self.selected)
-        self._buffer("top_candidates", (max(1, self.candidates_numel),), torch.float32)
+        self.candidates_numel = max(1, kernels.top_pages_candidates_numel(max_rows, cache.max_pages_per_request,
+                                                                          self.selected))  # 1: no narrowing
+        self._buffer("top_candidates", (self.candidates_numel,), torch.float32)
         self._buffer("block_indices", (self.total_tokens * groups * self.selected,), torch.int64)
         self._buffer("out", (self.total_tokens * n_heads * head_dim,), cache.dtype)
         self.block_lists_numel = kernels.paged_block_lists_numel(len(attention_tiles), groups, self.attention_tokens,
@@ -277,7 +277,7 @@ class PagedSparseAttention:
                                        scan_tiles[first_tile:end_tile], scores, first_token, self.scan_tokens,
                                        index_scale)
             kernels.top_pages(scores, block_indices[first_token:first_token + tokens].view(-1, self.selected),
-                              self._view("top_candidates", (max(1, self.candidates_numel),)))
+                              self._view("top_candidates", (self.candidates_numel,)))
         out = self._view("out", (total, n_heads, cache.head_dim))
         kernels.paged_sparse_attention(q, cache.k[layer], cache.v[layer], cache.page_table,
                                        self._view("attention_tiles", (self.n_attention_tiles, 4)), block_indices,
