@@ -58,6 +58,10 @@ KV_OUTER_SPLIT = 8
 # (vs 16) take the 1M forward from 495 to 448 ms, 512K from 238 to 215 ms, outputs bitwise equal.
 KV_OUTER_PART_ENTRIES = 64
 MERGE_ROWS = 16
+# The forward partials run the Gluon kernel of sparse_attention_hopper on sm_90 (16-bit inputs, head dim and
+# block size 64 or 128); False: the Triton kernel everywhere.
+HOPPER_FWD = True
+HOPPER_DIRECT_STORE = False
 # The forward sorts the lists of several query chunks at once, up to this many (chunk, group, block) lists.
 CSR_MAX_LISTS = 1 << 24
 # block_scores_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile), for bf16/fp16
@@ -219,6 +223,26 @@ def _kv_outer_launch(q, k, config: tuple[int, int, int]) -> dict:
     return dict(heads, ROWS=rows, QT=rows // heads["R"], num_warps=num_warps, num_stages=num_stages)
 
 
+@functools.cache
+def _gluon_hopper_kernel(device_index: int):
+    """The Gluon forward partial kernel where this device can run it (sm_90, a Triton with Gluon), else None."""
+    if INTERPRET or torch.cuda.get_device_capability(device_index) != (9, 0):
+        return None
+    try:
+        from msa.kernels.sparse_attention_hopper import sparse_attention_fwd_partial_hopper_kernel
+    except ImportError:  # a Triton before Gluon
+        return None
+    return sparse_attention_fwd_partial_hopper_kernel
+
+
+def _hopper_partials(q: torch.Tensor, block_size: int):
+    """The Gluon kernel if it takes this forward's shapes, else None."""
+    if not (HOPPER_FWD and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
+            and block_size in (64, 128)):
+        return None
+    return _gluon_hopper_kernel(q.device.index)
+
+
 def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
                        out=None, lse=None):
     """KV-outer forward in query chunks whose partials fit ``WORKSPACE_BYTES``.
@@ -234,6 +258,9 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
     partial_out = torch.empty(chunk, n_heads, topk, head_dim, dtype=q.dtype, device=q.device) if out is not None \
         else partial_lse
     launch = _kv_outer_launch(q, k, KV_OUTER_FWD)
+    hopper = _hopper_partials(q, block_size) if out is not None else None
+    hopper_launch = _kv_outer_launch(q, k, (64, 4, 1))  # one warpgroup of 64 rows: the wgmma tile
+    hopper_launch.pop("num_stages")
     n_seqs = cu_seqlens.numel() - 1
     max_blocks = max(1, triton.cdiv(max_seqlen, block_size))
     # one sort builds the lists of as many chunks as CSR_MAX_LISTS allows (results/*66: 3.2 -> 1.1 ms at 128K)
@@ -246,10 +273,15 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
             # a query's position is at most its packed index: the chunk reaches blocks before cdiv(end, block_size)
             split = _list_parts(end - start, topk, n_seqs * min(max_blocks, triton.cdiv(end, block_size)))
             partial_lse.fill_(float("-inf"))
-            _launch(sparse_attention_fwd_partial_kernel, (csr.n_block_slots, k.shape[1], split),
-                q, k, v, cu_seqlens, csr.chunk_offsets(index), csr.entries, partial_out, partial_lse,
-                scale * LOG2E.value, csr.n_block_slots, start, **launch, BLOCK_SIZE=block_size, MAX_BLOCKS=max_blocks,
-                TOPK=topk, SPLIT=split, WRITE_OUT=out is not None, UPCAST=INTERPRET)
+            grid = (csr.n_block_slots, k.shape[1], split)
+            args = (q, k, v, cu_seqlens, csr.chunk_offsets(index), csr.entries, partial_out, partial_lse,
+                    scale * LOG2E.value, csr.n_block_slots, start)
+            constants = dict(BLOCK_SIZE=block_size, MAX_BLOCKS=max_blocks, TOPK=topk, SPLIT=split)
+            if hopper is not None:
+                _launch(hopper, grid, *args, **hopper_launch, **constants, DIRECT_STORE=HOPPER_DIRECT_STORE)
+            else:
+                _launch(sparse_attention_fwd_partial_kernel, grid, *args, **launch, **constants,
+                        WRITE_OUT=out is not None, UPCAST=INTERPRET)
             rows = (end - start) * n_heads
             if out is None:
                 lse[start:end] = torch.logsumexp(partial_lse[: end - start], dim=-1)
