@@ -197,12 +197,11 @@ HOPPER = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon forward partials run on sm_90 GPUs")
-@pytest.mark.parametrize("shape", [s for s in SHAPES if s[4] in (64, 128) and s[6] in (64, 128) and s[2] // s[3] == 8]
-                         + [(1, 1100, 32, 2, 128, 64, 128, 16)])
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[4] in (64, 128) and s[6] in (64, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_hopper_forward_partials(shape, dtype, monkeypatch):
-    """On an H100/H200 the KV-outer forward's partials come from the Gluon kernel (it is the one launched: groups
-    of 8 and 16 heads) and match the reference."""
+    """On an H100/H200 the KV-outer forward's partials come from the Gluon kernel (it is the one launched) and
+    match the reference; groups of 6 heads leave the last rows of each tile unused."""
     from msa import kernels
 
     monkeypatch.setattr(kernels, "KV_OUTER_MIN_TOKENS", 0)

@@ -61,7 +61,7 @@ MERGE_ROWS = 16
 # The forward partials run the Gluon kernel of sparse_attention_hopper on sm_90 (16-bit inputs, head dim and
 # block size 64 or 128); False: the Triton kernel everywhere.
 HOPPER_FWD = True
-HOPPER_OVERLAP = True
+HOPPER_DIRECT_STORE = False
 # The forward sorts the lists of several query chunks at once, up to this many (chunk, group, block) lists.
 CSR_MAX_LISTS = 1 << 24
 # block_scores_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile), for bf16/fp16
@@ -235,25 +235,12 @@ def _gluon_hopper_kernel(device_index: int):
     return sparse_attention_fwd_partial_hopper_kernel
 
 
-def _hopper_partials(q: torch.Tensor, k: torch.Tensor, block_size: int):
-    """The Gluon kernel if it takes this forward's shapes, else None: 16-bit inputs, head dim and block size 64 or
-    128, and groups of 8 or 16 heads (a TMA store of a token's head rows starts on a swizzle period of 8 rows)."""
+def _hopper_partials(q: torch.Tensor, block_size: int):
+    """The Gluon kernel if it takes this forward's shapes, else None."""
     if not (HOPPER_FWD and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
-            and block_size in (64, 128) and q.shape[1] // k.shape[1] in (8, 16)):
+            and block_size in (64, 128)):
         return None
     return _gluon_hopper_kernel(q.device.index)
-
-
-def _partials_descriptor(partial_out: torch.Tensor, rows: int):
-    """TMA descriptor of the partial outputs ``[T, TOPK, HQ, D]`` as ``[T * TOPK * HQ, D]``, stored ``rows`` (one
-    token's group heads) at a time."""
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    flat = partial_out.view(-1, partial_out.shape[-1])
-    block = [rows, flat.shape[1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if flat.dtype == torch.bfloat16 else gl.float16)
-    return TensorDescriptor.from_tensor(flat, block, layout)
 
 
 def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
@@ -268,14 +255,12 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
     per_token = n_heads * topk * (4 + (head_dim * q.element_size() if out is not None else 0))
     chunk = max(1, min(total, WORKSPACE_BYTES // per_token))
     partial_lse = torch.empty(chunk, n_heads, topk, dtype=torch.float32, device=q.device)
-    partial_out = torch.empty(chunk, topk, n_heads, head_dim, dtype=q.dtype, device=q.device) if out is not None \
+    partial_out = torch.empty(chunk, n_heads, topk, head_dim, dtype=q.dtype, device=q.device) if out is not None \
         else partial_lse
     launch = _kv_outer_launch(q, k, KV_OUTER_FWD)
-    hopper = _hopper_partials(q, k, block_size) if out is not None else None
-    if hopper is not None:
-        hopper_launch = _kv_outer_launch(q, k, (64, 4, 1))  # one warpgroup of 64 rows: the wgmma tile
-        hopper_launch.pop("num_stages")
-        partial_desc = _partials_descriptor(partial_out, n_heads // k.shape[1])
+    hopper = _hopper_partials(q, block_size) if out is not None else None
+    hopper_launch = _kv_outer_launch(q, k, (64, 4, 1))  # one warpgroup of 64 rows: the wgmma tile
+    hopper_launch.pop("num_stages")
     n_seqs = cu_seqlens.numel() - 1
     max_blocks = max(1, triton.cdiv(max_seqlen, block_size))
     # one sort builds the lists of as many chunks as CSR_MAX_LISTS allows (results/*66: 3.2 -> 1.1 ms at 128K)
@@ -293,8 +278,7 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
                     scale * LOG2E.value, csr.n_block_slots, start)
             constants = dict(BLOCK_SIZE=block_size, MAX_BLOCKS=max_blocks, TOPK=topk, SPLIT=split)
             if hopper is not None:
-                hopper_args = args[:6] + (partial_desc,) + args[7:]
-                _launch(hopper, grid, *hopper_args, **hopper_launch, **constants, OVERLAP=HOPPER_OVERLAP)
+                _launch(hopper, grid, *args, **hopper_launch, **constants, DIRECT_STORE=HOPPER_DIRECT_STORE)
             else:
                 _launch(sparse_attention_fwd_partial_kernel, grid, *args, **launch, **constants,
                         WRITE_OUT=out is not None, UPCAST=INTERPRET)
@@ -304,7 +288,7 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
                 continue
             merge_partials_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
                 partial_out, partial_lse, out[start:end], lse[start:end], rows, TOPK=topk, KP=_pow2(topk),
-                SLOT_ROWS=n_heads, D=head_dim, HEADS=MERGE_ROWS, num_warps=4)
+                D=head_dim, HEADS=MERGE_ROWS, num_warps=4)
 
 
 def sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen: int, block_size: int,
@@ -593,5 +577,5 @@ def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, block_list
     if split > 1:
         rows = q.shape[0] * n_heads
         merge_partials_kernel[(triton.cdiv(rows, MERGE_ROWS),)](
-            partial_out, partial_lse, out, lse, rows, TOPK=split, KP=_pow2(split), SLOT_ROWS=1, D=head_dim,
-            HEADS=MERGE_ROWS, num_warps=4)
+            partial_out, partial_lse, out, lse, rows, TOPK=split, KP=_pow2(split), D=head_dim, HEADS=MERGE_ROWS,
+            num_warps=4)

@@ -163,7 +163,7 @@ def _tile_needs_mask(token, row_ok, start, last_key):
 def sparse_attention_fwd_partial_kernel(
     q, k, v,
     cu_seqlens, csr_offsets, csr_entries,
-    partial_out,  # [T, TOPK, HQ, D]: this block's normalised output per (token, slot, head), written
+    partial_out,  # [T, HQ, TOPK, D]: this block's normalised output per (token, head, slot), written
     partial_lse,  # float32 [T, HQ, TOPK]: natural-log LSE per (token, head, slot), written
     scale_log2, n_block_slots,
     token_offset,  # first token of the chunk the partial buffers hold
@@ -212,8 +212,7 @@ def sparse_attention_fwd_partial_kernel(
         partial_index = (token * HQ + group * R + heads - token_offset * HQ) * TOPK + slot
         if WRITE_OUT:
             out_rows = tl.dot(probs.to(v_tile.dtype), v_tile) * (1.0 / tl.where(row_sum == 0.0, 1.0, row_sum))[:, None]
-            out_index = ((token - token_offset) * TOPK + slot) * HQ + group * R + heads
-            tl.store(partial_out + out_index[:, None] * D + dims[None, :],
+            tl.store(partial_out + partial_index[:, None] * D + dims[None, :],
                      out_rows.to(partial_out.dtype.element_ty), mask=row_ok[:, None])
         tl.store(partial_lse + partial_index, (scaled_max + tl.log2(row_sum)) * LN2, mask=row_ok)
         token, slot, row_ok, q_rows = next_token, next_slot, next_ok, next_q
@@ -222,12 +221,12 @@ def sparse_attention_fwd_partial_kernel(
 
 @triton.jit
 def merge_partials_kernel(
-    partial_out,  # [N / SLOT_ROWS, TOPK, SLOT_ROWS, D]: SLOT_ROWS consecutive rows' partials of a slot are adjacent
-    partial_lse,  # float32 [N, TOPK]: -inf for slots nothing wrote
-    out,  # [N, D], written
-    lse,  # float32 [N], written
+    partial_out,  # [T * HQ, TOPK, D]
+    partial_lse,  # float32 [T * HQ, TOPK]: -inf for slots nothing wrote
+    out,  # [T * HQ, D], written
+    lse,  # float32 [T * HQ], written
     n_rows,
-    TOPK: tl.constexpr, KP: tl.constexpr, SLOT_ROWS: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr,
+    TOPK: tl.constexpr, KP: tl.constexpr, D: tl.constexpr, HEADS: tl.constexpr,
 ):
     """LSE-weighted sum of the partial outputs of HEADS consecutive (token, head) rows."""
     rows = tl.program_id(0).to(tl.int64) * HEADS + tl.arange(0, HEADS)
@@ -244,8 +243,7 @@ def merge_partials_kernel(
     acc = tl.zeros((HEADS, D), tl.float32)
     for slot in tl.static_range(TOPK):
         w = tl.sum(tl.where(slots[None, :] == slot, weights, 0.0), axis=1)
-        part_rows = (rows // SLOT_ROWS * TOPK + slot) * SLOT_ROWS + rows % SLOT_ROWS
-        part = tl.load(partial_out + part_rows[:, None] * D + dims[None, :], mask=w[:, None] > 0, other=0.0)
+        part = tl.load(partial_out + (rows[:, None] * TOPK + slot) * D + dims[None, :], mask=w[:, None] > 0, other=0.0)
         acc += w[:, None] * part.to(tl.float32)
     tl.store(out + rows[:, None] * D + dims[None, :], acc.to(out.dtype.element_ty), mask=row_ok[:, None])
     tl.store(lse + rows, safe_max + tl.log(total), mask=row_ok)

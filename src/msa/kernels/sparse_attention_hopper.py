@@ -23,7 +23,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     async_copy,
     fence_async_shared,
-    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
@@ -58,7 +57,7 @@ def _gather_q(q, q_buffer, csr_entries, entry, last, group, gather_layout: gl.co
 def sparse_attention_fwd_partial_hopper_kernel(
     q, k, v,
     cu_seqlens, csr_offsets, csr_entries,
-    partial_out,  # TMA descriptor of [T * TOPK * HQ, D], blocks [R, D]: normalised outputs per (token, slot, head)
+    partial_out,  # [T, HQ, TOPK, D]: this block's normalised output per (token, head, slot), written
     partial_lse,  # float32 [T, HQ, TOPK]: natural-log LSE per (token, head, slot), written
     scale_log2, n_block_slots,
     token_offset,  # first token of the chunk the partial buffers hold
@@ -66,7 +65,7 @@ def sparse_attention_fwd_partial_hopper_kernel(
     BLOCK_SIZE: gl.constexpr, MAX_BLOCKS: gl.constexpr, TOPK: gl.constexpr,
     ROWS: gl.constexpr, QT: gl.constexpr,  # (token, head) rows per tile (64: one warpgroup), tokens per tile
     SPLIT: gl.constexpr,
-    OVERLAP: gl.constexpr,
+    DIRECT_STORE: gl.constexpr,
 ):
     block_slot = gl.program_id(0)
     group = gl.program_id(1)
@@ -107,7 +106,6 @@ def sparse_attention_fwd_partial_hopper_kernel(
 
     # two q buffers: tile t is read by its score product while tile t+1 lands
     q_bufs = gl.allocate_shared_memory(dtype, [2, ROWS, D], gl.NVMMASharedLayout.get_default_for([ROWS, D], dtype))
-    out_smem = gl.allocate_shared_memory(dtype, [ROWS, D], partial_out.layout)
     _gather_q(q, q_bufs.index(0), csr_entries, first, last, group, gather_layout, HQ, R, D, ROWS, QT, TOPK)
     _gather_q(q, q_bufs.index(1), csr_entries, first + QT, last, group, gather_layout, HQ, R, D, ROWS, QT, TOPK)
     token, slot, heads, row_ok = _tile_codes(csr_entries, first, last, s_rows, ROWS, QT, R, TOPK)
@@ -125,8 +123,7 @@ def sparse_attention_fwd_partial_hopper_kernel(
         async_copy.wait_group(0)
         fence_async_shared()
         gl.thread_barrier()
-        if OVERLAP:
-            next_scores = warpgroup_mma(q_bufs.index(1 - buffer), k_t, zero_scores, use_acc=False, is_async=True)
+        next_scores = warpgroup_mma(q_bufs.index(1 - buffer), k_t, zero_scores, use_acc=False, is_async=True)
         _gather_q(q, q_bufs.index(buffer), csr_entries, entry + 2 * QT, last, group, gather_layout, HQ, R, D, ROWS,
                   QT, TOPK)
         next_token, next_slot, next_heads, next_ok = _tile_codes(csr_entries, entry + QT, last, s_rows, ROWS, QT, R, TOPK)
@@ -144,23 +141,19 @@ def sparse_attention_fwd_partial_hopper_kernel(
         partial_index = (token * HQ + group * R + heads - token_offset * HQ) * TOPK + slot
         gl.store(partial_lse + partial_index, (scaled_max + gl.log2(row_sum)) * LN2, mask=row_ok)
         inv_sum = gl.convert_layout(1.0 / gl.where(row_sum == 0.0, 1.0, row_sum), o_rows)
-        if OVERLAP:
-            out, next_scores = warpgroup_mma_wait(num_outstanding=0, deps=(out, next_scores))
+        out, next_scores = warpgroup_mma_wait(num_outstanding=0, deps=(out, next_scores))
+        out = (out * inv_sum[:, None]).to(dtype)
+        if DIRECT_STORE:
+            out_dims = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+            out_index = gl.convert_layout(partial_index, o_rows)
+            out_ok = gl.convert_layout(row_ok, o_rows)
         else:
-            out = warpgroup_mma_wait(num_outstanding=0, deps=(out,))
-            next_scores = warpgroup_mma(q_bufs.index(1 - buffer), k_t, zero_scores, use_acc=False)
-        # the partials leave through shared memory and TMA stores, which the next tiles' work runs beside
-        tma.store_wait(0)
-        gl.thread_barrier()
-        out_smem.store((out * inv_sum[:, None]).to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-        for e in gl.static_range(QT):
-            if entry + e < last:
-                code = gl.load(csr_entries + entry + e)
-                row = ((code // TOPK - token_offset) * TOPK + code % TOPK) * HQ + group * R
-                tma.async_copy_shared_to_global(partial_out, [row, 0], out_smem.slice(e * R, R))
+            out = gl.convert_layout(out, gather_layout)
+            out_dims = dims
+            out_token, out_slot, out_heads, out_ok = _tile_codes(csr_entries, entry, last,
+                                                                 gl.SliceLayout(1, gather_layout), ROWS, QT, R, TOPK)
+            out_index = (out_token * HQ + group * R + out_heads - token_offset * HQ) * TOPK + out_slot
+        gl.store(partial_out + out_index[:, None] * D + out_dims[None, :], out, mask=out_ok[:, None])
         scores = next_scores
         token, slot, heads, row_ok = next_token, next_slot, next_heads, next_ok
     async_copy.wait_group(0)
-    tma.store_wait(0)
