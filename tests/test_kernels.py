@@ -200,8 +200,9 @@ HOPPER = ON_GPU and torch.cuda.get_device_capability() == (9, 0)
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s[4] in (64, 128) and s[6] in (64, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_hopper_forward_partials(shape, dtype, monkeypatch):
-    """On an H100/H200 the KV-outer forward's partials come from the Gluon kernel (it is the one launched) and
-    match the reference; groups of 6 heads leave the last rows of each tile unused."""
+    """On an H100/H200 the KV-outer forward's partials come from the Gluon kernel (it is the one launched; groups
+    of 6 heads leave the last rows of each tile unused): outputs match the reference, and the Triton kernel's bit
+    for bit."""
     from msa import kernels
 
     monkeypatch.setattr(kernels, "KV_OUTER_MIN_TOKENS", 0)
@@ -216,6 +217,10 @@ def test_hopper_forward_partials(shape, dtype, monkeypatch):
     ref_out, ref_lse = msa.reference.sparse_attention(q.double(), k.double(), v.double(), blocks,
                                                       block_size=block_size, return_lse=True)
     assert rel_err(out, ref_out) < BOUNDS[dtype] and rel_err(lse, ref_lse) < BOUNDS[dtype]
+    monkeypatch.setattr(kernels, "HOPPER_FWD", False)
+    triton_out, triton_lse = msa.sparse_attention(q, k, v, blocks, block_size=block_size, return_lse=True)
+    assert launched[-1] is kernels.sparse_attention_fwd_partial_kernel
+    assert torch.equal(out, triton_out) and torch.equal(lse, triton_lse)
 
 
 @pytest.mark.parametrize("part_entries, parts", [(1, 8), (2**30, 1)])

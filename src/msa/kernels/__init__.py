@@ -59,9 +59,8 @@ KV_OUTER_SPLIT = 8
 KV_OUTER_PART_ENTRIES = 64
 MERGE_ROWS = 16
 # The forward partials run the Gluon kernel of sparse_attention_hopper on sm_90 (16-bit inputs, head dim and
-# block size 64 or 128); False: the Triton kernel everywhere.
+# block size 64 or 128; 1.11x faster at 128K, outputs bitwise equal: results/*93); False: the Triton kernel.
 HOPPER_FWD = True
-HOPPER_DIRECT_STORE = False
 # The forward sorts the lists of several query chunks at once, up to this many (chunk, group, block) lists.
 CSR_MAX_LISTS = 1 << 24
 # block_scores_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile), for bf16/fp16
@@ -235,10 +234,10 @@ def _gluon_hopper_kernel(device_index: int):
     return sparse_attention_fwd_partial_hopper_kernel
 
 
-def _hopper_partials(q: torch.Tensor, block_size: int):
-    """The Gluon kernel if it takes this forward's shapes, else None."""
+def _hopper_partials(q: torch.Tensor, k: torch.Tensor, block_size: int):
+    """The Gluon kernel if it takes this forward's shapes (a group's heads fit its 64-row tile), else None."""
     if not (HOPPER_FWD and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
-            and block_size in (64, 128)):
+            and block_size in (64, 128) and q.shape[1] // k.shape[1] <= 64):
         return None
     return _gluon_hopper_kernel(q.device.index)
 
@@ -257,10 +256,9 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
     partial_lse = torch.empty(chunk, n_heads, topk, dtype=torch.float32, device=q.device)
     partial_out = torch.empty(chunk, n_heads, topk, head_dim, dtype=q.dtype, device=q.device) if out is not None \
         else partial_lse
-    launch = _kv_outer_launch(q, k, KV_OUTER_FWD)
-    hopper = _hopper_partials(q, block_size) if out is not None else None
-    hopper_launch = _kv_outer_launch(q, k, (64, 4, 1))  # one warpgroup of 64 rows: the wgmma tile
-    hopper_launch.pop("num_stages")
+    hopper = _hopper_partials(q, k, block_size) if out is not None else None
+    # the Gluon kernel's tile: one warpgroup's 64-row wgmma
+    launch = _kv_outer_launch(q, k, KV_OUTER_FWD if hopper is None else (64, 4, 1))
     n_seqs = cu_seqlens.numel() - 1
     max_blocks = max(1, triton.cdiv(max_seqlen, block_size))
     # one sort builds the lists of as many chunks as CSR_MAX_LISTS allows (results/*66: 3.2 -> 1.1 ms at 128K)
@@ -278,7 +276,7 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
                     scale * LOG2E.value, csr.n_block_slots, start)
             constants = dict(BLOCK_SIZE=block_size, MAX_BLOCKS=max_blocks, TOPK=topk, SPLIT=split)
             if hopper is not None:
-                _launch(hopper, grid, *args, **hopper_launch, **constants, DIRECT_STORE=HOPPER_DIRECT_STORE)
+                _launch(hopper, grid, *args, **launch, **constants)
             else:
                 _launch(sparse_attention_fwd_partial_kernel, grid, *args, **launch, **constants,
                         WRITE_OUT=out is not None, UPCAST=INTERPRET)

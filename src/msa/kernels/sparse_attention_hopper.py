@@ -1,31 +1,21 @@
-"""Hopper (sm_90) KV-outer forward partials in Gluon: the schedule of
-``sparse_attention_fwd_partial_kernel`` with the overlap Triton does not give it.
+"""Hopper (sm_90) KV-outer forward partials in Gluon.
 
-One program per (key block, group, list part) holds its K/V block in shared
-memory and walks the (token, slot) entries that selected it, ROWS = QT tokens x
-R heads per tile, as the Triton kernel does. What differs:
-
-- the q rows of a tile are gathered with ``cp.async`` straight into a swizzled
-  shared-memory ring (two tiles), issued two tiles ahead, instead of through
-  registers and a shared-memory store per tile;
-- the scores of tile t+1 (``wgmma``, asynchronous) run on the tensor cores while
-  the softmax of tile t runs on the CUDA cores (FlashAttention-3's intra-warpgroup
-  overlap).
-
-Outputs are those of the Triton kernel: one normalised partial output and
-natural-log LSE per (token, head, slot), merged by ``merge_partials_kernel``.
+The schedule of ``sparse_attention_fwd_partial_kernel`` (one program per (key
+block, group, list part) holds its K/V block in shared memory and walks the
+(token, slot) entries that selected it, ROWS = QT tokens x R heads per tile,
+``wgmma`` products) with one change Triton does not make: the q rows of a tile
+are gathered by ``cp.async`` straight into a swizzled shared-memory ring of two
+tiles, issued two tiles ahead, instead of through registers and a
+shared-memory store per tile. Outputs are those of the Triton kernel, bit for
+bit: one normalised partial output and natural-log LSE per (token, head, slot),
+merged by ``merge_partials_kernel``.
 """
 
 from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (
-    async_copy,
-    fence_async_shared,
-    warpgroup_mma,
-    warpgroup_mma_wait,
-)
+from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, warpgroup_mma
 
 LN2 = gl.constexpr(0.6931471805599453)
 
@@ -65,7 +55,6 @@ def sparse_attention_fwd_partial_hopper_kernel(
     BLOCK_SIZE: gl.constexpr, MAX_BLOCKS: gl.constexpr, TOPK: gl.constexpr,
     ROWS: gl.constexpr, QT: gl.constexpr,  # (token, head) rows per tile (64: one warpgroup), tokens per tile
     SPLIT: gl.constexpr,
-    DIRECT_STORE: gl.constexpr,
 ):
     block_slot = gl.program_id(0)
     group = gl.program_id(1)
@@ -89,10 +78,10 @@ def sparse_attention_fwd_partial_hopper_kernel(
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     s_rows: gl.constexpr = gl.SliceLayout(1, s_layout)
-    o_rows: gl.constexpr = gl.SliceLayout(1, o_layout)
+    out_rows: gl.constexpr = gl.SliceLayout(1, gather_layout)
 
     # the K/V block, once
-    k_pos = block_start + gl.arange(0, BLOCK_SIZE, layout=gl.SliceLayout(1, gather_layout))
+    k_pos = block_start + gl.arange(0, BLOCK_SIZE, layout=out_rows)
     dims = gl.arange(0, D, layout=gl.SliceLayout(0, gather_layout))
     kv_offsets = ((start + k_pos) * G + group)[:, None] * D + dims[None, :]
     key_ok = (k_pos < seqlen)[:, None]
@@ -101,33 +90,26 @@ def sparse_attention_fwd_partial_hopper_kernel(
                                        gl.load(k + kv_offsets, mask=key_ok, other=0.0))
     v_smem = gl.allocate_shared_memory(dtype, [BLOCK_SIZE, D], kv_smem_layout,
                                        gl.load(v + kv_offsets, mask=key_ok, other=0.0))
-    k_t = k_smem.permute((1, 0))
     score_keys = block_start + gl.arange(0, BLOCK_SIZE, layout=gl.SliceLayout(0, s_layout))
+    zero_scores = gl.zeros([ROWS, BLOCK_SIZE], gl.float32, s_layout)
+    zero_out = gl.zeros([ROWS, D], gl.float32, o_layout)
 
-    # two q buffers: tile t is read by its score product while tile t+1 lands
+    # two q buffers: tile t's rows are read by its product while tile t+1's land
     q_bufs = gl.allocate_shared_memory(dtype, [2, ROWS, D], gl.NVMMASharedLayout.get_default_for([ROWS, D], dtype))
     _gather_q(q, q_bufs.index(0), csr_entries, first, last, group, gather_layout, HQ, R, D, ROWS, QT, TOPK)
     _gather_q(q, q_bufs.index(1), csr_entries, first + QT, last, group, gather_layout, HQ, R, D, ROWS, QT, TOPK)
     token, slot, heads, row_ok = _tile_codes(csr_entries, first, last, s_rows, ROWS, QT, R, TOPK)
-    async_copy.wait_group(1)
-    fence_async_shared()
-    gl.thread_barrier()
-    zero_scores = gl.zeros([ROWS, BLOCK_SIZE], gl.float32, s_layout)
-    zero_out = gl.zeros([ROWS, D], gl.float32, o_layout)
-    scores = warpgroup_mma(q_bufs.index(0), k_t, zero_scores, use_acc=False)
-
     for entry in range(first, last, QT):
         buffer = ((entry - first) // QT) % 2
-        # tile t+1's q rows have landed (and every warp is past tile t's product): tile t+1's scores run on the
-        # tensor cores while this tile's softmax runs, and tile t's buffer takes tile t+2's rows
-        async_copy.wait_group(0)
+        async_copy.wait_group(1)  # this tile's rows have landed (the next tile's may not have)
         fence_async_shared()
         gl.thread_barrier()
-        next_scores = warpgroup_mma(q_bufs.index(1 - buffer), k_t, zero_scores, use_acc=False, is_async=True)
+        scores = warpgroup_mma(q_bufs.index(buffer), k_smem.permute((1, 0)), zero_scores, use_acc=False)
+        gl.thread_barrier()  # every warp is past the product: the buffer takes the rows of the tile after next
         _gather_q(q, q_bufs.index(buffer), csr_entries, entry + 2 * QT, last, group, gather_layout, HQ, R, D, ROWS,
                   QT, TOPK)
-        next_token, next_slot, next_heads, next_ok = _tile_codes(csr_entries, entry + QT, last, s_rows, ROWS, QT, R, TOPK)
-
+        next_token, next_slot, next_heads, next_ok = _tile_codes(csr_entries, entry + QT, last, s_rows, ROWS, QT, R,
+                                                                 TOPK)
         # entries ascend by token within a list: only tiles starting inside the block hold tokens that see part of it
         if gl.load(csr_entries + entry) // TOPK - start < last_key:
             visible = row_ok[:, None] & (score_keys[None, :] <= (token - start)[:, None])
@@ -136,24 +118,12 @@ def sparse_attention_fwd_partial_hopper_kernel(
         scaled_max = gl.where(row_max == float("-inf"), 0.0, row_max * scale_log2)
         probs = gl.exp2(scores * scale_log2 - scaled_max[:, None])
         row_sum = gl.sum(probs, axis=1)
-        out = warpgroup_mma(gl.convert_layout(probs.to(dtype), p_layout), v_smem, zero_out, use_acc=False,
-                            is_async=True)
         partial_index = (token * HQ + group * R + heads - token_offset * HQ) * TOPK + slot
         gl.store(partial_lse + partial_index, (scaled_max + gl.log2(row_sum)) * LN2, mask=row_ok)
-        inv_sum = gl.convert_layout(1.0 / gl.where(row_sum == 0.0, 1.0, row_sum), o_rows)
-        out, next_scores = warpgroup_mma_wait(num_outstanding=0, deps=(out, next_scores))
-        out = (out * inv_sum[:, None]).to(dtype)
-        if DIRECT_STORE:
-            out_dims = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
-            out_index = gl.convert_layout(partial_index, o_rows)
-            out_ok = gl.convert_layout(row_ok, o_rows)
-        else:
-            out = gl.convert_layout(out, gather_layout)
-            out_dims = dims
-            out_token, out_slot, out_heads, out_ok = _tile_codes(csr_entries, entry, last,
-                                                                 gl.SliceLayout(1, gather_layout), ROWS, QT, R, TOPK)
-            out_index = (out_token * HQ + group * R + out_heads - token_offset * HQ) * TOPK + out_slot
-        gl.store(partial_out + out_index[:, None] * D + out_dims[None, :], out, mask=out_ok[:, None])
-        scores = next_scores
+        out = warpgroup_mma(gl.convert_layout(probs.to(dtype), p_layout), v_smem, zero_out, use_acc=False)
+        inv_sum = gl.convert_layout(1.0 / gl.where(row_sum == 0.0, 1.0, row_sum), gl.SliceLayout(1, o_layout))
+        out = gl.convert_layout((out * inv_sum[:, None]).to(dtype), gather_layout)
+        gl.store(partial_out + gl.convert_layout(partial_index, out_rows)[:, None] * D + dims[None, :], out,
+                 mask=gl.convert_layout(row_ok, out_rows)[:, None])
         token, slot, heads, row_ok = next_token, next_slot, next_heads, next_ok
     async_copy.wait_group(0)
