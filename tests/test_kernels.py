@@ -223,6 +223,50 @@ def test_hopper_forward_partials(shape, dtype, monkeypatch):
     assert torch.equal(out, triton_out) and torch.equal(lse, triton_lse)
 
 
+SM_90_COMPILE = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from msa.kernels.sparse_attention_hopper import sparse_attention_fwd_partial_hopper_kernel as kernel
+
+types = dict(q="*bf16", k="*bf16", v="*bf16", cu_seqlens="*i32", csr_offsets="*i32", csr_entries="*i32",
+             partial_out="*bf16", partial_lse="*fp32", scale_log2="fp32", n_block_slots="i32", token_offset="i32")
+results = []
+for head_dim, block_size, heads in json.loads(sys.argv[1]):
+    constants = dict(HQ=4 * heads, G=4, R=heads, D=head_dim, BLOCK_SIZE=block_size, MAX_BLOCKS=1024, TOPK=16,
+                     ROWS=64, QT=64 // heads, SPLIT=8)
+    signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
+    source = GluonASTSource(kernel, signature, {(kernel.arg_names.index(n),): c for n, c in constants.items()},
+                            {(i,): [["tt.divisibility", 16]] for i in range(8)})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 64), options=dict(num_warps=4))
+    results.append(dict(ptx=compiled.asm["ptx"], shared=compiled.metadata.shared))
+print(json.dumps(results))
+"""
+
+
+def test_hopper_forward_partials_compile_for_sm_90():
+    """The Gluon kernel compiles for sm_90 without a GPU (triton.compile and ptxas, in a process without
+    TRITON_INTERPRET: under the interpreter Triton's own reductions are interpreted functions Gluon cannot call),
+    its q gathers as cp.async and its products as wgmma; the paper's shape fits two programs per SM (<= 113 KB of
+    shared memory each)."""
+    pytest.importorskip("triton.experimental.gluon")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    shapes = [(128, 128, 16), (64, 64, 8), (128, 64, 6)]
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", SM_90_COMPILE, json.dumps(shapes)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout)
+    for result in results:
+        assert "cp.async.cg.shared.global" in result["ptx"] and "wgmma.mma_async" in result["ptx"]
+    assert results[0]["shared"] <= 113 * 1024
+
+
 @pytest.mark.parametrize("part_entries, parts", [(1, 8), (2**30, 1)])
 def test_kv_outer_forward_list_parts(part_entries, parts, monkeypatch):
     """The KV-outer forward's (group, block) lists split in 8 parts or walked whole by one program: exact both
