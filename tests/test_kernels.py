@@ -213,7 +213,7 @@ def test_hopper_forward_partials(shape, dtype, monkeypatch):
     block_size, topk = shape[6], shape[7]
     blocks = msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=block_size, topk=topk)
     out, lse = msa.sparse_attention(q, k, v, blocks, block_size=block_size, return_lse=True)
-    assert kernels._gluon_hopper_kernel(q.device.index) in launched
+    assert kernels._gluon_hopper_kernel(q.device) in launched
     ref_out, ref_lse = msa.reference.sparse_attention(q.double(), k.double(), v.double(), blocks,
                                                       block_size=block_size, return_lse=True)
     assert rel_err(out, ref_out) < BOUNDS[dtype] and rel_err(lse, ref_lse) < BOUNDS[dtype]
@@ -221,6 +221,37 @@ def test_hopper_forward_partials(shape, dtype, monkeypatch):
     triton_out, triton_lse = msa.sparse_attention(q, k, v, blocks, block_size=block_size, return_lse=True)
     assert launched[-1] is kernels.sparse_attention_fwd_partial_kernel
     assert torch.equal(out, triton_out) and torch.equal(lse, triton_lse)
+
+
+def test_gluon_compile_failure_falls_back_with_one_warning(monkeypatch):
+    """Gluon is experimental: where another Triton cannot compile the Hopper kernel, the forward warns once and runs
+    the Triton kernel, exactly."""
+    import triton
+    from msa import kernels
+
+    class Uncompilable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise triton.compiler.errors.CompilationError(None, None, "an API this Triton lacks")
+            return launch
+
+    uncompilable = Uncompilable()
+    monkeypatch.setattr(kernels, "_gluon_hopper_kernel", lambda device: uncompilable)
+    monkeypatch.setattr(kernels, "_GLUON_FAILED", set())
+    monkeypatch.setattr(kernels, "KV_OUTER_MIN_TOKENS", 0)
+    shape = (1, 150, 8, 2, 64, 16, 64, 2)
+    q, k, v, index_q, index_k = inputs_for(shape, torch.float16, seed=28)
+    blocks = msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=64, topk=2)
+    with pytest.warns(UserWarning, match="Gluon forward partials do not compile"):
+        out, lse = msa.sparse_attention(q, k, v, blocks, block_size=64, return_lse=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = msa.sparse_attention(q, k, v, blocks, block_size=64)
+    assert not [w for w in caught if "Gluon" in str(w.message)]
+    ref_out, ref_lse = msa.reference.sparse_attention(q.double(), k.double(), v.double(), blocks, block_size=64,
+                                                      return_lse=True)
+    assert rel_err(out, ref_out) < BOUNDS[torch.float16] and rel_err(lse, ref_lse) < BOUNDS[torch.float16]
+    assert torch.equal(again, out)
 
 
 SM_90_COMPILE = """

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -61,6 +62,7 @@ MERGE_ROWS = 16
 # The forward partials run the Gluon kernel of sparse_attention_hopper on sm_90 (16-bit inputs, head dim and
 # block size 64 or 128; partials 1.17x faster at 128K, outputs bitwise equal: results/*93); False: the Triton kernel.
 HOPPER_FWD = True
+_GLUON_FAILED: set = set()  # Gluon kernels this Triton could not compile (warned once)
 # The forward sorts the lists of several query chunks at once, up to this many (chunk, group, block) lists.
 CSR_MAX_LISTS = 1 << 24
 # block_scores_kernel: (rows = queries x groups per program, num_warps, num_stages, keys per tile), for bf16/fp16
@@ -223,23 +225,37 @@ def _kv_outer_launch(q, k, config: tuple[int, int, int]) -> dict:
 
 
 @functools.cache
-def _gluon_hopper_kernel(device_index: int):
+def _gluon_hopper_kernel(device: torch.device):
     """The Gluon forward partial kernel where this device can run it (sm_90, a Triton with Gluon), else None."""
-    if INTERPRET or torch.cuda.get_device_capability(device_index) != (9, 0):
+    if INTERPRET or device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
         return None
     try:
         from msa.kernels.sparse_attention_hopper import sparse_attention_fwd_partial_hopper_kernel
-    except ImportError:  # a Triton before Gluon
+    except (ImportError, AttributeError):  # a Triton before Gluon, or whose experimental Gluon API differs
         return None
     return sparse_attention_fwd_partial_hopper_kernel
 
 
+def _launch_hopper(kernel, grid, *args, **kwargs) -> bool:
+    """Launch the Gluon kernel; where this Triton cannot compile it (Gluon is experimental and changes between
+    releases), warn once and return False so that the Triton kernel runs instead."""
+    try:
+        _launch(kernel, grid, *args, **kwargs)
+    except triton.compiler.errors.CompilationError as error:
+        _GLUON_FAILED.add(kernel)
+        warnings.warn(f"msa: the Gluon forward partials do not compile with Triton {triton.__version__} "
+                      f"({str(error).splitlines()[-1]}); using the Triton kernel")
+        return False
+    return True
+
+
 def _hopper_partials(q: torch.Tensor, k: torch.Tensor, block_size: int):
     """The Gluon kernel if it takes this forward's shapes (a group's heads fit its 64-row tile), else None."""
-    if not (HOPPER_FWD and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
+    if not (HOPPER_FWD and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
             and block_size in (64, 128) and q.shape[1] // k.shape[1] <= 64):
         return None
-    return _gluon_hopper_kernel(q.device.index)
+    kernel = _gluon_hopper_kernel(q.device)
+    return None if kernel in _GLUON_FAILED else kernel
 
 
 def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
@@ -275,9 +291,9 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
             args = (q, k, v, cu_seqlens, csr.chunk_offsets(index), csr.entries, partial_out, partial_lse,
                     scale * LOG2E.value, csr.n_block_slots, start)
             constants = dict(BLOCK_SIZE=block_size, MAX_BLOCKS=max_blocks, TOPK=topk, SPLIT=split)
-            if hopper is not None:
-                _launch(hopper, grid, *args, **launch, **constants)
-            else:
+            if hopper is not None and not _launch_hopper(hopper, grid, *args, **launch, **constants):
+                hopper, launch = None, _kv_outer_launch(q, k, KV_OUTER_FWD)
+            if hopper is None:
                 _launch(sparse_attention_fwd_partial_kernel, grid, *args, **launch, **constants,
                         WRITE_OUT=out is not None, UPCAST=INTERPRET)
             rows = (end - start) * n_heads
