@@ -7,12 +7,16 @@ PYTHON := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 TRITON ?= triton==3.6.0
 
-.PHONY: bench test install clean
+# constraints.txt: the versions the test suite last passed with (the ranges are in pyproject.toml).
+CONSTRAINTS ?= constraints.txt
+PIP := $(PYTHON) -m pip --disable-pip-version-check
 
-$(VENV)/.installed: pyproject.toml Makefile
+.PHONY: bench test install lock clean
+
+$(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check "$(TORCH)" "$(TRITON)"
-	$(PYTHON) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(PIP) install --quiet "$(TORCH)" "$(TRITON)"
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -22,6 +26,11 @@ bench: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q $(ARGS)
+
+# after `make test` passed on upgraded packages: write their versions into constraints.txt
+lock: $(VENV)/.installed
+	{ sed -n '1,/^# ---/p' $(CONSTRAINTS); $(PIP) freeze --exclude-editable | grep -v -E '^(torch|triton)=='; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 clean:
 	rm -rf $(VENV) src/*.egg-info .pytest_cache .hypothesis

@@ -98,7 +98,9 @@ def _index_branch(module: nn.Module) -> IndexBranch | None:
 def _project_before_attention(module, args, kwargs):
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     position_embeddings = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
-    module.msa_index.project(hidden_states, position_embeddings, kwargs.get("past_key_values"), module.layer_idx)
+    # transformers >= 5.2x passes the KV cache as ``cache=`` (``past_key_values=`` before, still accepted)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    module.msa_index.project(hidden_states, position_embeddings, cache, module.layer_idx)
 
 
 def convert(model: nn.Module, *, block_size: int = 128, topk: int = 16, index_head_dim: int | None = None,
