@@ -1,5 +1,10 @@
 """msa.integrations.hf: GQA decoders of the Hugging Face families made MSA in place."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -23,7 +28,7 @@ FAMILIES = {
 def small_model(family="llama", seed=0):
     torch.manual_seed(seed)
     config_class, model_class = FAMILIES[family]
-    extra = dict(head_dim=16) if family == "qwen3" else {}
+    extra = dict(head_dim=16) if family == "qwen3" else dict(sliding_window=None) if family == "mistral" else {}
     return model_class(config_class(**SMALL, **extra)).to(DEVICE).float().eval()
 
 
@@ -56,20 +61,63 @@ def test_kl_loss_trains_only_the_index_branch_and_lm_loss_never_does():
     assert all(g is None for g in lm_grads)
 
 
-@pytest.mark.parametrize("index_dtype", [None, torch.float8_e4m3fn])
-def test_generate_with_the_kv_cache_matches_a_full_recompute(index_dtype):
-    """Also with FP8 index ranking: generation ranks on the same rounded vectors as the full pass."""
-    model = hf.convert(small_model(), block_size=16, topk=2, index_dtype=index_dtype)
-    ids = torch.randint(0, 64, (1, 70), device=DEVICE)
-    full = model(ids).logits
-    cache = transformers.DynamicCache(config=model.config)
+def greedy_by_full_forwards(model, ids, new_tokens):
+    """Greedy decoding by repeated full forwards (no cache): the definition generate() must reproduce."""
     with torch.no_grad():
-        prefill = model(ids[:, :45], past_key_values=cache, use_cache=True).logits
-        steps = [model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1] for t in range(45, 70)]
-    assert torch.allclose(prefill, full[:, :45], atol=TOL)
-    assert torch.allclose(torch.stack(steps), full[0, 45:], atol=TOL)
-    generated = model.generate(ids[:, :50], max_new_tokens=8, do_sample=False)
-    assert torch.equal(model(generated).logits[0, 49:-1].argmax(-1), generated[0, 50:])
+        for _ in range(new_tokens):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("argument", ["cache", "past_key_values"])
+@pytest.mark.parametrize("cache_class", ["dynamic", "msa"])
+@pytest.mark.parametrize("index_dtype", [None, torch.float8_e4m3fn])
+def test_a_kv_cache_under_either_argument_matches_a_full_recompute(argument, cache_class, index_dtype):
+    """Prefill, a chunk of 15 tokens after the prefix, then one token at a time; layer 0 stays dense (its queries
+    after a prefix align bottom-right). Also with FP8 ranking: on the same rounded vectors as the full pass."""
+    model = hf.convert(small_model(), block_size=16, topk=2, layers=[1], index_dtype=index_dtype)
+    ids = torch.randint(0, 64, (2, 70), device=DEVICE)
+    full = model(ids).logits
+    cache = (transformers.DynamicCache(config=model.config) if cache_class == "dynamic"
+             else hf.MSACache(model, batch_size=2, max_length=70))
+    with torch.no_grad():
+        logits = [model(ids[:, :45], **{argument: cache}, use_cache=True).logits,
+                  model(ids[:, 45:60], **{argument: cache}, use_cache=True).logits]
+        logits += [model(ids[:, t:t + 1], **{argument: cache}, use_cache=True).logits for t in range(60, 70)]
+    assert torch.allclose(torch.cat(logits, dim=1), full, atol=TOL)
+
+
+@pytest.mark.parametrize("layers", [None, [1]])
+def test_generate_runs_on_the_msa_cache_and_equals_greedy_full_forwards(monkeypatch, layers):
+    model = hf.convert(small_model(), block_size=16, topk=2, layers=layers)
+    attended = []
+    attend = hf.MSACache.attend
+    monkeypatch.setattr(hf.MSACache, "attend", lambda self, *args: attended.append(args[2].shape[2]) or
+                        attend(self, *args))
+    prompts = torch.randint(0, 64, (2, 50), device=DEVICE)
+    generated = model.generate(prompts, max_new_tokens=12, do_sample=False)
+    assert torch.equal(generated, greedy_by_full_forwards(model, prompts, 12))
+    n_msa = len(hf.msa_layers(model))
+    assert attended == [50] * n_msa + [1] * (11 * n_msa)  # the prefill, then one token per step, every MSA layer
+
+
+def test_sampling_on_the_msa_cache_equals_sampling_on_the_exact_path():
+    model = hf.convert(small_model(), block_size=16, topk=2)
+    prompts = torch.randint(0, 64, (2, 40), device=DEVICE)
+    sampled = {}
+    for name in ("msa", "dynamic"):
+        torch.manual_seed(1)
+        cache = {} if name == "msa" else dict(cache=transformers.DynamicCache(config=model.config))
+        sampled[name] = model.generate(prompts, max_new_tokens=10, do_sample=True, top_k=0, temperature=1.5,
+                                       num_return_sequences=2, **cache)
+    assert sampled["msa"].shape == (4, 50) and torch.equal(sampled["msa"], sampled["dynamic"])
+
+
+def test_beam_search_runs_on_the_exact_path(monkeypatch):
+    model = hf.convert(small_model(), block_size=16, topk=2)
+    monkeypatch.setattr(hf.MSACache, "attend", None)  # would fail if called
+    prompts = torch.randint(0, 64, (1, 40), device=DEVICE)
+    assert model.generate(prompts, max_new_tokens=4, num_beams=2, do_sample=False).shape == (1, 44)
 
 
 def test_save_pretrained_round_trip(tmp_path):
@@ -77,12 +125,51 @@ def test_save_pretrained_round_trip(tmp_path):
                        index_dtype=torch.float8_e4m3fn)
     ids = torch.randint(0, 64, (1, 60), device=DEVICE)
     model.save_pretrained(tmp_path)
-    loaded = hf.from_pretrained(tmp_path).to(DEVICE).eval()
-    assert loaded.config.msa["layers"] == [0] and [b.kl_topk for b in hf.msa_layers(loaded)] == [3]
-    assert [b.index_dtype for b in hf.msa_layers(loaded)] == [torch.float8_e4m3fn]
-    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert hf.is_msa_checkpoint(tmp_path) and (tmp_path / "model.safetensors").exists()
+    for loaded in (hf.from_pretrained(tmp_path), transformers.AutoModelForCausalLM.from_pretrained(tmp_path)):
+        loaded = loaded.to(DEVICE).eval()
+        assert type(loaded).__name__ == "MSALlamaForCausalLM" and loaded.config.model_type == "msa_llama"
+        assert loaded.config.msa["layers"] == [0] and [b.kl_topk for b in hf.msa_layers(loaded)] == [3]
+        assert [b.index_dtype for b in hf.msa_layers(loaded)] == [torch.float8_e4m3fn]
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
     with pytest.raises(ValueError, match="no MSA model"):
         small_model().save_pretrained(tmp_path / "dense") or hf.from_pretrained(tmp_path / "dense")
+
+
+def test_a_folder_saved_before_the_msa_model_types_still_loads(tmp_path):
+    model = hf.convert(small_model(), block_size=16, topk=2)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_type"], config["architectures"] = "llama", ["LlamaForCausalLM"]
+    del config["auto_map"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ids = torch.randint(0, 64, (1, 40), device=DEVICE)
+    assert torch.equal(hf.from_pretrained(tmp_path).to(DEVICE).eval()(ids).logits, model(ids).logits)
+
+
+LOAD_IN_A_FRESH_PROCESS = """
+import sys, torch, transformers
+try:
+    model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[2] == "trust")
+except ValueError as error:
+    print("refused:", error)
+else:
+    print("loaded:", type(model).__name__, sorted(name for name, _ in model.named_parameters() if "msa_index" in name)[0])
+"""
+
+
+@pytest.mark.parametrize("trust", [True, False])
+def test_auto_loading_without_importing_msa_needs_trust_remote_code(tmp_path, trust):
+    """Without ``import msa.integrations.hf``, transformers never loads the folder as a dense model."""
+    hf.convert(small_model(), block_size=16, topk=2).save_pretrained(tmp_path / "model")
+    result = subprocess.run([sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, str(tmp_path / "model"),
+                             "trust" if trust else "no"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 0, result.stderr
+    if trust:
+        assert result.stdout.startswith("loaded: MSALlamaForCausalLM model.layers.0.self_attn.msa_index")
+    else:
+        assert result.stdout.startswith("refused:") and "trust_remote_code" in result.stdout
 
 
 def test_index_branch_starts_from_the_attention_it_imitates():
@@ -110,3 +197,19 @@ def test_bad_input_gets_clear_errors():
         hf.convert(small_model(), index_dtype=torch.float16)
     with pytest.raises(TypeError, match="decoder layers"):
         hf.convert(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("family, settings, message", [
+    ("mistral", dict(sliding_window=4096), "sliding_window is 4096"),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=32, max_window_layers=1), r"layers \[1\] use 'sliding"),
+    ("llama", dict(attention_dropout=0.1), "attention_dropout is 0.1"),
+])
+def test_convert_refuses_what_msa_layers_cannot_honour(family, settings, message):
+    model = small_model(family)
+    for name, value in settings.items():
+        setattr(model.config, name, value)
+    if family == "qwen2":  # its layer types follow the window settings at construction
+        model.config.layer_types = ["full_attention", "sliding_attention"]
+    with pytest.raises(ValueError, match=message):
+        hf.convert(model, block_size=16, topk=2)
+    hf.convert(model, block_size=16, topk=2, layers=[0]) if family == "qwen2" else None
