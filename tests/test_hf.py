@@ -90,15 +90,16 @@ def test_a_kv_cache_under_either_argument_matches_a_full_recompute(argument, cac
 @pytest.mark.parametrize("layers", [None, [1]])
 def test_generate_runs_on_the_msa_cache_and_equals_greedy_full_forwards(monkeypatch, layers):
     model = hf.convert(small_model(), block_size=16, topk=2, layers=layers)
-    attended = []
+    attended, paths = [], set()
     attend = hf.MSACache.attend
     monkeypatch.setattr(hf.MSACache, "attend", lambda self, *args: attended.append(args[2].shape[2]) or
-                        attend(self, *args))
+                        paths.add(self.attention.uses_kernels()) or attend(self, *args))
     prompts = torch.randint(0, 64, (2, 50), device=DEVICE)
     generated = model.generate(prompts, max_new_tokens=12, do_sample=False)
     assert torch.equal(generated, greedy_by_full_forwards(model, prompts, 12))
     n_msa = len(hf.msa_layers(model))
     assert attended == [50] * n_msa + [1] * (11 * n_msa)  # the prefill, then one token per step, every MSA layer
+    assert paths == {DEVICE == "cuda"}  # the paged kernels on a GPU
 
 
 def test_sampling_on_the_msa_cache_equals_sampling_on_the_exact_path():
