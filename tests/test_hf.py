@@ -1,5 +1,6 @@
 """msa.integrations.hf: GQA decoders of the Hugging Face families made MSA in place."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -17,6 +18,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 3e-3 if DEVICE == "cuda" else 1e-4
 SMALL = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512)
+# the KV cache's keyword: ``past_key_values`` (deprecated from transformers 5.2x on), and ``cache`` where it exists
+CACHE_ARGUMENTS = ["past_key_values"]
+if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters:
+    CACHE_ARGUMENTS.append("cache")
 FAMILIES = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
@@ -69,7 +74,7 @@ def greedy_by_full_forwards(model, ids, new_tokens):
     return ids
 
 
-@pytest.mark.parametrize("argument", ["cache", "past_key_values"])
+@pytest.mark.parametrize("argument", CACHE_ARGUMENTS)
 @pytest.mark.parametrize("cache_class", ["dynamic", "msa"])
 @pytest.mark.parametrize("index_dtype", [None, torch.float8_e4m3fn])
 def test_a_kv_cache_under_either_argument_matches_a_full_recompute(argument, cache_class, index_dtype):
@@ -108,7 +113,7 @@ def test_sampling_on_the_msa_cache_equals_sampling_on_the_exact_path():
     sampled = {}
     for name in ("msa", "dynamic"):
         torch.manual_seed(1)
-        cache = {} if name == "msa" else dict(cache=transformers.DynamicCache(config=model.config))
+        cache = {} if name == "msa" else {CACHE_ARGUMENTS[-1]: transformers.DynamicCache(config=model.config)}
         sampled[name] = model.generate(prompts, max_new_tokens=10, do_sample=True, top_k=0, temperature=1.5,
                                        num_return_sequences=2, **cache)
     assert sampled["msa"].shape == (4, 50) and torch.equal(sampled["msa"], sampled["dynamic"])
