@@ -267,6 +267,60 @@ def test_cache_pages_are_reused_after_free():
         cache.reserve(first + 5, 1)
 
 
+def test_plan_that_does_not_fit_changes_nothing(backend):
+    """A plan whose later request finds no free pages, passes max_pages_per_request or is not active raises
+    before reserving any: lengths, pages, free pages and page table as they were, no step planned; the next
+    step that fits (the last free pages exactly) runs as if the failed plans never happened."""
+    heads, groups, head_dim, index_dim, block_size, topk = SHAPES[0]
+    dtype = DTYPES[0]
+    cache = PagedKVCache(num_layers=1, num_pages=8, block_size=block_size, num_kv_heads=groups, head_dim=head_dim,
+                         index_head_dim=index_dim, max_requests=3, max_pages_per_request=4, dtype=dtype, device=DEVICE)
+    attention = PagedSparseAttention(cache, num_heads=heads, topk=topk)
+    requests = [cache.add_request() for _ in range(3)]
+    steps = [[block_size + 2, block_size, 5], [block_size, 3, 2 * block_size]]  # 4 pages, then the other 4
+    lengths = [sum(q_lens) for q_lens in zip(*steps)]
+    sequences = [rand_inputs(1, n, heads, groups, head_dim, index_dim, dtype=dtype, seed=50 + r, device=DEVICE)
+                 for r, n in enumerate(lengths)]
+    outs = [torch.full((n, heads, head_dim), math.nan, dtype=dtype, device=DEVICE) for n in lengths]
+    blocks = [torch.full((n, groups, topk), 2**30, dtype=torch.int64, device=DEVICE) for n in lengths]
+    done = [0] * len(requests)
+
+    def step(q_lens):
+        attention.plan(requests, q_lens)
+        new = [torch.cat([seq[i][0, d:d + n] for seq, d, n in zip(sequences, done, q_lens)]) for i in range(5)]
+        out, block_indices = attention.run(0, *new, return_block_indices=True)
+        first = 0
+        for r, n in enumerate(q_lens):
+            outs[r][done[r]:done[r] + n] = out[first:first + n]
+            blocks[r][done[r]:done[r] + n] = block_indices[first:first + n]
+            first, done[r] = first + n, done[r] + n
+
+    def snapshot():
+        return list(cache.seq_lens), [cache.pages(r) for r in requests], cache.free_pages, cache.page_table.clone()
+
+    step(steps[0])
+    before = snapshot()
+    first, second, third = requests
+    failing = [([first, second, third], [block_size, block_size + 1, 3 * block_size], RuntimeError,
+                "out of KV-cache pages: request 2 needs 3 more, 1 free"),
+               ([first, second], [1, 4 * block_size], ValueError, "request 1 would hold 80 tokens"),
+               ([first, 3], [1, 1], ValueError, "request 3 is not an active request")]
+    for plan_requests, q_lens, error, message in failing:
+        with pytest.raises(error, match=message):
+            attention.plan(plan_requests, q_lens)
+        seq_lens, pages, free_pages, page_table = snapshot()
+        assert (seq_lens, pages, free_pages) == before[:3] and torch.equal(page_table, before[3])
+        with pytest.raises(RuntimeError, match="no step is planned"):
+            attention.run(0, *(x[0, :1] for x in sequences[0]))
+    step(steps[1])
+    assert cache.free_pages == 0 and cache.seq_lens[:3] == lengths
+    for (q, k, v, index_q, index_k), out, selected in zip(sequences, outs, blocks):
+        tol = 1e-4 if dtype == torch.float32 and not ON_GPU else 1e-2
+        assert_selection_matches(selected[None].int(), index_q, index_k, block_size, topk, tol=tol)
+        ref = msa.reference.sparse_attention(q.double(), k.double(), v.double(), selected[None], block_size=block_size)
+        assert rel_err(out[None], ref) < BOUNDS[dtype]
+
+
 def test_freed_pages_hold_stale_values_that_never_leak(backend):
     """A request reusing another's pages sees only its own tokens, whatever the pages held."""
     shape, dtype = SHAPES[0], DTYPES[0]

@@ -20,12 +20,13 @@ from rich.progress import Progress
 from rich.table import Table
 
 import msa
+from msa.cli import arguments
 from msa.cli.timing import median_ms
 
 # Defaults: a small problem that runs in seconds on a CPU, the paper's layer on a GPU.
-CPU_DEFAULTS = dict(seqlens="1024,2048,4096", heads=8, kv_heads=2, head_dim=64, index_head_dim=64, block_size=64,
+CPU_DEFAULTS = dict(seqlens=[1024, 2048, 4096], heads=8, kv_heads=2, head_dim=64, index_head_dim=64, block_size=64,
                     topk=8, dtype="float32")
-GPU_DEFAULTS = dict(seqlens="8192,32768,131072", heads=64, kv_heads=4, head_dim=128, index_head_dim=128,
+GPU_DEFAULTS = dict(seqlens=[8192, 32768, 131072], heads=64, kv_heads=4, head_dim=128, index_head_dim=128,
                     block_size=128, topk=16, dtype="bfloat16")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -33,30 +34,38 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 def add_parser(commands) -> None:
     parser = commands.add_parser("bench", help="time MSA against dense attention and check it against the reference",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
-    parser.add_argument("--seqlens", default=None, help="comma-separated sequence lengths")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=None, help="query heads Hq")
-    parser.add_argument("--kv-heads", type=int, default=None, help="KV heads = GQA groups G")
-    parser.add_argument("--head-dim", type=int, default=None)
-    parser.add_argument("--index-head-dim", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=None)
-    parser.add_argument("--topk", type=int, default=None)
+    parser.add_argument("--device", type=arguments.device, default=None,
+                        help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--seqlens", type=arguments.positive_int_list, default=None,
+                        help="comma-separated sequence lengths")
+    parser.add_argument("--batch", type=arguments.positive_int, default=1)
+    parser.add_argument("--heads", type=arguments.positive_int, default=None,
+                        help="query heads Hq (a multiple of --kv-heads)")
+    parser.add_argument("--kv-heads", type=arguments.positive_int, default=None, help="KV heads = GQA groups G")
+    parser.add_argument("--head-dim", type=arguments.positive_int, default=None)
+    parser.add_argument("--index-head-dim", type=arguments.positive_int, default=None)
+    parser.add_argument("--block-size", type=arguments.power_of_two, default=None)
+    parser.add_argument("--topk", type=arguments.positive_int, default=None, help="blocks per (query, group)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
-    parser.add_argument("--check-max-seqlen", type=int, default=4096,
-                        help="check against the float64 reference up to this length")
+    parser.add_argument("--repeats", type=arguments.positive_int, default=5,
+                        help="timed runs per measurement (median reported)")
+    parser.add_argument("--check-max-seqlen", type=arguments.non_negative_int, default=4096,
+                        help="check against the float64 reference up to this length (0: never)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, error=parser.error)
 
 
 def _resolve(args) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """The arguments with the device's defaults filled in; ``args.error`` (exit status 2) for inconsistent ones."""
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
     config = {name: getattr(args, name) if getattr(args, name) is not None else value
               for name, value in defaults.items()}
-    config["seqlens"] = [int(s) for s in str(config["seqlens"]).split(",")]
+    if config["heads"] % config["kv_heads"]:
+        args.error(f"--heads ({config['heads']}) must be a multiple of --kv-heads ({config['kv_heads']})")
+    if args.json is not None and args.json.is_dir():
+        args.error(f"--json must name a file, got the directory {str(args.json)!r}")
     config.update(device=device, batch=args.batch)
     return config
 

@@ -14,6 +14,7 @@ lives on the host; :meth:`PagedKVCache.reserve` mirrors it into the device
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -86,10 +87,11 @@ class PagedKVCache:
             if pages is None:
                 self._pages[request], self.seq_lens[request] = [], 0
                 try:
-                    self._allocate(request, capacity)
+                    self._check_room([request], [capacity])
                 except (ValueError, RuntimeError):
                     self._pages[request] = None
                     raise
+                self._allocate(request, capacity)
                 return request
         raise RuntimeError(f"all {self.max_requests} request slots are in use; free one or raise max_requests")
 
@@ -127,23 +129,54 @@ class PagedKVCache:
         Allocates pages as needed, writes them into ``page_table`` and counts
         the tokens as held (the next ``PagedSparseAttention.run`` writes them).
         """
-        self._pages_of(request)  # validates request
-        prefix_len = self.seq_lens[request]
-        self._allocate(request, prefix_len + n_new_tokens)
-        self.seq_lens[request] = prefix_len + n_new_tokens
-        return prefix_len
+        return self.reserve_all([request], [n_new_tokens])[0]
+
+    def reserve_all(self, requests: Sequence[int], n_new_tokens: Sequence[int]) -> list[int]:
+        """:meth:`reserve` ``n_new_tokens[i]`` for each ``requests[i]``, all or nothing.
+
+        Returns the requests' lengths before the new tokens. Checks that every
+        request fits before taking any page: when one does not, raises and
+        leaves the cache (lengths, pages, free pages) as it was.
+        """
+        if len(requests) != len(n_new_tokens):
+            raise ValueError(f"requests and n_new_tokens must have equal lengths, got {len(requests)} and "
+                             f"{len(n_new_tokens)}")
+        if len(set(requests)) != len(requests):
+            raise ValueError(f"requests must be distinct, got {list(requests)}")
+        if any(n < 0 for n in n_new_tokens):
+            raise ValueError(f"n_new_tokens must be >= 0, got {list(n_new_tokens)}")
+        for request in requests:
+            self._pages_of(request)  # validates request
+        prefix_lens = [self.seq_lens[request] for request in requests]
+        new_lens = [prefix_len + n for prefix_len, n in zip(prefix_lens, n_new_tokens)]
+        self._check_room(requests, new_lens)
+        for request, new_len in zip(requests, new_lens):
+            self._allocate(request, new_len)
+            self.seq_lens[request] = new_len
+        return prefix_lens
+
+    def _check_room(self, requests: Sequence[int], n_tokens: Sequence[int]) -> None:
+        """Raise unless each ``requests[i]`` may hold ``n_tokens[i]`` tokens and the free pages cover them all."""
+        taken = 0
+        for request, tokens in zip(requests, n_tokens):
+            n_pages = math.ceil(tokens / self.block_size)
+            if n_pages > self.max_pages_per_request:
+                raise ValueError(f"request {request} would hold {tokens} tokens, more than max_pages_per_request "
+                                 f"({self.max_pages_per_request}) x block_size ({self.block_size})")
+            more = max(0, n_pages - len(self._pages_of(request)))
+            if taken + more > len(self._free_pages):
+                earlier = f" once the earlier requests of this call take {taken}" if taken else ""
+                raise RuntimeError(f"out of KV-cache pages: request {request} needs {more} more, "
+                                   f"{len(self._free_pages) - taken} free{earlier}")
+            taken += more
 
     def _allocate(self, request: int, n_tokens: int) -> None:
-        """Give the request pages for ``n_tokens`` tokens (keeps the pages it has) and list them in ``page_table``."""
+        """Give the request pages for ``n_tokens`` tokens (keeps the pages it has) and list them in ``page_table``.
+
+        The caller has checked the room with :meth:`_check_room`.
+        """
         pages = self._pages_of(request)
-        n_pages = math.ceil(n_tokens / self.block_size)
-        if n_pages > self.max_pages_per_request:
-            raise ValueError(f"request {request} would hold {n_tokens} tokens, more than max_pages_per_request "
-                             f"({self.max_pages_per_request}) x block_size ({self.block_size})")
-        if n_pages - len(pages) > len(self._free_pages):
-            raise RuntimeError(f"out of KV-cache pages: request {request} needs {n_pages - len(pages)} more, "
-                               f"{len(self._free_pages)} free")
-        first_new = len(pages)
+        first_new, n_pages = len(pages), math.ceil(n_tokens / self.block_size)
         while len(pages) < n_pages:
             pages.append(self._free_pages.pop())
         if n_pages > first_new:

@@ -75,23 +75,23 @@ class PagedSparseAttention:
         """Reserve cache room for ``q_lens[i]`` new tokens of ``requests[i]`` and prepare the step.
 
         The new tokens of ``run``'s inputs are packed in this order. Host work;
-        the device buffers are reused while they are large enough.
+        the device buffers are reused while they are large enough. All or
+        nothing (:meth:`PagedKVCache.reserve_all`): when the cache has no room
+        for every request, raises with the cache as it was and no step
+        planned (``run`` raises until the next successful ``plan``).
         """
+        self._planned = False
         if len(requests) != len(q_lens) or not requests:
             raise ValueError(f"requests and q_lens must be non-empty and of equal length, got {len(requests)} "
                              f"and {len(q_lens)}")
-        if len(set(requests)) != len(requests):
-            raise ValueError(f"requests must be distinct, got {list(requests)}")
         if any(n < 1 for n in q_lens):
             raise ValueError(f"q_lens must be >= 1, got {list(q_lens)}")
         cache = self.cache
         self.triton_path = self.uses_kernels()
-        self.requests, self.q_lens, self.prefix_lens = list(requests), list(q_lens), []
-        slots = []
-        for request, q_len in zip(requests, q_lens):
-            prefix_len = cache.reserve(request, q_len)
-            self.prefix_lens.append(prefix_len)
-            slots.append(cache.slots(request, prefix_len, prefix_len + q_len))
+        self.prefix_lens = cache.reserve_all(requests, q_lens)
+        self.requests, self.q_lens = list(requests), list(q_lens)
+        slots = [cache.slots(request, prefix_len, prefix_len + q_len)
+                 for request, prefix_len, q_len in zip(requests, self.prefix_lens, q_lens)]
         self.total_tokens = sum(q_lens)
         self._buffer("slots", (self.total_tokens,), torch.int64).copy_(torch.cat(slots))
         if self.triton_path:
@@ -125,7 +125,6 @@ class PagedSparseAttention:
             self._buffer("partial_out", (self.total_tokens * n_heads * self.split * head_dim,), torch.float32)
             self._buffer("partial_lse", (self.total_tokens * n_heads * self.split,), torch.float32)
             self._buffer("lse", (self.total_tokens * n_heads,), torch.float32)
-        self._planned = True
 
     def work_tiles(self, tokens_per_tile: int) -> list[tuple[int, int, int, int]]:
         """The planned step's kernel work list: (request, first packed token, token count, position of the
@@ -226,7 +225,8 @@ class PagedSparseAttention:
         ``[T, G, topk]`` with -1 for unused slots (allocates; not for graphs).
         """
         if not self._planned:
-            raise RuntimeError("call plan(requests, q_lens) before run()")
+            raise RuntimeError("no step is planned: call plan(requests, q_lens) before run() (and again after a "
+                               "plan that raised)")
         cache = self.cache
         if not 0 <= layer < cache.num_layers:
             raise ValueError(f"layer must be in 0..{cache.num_layers - 1}, got {layer}")
