@@ -64,9 +64,9 @@ def corpus(work: Path, split: str) -> np.ndarray:
 
 
 def eval_batches(work: Path, count: int = 4) -> list[torch.Tensor]:
-    from msa.training.data import ByteBatches
+    from msa.training.data import TokenBatches
 
-    source = ByteBatches(corpus(work, "val"), batch_size=1, seq_len=SEQ_LEN, seed=7)
+    source = TokenBatches(corpus(work, "val"), batch_size=1, seq_len=SEQ_LEN, seed=7)
     return [source(i) for i in range(count)]
 
 
@@ -105,7 +105,8 @@ def pretrain(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from msa.training import RecipeConfig, Trainer
-    from msa.training.data import VOCAB_SIZE, ByteBatches
+    from msa.training.data import TokenBatches
+    from msa.training.tokens import ByteTokenizer
 
     work = args.work
     final = work / "base"
@@ -113,9 +114,9 @@ def pretrain(args) -> None:
         print("pretrain: done already")
         return
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB_SIZE, **MODEL)).to(DEVICE)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=ByteTokenizer.vocab_size, **MODEL)).to(DEVICE)
     model.set_attn_implementation("sdpa")
-    batches = ByteBatches(corpus(work, "train"), batch_size=BATCH, seq_len=SEQ_LEN, seed=0, needle_rate=0.5)
+    batches = TokenBatches(corpus(work, "train"), batch_size=BATCH, seq_len=SEQ_LEN, seed=0, needle_rate=0.5)
     plan_path = work / "pretrain_plan.json"
     if plan_path.exists():
         steps = json.loads(plan_path.read_text())["steps"]
@@ -125,7 +126,8 @@ def pretrain(args) -> None:
         plan_path.write_text(json.dumps(dict(steps=steps, step_s=seconds, params=sum(p.numel() for p in model.parameters()))))
     recipe = RecipeConfig(steps=steps, lr=1.5e-3, lr_warmup_steps=min(100, steps // 10), eval_every=max(1, steps // 8),
                           checkpoint_every_s=60, max_seconds=args.budget_s - 20)
-    trainer = Trainer(model, recipe, batches, eval_batches(work), work / "pretrain", name="pretrain (dense)")
+    trainer = Trainer(model, recipe, batches, eval_batches(work), work / "pretrain", resume=True,
+                      name="pretrain (dense)")
     trainer.run()  # to the planned step, or to the time budget
     model.save_pretrained(final)
     _export(work, args.out)
@@ -136,10 +138,12 @@ def continue_runs(args) -> None:
 
     from msa.integrations import hf
     from msa.training import RecipeConfig, Trainer
-    from msa.training.data import ByteBatches
+    from msa.training.data import TokenBatches
 
     work = args.work
-    batches = ByteBatches(corpus(work, "train"), batch_size=BATCH, seq_len=SEQ_LEN, seed=1000, needle_rate=0.5)
+    batches = TokenBatches(corpus(work, "train"), batch_size=BATCH, seq_len=SEQ_LEN, seed=1000, needle_rate=0.5)
+    warmup_batches = TokenBatches(corpus(work, "train"), batch_size=BATCH, seq_len=SEQ_LEN, seed=1000,
+                                  stream="warmup", needle_rate=0.5)
     plan_path = work / "continue_plan.json"
     if plan_path.exists():
         plan = json.loads(plan_path.read_text())
@@ -171,9 +175,10 @@ def continue_runs(args) -> None:
         recipe = RecipeConfig(steps=plan["steps"], warmup_steps=warmup, kl_weight=KL_WEIGHT, lr=3e-4, index_lr=1e-3,
                               lr_warmup_steps=20, eval_every=max(1, plan["steps"] // 6), checkpoint_every_s=60,
                               max_seconds=max(10.0, deadline - time.monotonic()))
-        trainer = Trainer(model, recipe, batches, eval_batches(work), out, name=name)
+        trainer = Trainer(model, recipe, batches, eval_batches(work), out, warmup_batches=warmup_batches,
+                          resume=True, name=name)
         trainer.run()
-        if trainer.step >= plan["steps"]:
+        if trainer.finished:
             model.save_pretrained(out / "model")
         del model, trainer
         if DEVICE.type == "cuda":

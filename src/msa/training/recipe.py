@@ -1,18 +1,25 @@
-"""The paper's MSA training recipe: indexer warm-up, then sparse training with the KL loss.
+"""The paper's MSA training recipe: indexer warm-up, then training with the KL loss.
 
-1. **Indexer warm-up** (``warmup_steps``): the Main Branch runs dense
+1. **Indexer warm-up** (``warmup_steps`` updates): the Main Branch runs dense
    attention; only the Index Branch is trained, by the KL loss alone (the
-   rest of the model is frozen).
-2. **Sparse training**: the Main Branch attends to the selected blocks; every
-   parameter trains on ``lm_loss + kl_weight * kl_loss``. The detach rules of
-   the layers hold throughout: the KL loss reaches only the index projections,
-   the LM loss never does.
+   rest of the model is frozen), at the constant ``index_lr``. Its batches
+   come from a stream of their own (``warmup_batches``).
+2. **LM training** (``steps`` updates): the Main Branch attends to the
+   selected blocks; every parameter trains on ``lm_loss + kl_weight *
+   kl_loss``. The detach rules of the layers hold throughout: the KL loss
+   reaches only the index projections, the LM loss never does.
 
 A model without MSA layers trains on the LM loss alone (the dense baseline).
-Works on :class:`msa.nn.MSATransformer` and on Hugging Face models converted
-by :func:`msa.integrations.hf.convert`. Checkpoints (model, optimizer, step)
-go to ``out_dir/checkpoint.pt`` and a run resumes from it; every evaluation
-is appended to ``out_dir/log.jsonl``.
+The warm-up consumes no LM batch and no LM schedule step: LM update ``i``
+of a dense run and of an MSA run sees the same batch ``train_batches(i)`` at
+the same learning rate. Works on :class:`msa.nn.MSATransformer` and on
+Hugging Face models converted by :func:`msa.integrations.hf.convert`.
+
+``out_dir`` holds ``checkpoint/`` (the model as in
+:mod:`msa.training.checkpoint`, plus ``optimizer.pt``: optimizer state, step
+and how many log records it covers) and ``log.jsonl`` (one record per
+evaluation). A run resumes from its checkpoint only when asked
+(``resume=True``); the log is then cut back to the checkpoint's records.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,20 +36,22 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from msa.nn.transformer import MSATransformer
+from msa.training.checkpoint import load_model, recover_directory, replace_directory, save_model
+from msa.training.tokens import Tokenizer
 
 
 @dataclass
 class RecipeConfig:
-    steps: int = 1000  # all optimizer steps, warm-up included
-    warmup_steps: int = 0  # indexer warm-up steps (MSA models)
+    steps: int = 1000  # LM updates, the same for a dense run and an MSA run
+    warmup_steps: int = 0  # indexer warm-up updates before them (MSA models only)
     kl_weight: float = 0.1
     lr: float = 3e-4
-    index_lr: float = 1e-3
-    lr_warmup_steps: int = 50
-    min_lr_ratio: float = 0.1  # cosine decay down to lr * min_lr_ratio
+    index_lr: float = 1e-3  # Index Branch: constant in the warm-up, then on the LM schedule
+    lr_warmup_steps: int = 50  # LM schedule: linear ramp over these LM updates, then a cosine
+    min_lr_ratio: float = 0.1  # cosine decay down to lr * min_lr_ratio at the last LM update
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    eval_every: int = 100
+    eval_every: int = 100  # updates between evaluations (counted within each phase; and at each phase's end)
     checkpoint_every_s: float = 120.0
     max_seconds: float | None = None  # stop (after a checkpoint) when this much time has passed
     bf16: bool = True  # autocast on CUDA
@@ -96,15 +105,26 @@ def evaluate(model: nn.Module, batches: list[torch.Tensor], bf16: bool = True) -
 
 
 class Trainer:
-    """Runs :class:`RecipeConfig` on ``model`` with ``train_batches(step) -> [B, S]`` token batches."""
+    """Runs :class:`RecipeConfig` on ``model``.
+
+    ``train_batches(i)`` and ``warmup_batches(i)`` return the token batch
+    (int64 ``[B, S]``) of LM update ``i`` and of warm-up update ``i``
+    (``warmup_batches`` is needed when ``config.warmup_steps`` > 0).
+    ``tokenizer`` is saved beside the model in checkpoints.
+    """
 
     def __init__(self, model: nn.Module, config: RecipeConfig, train_batches: Callable[[int], torch.Tensor],
-                 eval_batches: list[torch.Tensor], out_dir: str | Path, *, name: str = "train"):
-        self.model, self.config, self.train_batches, self.eval_batches = model, config, train_batches, eval_batches
+                 eval_batches: list[torch.Tensor], out_dir: str | Path, *,
+                 warmup_batches: Callable[[int], torch.Tensor] | None = None, tokenizer: Tokenizer | None = None,
+                 resume: bool = False, name: str = "train"):
+        self.model, self.config, self.eval_batches, self.tokenizer = model, config, eval_batches, tokenizer
+        self.train_batches, self.warmup_batches = train_batches, warmup_batches
         self.out_dir, self.name = Path(out_dir), name
         self.api = ModelApi(model)
         if config.warmup_steps and not self.api.is_msa:
             raise ValueError("warmup_steps > 0 needs a model with MSA layers (the indexer warm-up trains them)")
+        if config.warmup_steps and warmup_batches is None:
+            raise ValueError("warmup_steps > 0 needs warmup_batches (the warm-up's own batches)")
         index_ids = {id(p) for p in self.api.index_parameters}
         main = [p for p in model.parameters() if id(p) not in index_ids]
         groups = [dict(params=main, lr=config.lr, weight_decay=config.weight_decay)]
@@ -112,29 +132,65 @@ class Trainer:
             groups.append(dict(params=self.api.index_parameters, lr=config.index_lr, weight_decay=0.0))
         self.optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
         self.base_lrs = [group["lr"] for group in groups]
-        self.step, self.log = 0, []
-        self._resume()
-
-    # ------------------------------------------------------------------ checkpoints
+        self.step, self.log = 0, []  # updates done (warm-up included), evaluation records
+        recover_directory(self.checkpoint_dir)
+        if resume:
+            self._resume()
+        elif self.checkpoint_dir.exists() or self.log_path.exists():
+            raise FileExistsError(f"{self.out_dir} holds a run already; resume it (resume=True) or choose another "
+                                  "out_dir")
 
     @property
-    def checkpoint_path(self) -> Path:
-        return self.out_dir / "checkpoint.pt"
+    def total_steps(self) -> int:
+        return self.config.warmup_steps + self.config.steps
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    # ------------------------------------------------------------------ checkpoints and log
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoint"
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir / "log.jsonl"
 
     def _resume(self) -> None:
-        if self.checkpoint_path.exists():
-            state = torch.load(self.checkpoint_path, map_location=next(self.model.parameters()).device,
-                               weights_only=False)
-            self.model.load_state_dict(state["model"])
+        """Load the checkpoint, if any, and cut the log back to the records it covers."""
+        lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
+        covered = 0
+        if self.checkpoint_dir.exists():
+            parameter = next(self.model.parameters())
+            saved, _ = load_model(self.checkpoint_dir, device=parameter.device, dtype=parameter.dtype)
+            self.model.load_state_dict(saved.state_dict())
+            state = torch.load(self.checkpoint_dir / "optimizer.pt", map_location=parameter.device, weights_only=True)
             self.optimizer.load_state_dict(state["optimizer"])
-            self.step, self.log = state["step"], state["log"]
+            self.step, covered = state["step"], state["log_records"]
+        if len(lines) < covered:
+            raise ValueError(f"{self.log_path} has {len(lines)} records, fewer than the {covered} its checkpoint "
+                             "was written after")
+        self.log = [json.loads(line) for line in lines[:covered]]  # a record cut off by a crash is dropped too
+        temporary = self.log_path.with_suffix(".tmp")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        temporary.write_text("".join(json.dumps(record) + "\n" for record in self.log))
+        temporary.replace(self.log_path)
 
     def save_checkpoint(self) -> None:
+        def write(directory: Path) -> None:
+            save_model(self.model, directory, self.tokenizer)
+            torch.save(dict(optimizer=self.optimizer.state_dict(), step=self.step, log_records=len(self.log)),
+                       directory / "optimizer.pt")
+
+        replace_directory(self.checkpoint_dir, write)
+
+    def _record(self, record: dict) -> None:
+        self.log.append(record)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        temporary = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(), step=self.step,
-                        log=self.log, config=asdict(self.config)), temporary)
-        temporary.replace(self.checkpoint_path)
+        with self.log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
     # ------------------------------------------------------------------ training
 
@@ -152,21 +208,38 @@ class Trainer:
             p.requires_grad_(phase != "warmup" or id(p) in index_ids)
 
     def _set_lr(self, step: int) -> None:
+        """Warm-up: the base learning rates (only the Index Branch trains). LM update ``i``: a linear ramp over
+        ``lr_warmup_steps``, then a cosine down to ``min_lr_ratio``, over ``steps`` LM updates."""
         config = self.config
-        ramp = min(1.0, (step + 1) / max(1, config.lr_warmup_steps))
-        progress = step / max(1, config.steps)
-        decay = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        lm_step = step - config.warmup_steps
+        factor = 1.0
+        if lm_step >= 0:
+            ramp = min(1.0, (lm_step + 1) / max(1, config.lr_warmup_steps))
+            progress = lm_step / max(1, config.steps)
+            factor = ramp * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * ramp * decay
+            group["lr"] = base * factor
 
-    def _record(self, record: dict) -> None:
-        self.log.append(record)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with (self.out_dir / "log.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+    def _batch(self, step: int) -> torch.Tensor:
+        warmup_steps = self.config.warmup_steps
+        return self.warmup_batches(step) if step < warmup_steps else self.train_batches(step - warmup_steps)
+
+    def _evaluation_due(self) -> bool:
+        """After warm-up or LM update ``n`` of its phase: every ``eval_every`` updates and at the phase's end."""
+        config, step = self.config, self.step
+        if step <= config.warmup_steps:
+            return step % config.eval_every == 0 or step == config.warmup_steps
+        lm_steps = step - config.warmup_steps
+        return lm_steps % config.eval_every == 0 or lm_steps == config.steps
 
     def run(self) -> list[dict]:
-        """Train to ``config.steps`` (or ``max_seconds``); returns the log of evaluations."""
+        """Train to ``warmup_steps + steps`` updates (or ``max_seconds``); returns the log of evaluations.
+
+        Log records: ``step`` (updates done, warm-up included), ``lm_steps``
+        (LM updates done), ``phase``, the mean ``train_lm`` / ``train_kl``
+        losses since the last record, ``val_loss``, ``tokens_per_s``,
+        ``elapsed_s`` (this session's).
+        """
         config, model = self.config, self.model
         device = next(model.parameters()).device
         autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
@@ -177,13 +250,13 @@ class Trainer:
         columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                    TextColumn("{task.fields[status]}"), TimeElapsedColumn())
         with Progress(*columns) as progress:
-            task = progress.add_task(self.name, total=config.steps, completed=self.step, status="")
-            while self.step < config.steps:
+            task = progress.add_task(self.name, total=self.total_steps, completed=self.step, status="")
+            while not self.finished:
                 if phase != self.phase(self.step):
                     phase = self.phase(self.step)
                     self._enter(phase)
-                batch = self.train_batches(self.step).to(device)
                 self._set_lr(self.step)
+                batch = self._batch(self.step).to(device)
                 with torch.autocast(**autocast):
                     logits, kl = self.api(batch)
                 lm = lm_loss(logits, batch)
@@ -198,15 +271,16 @@ class Trainer:
                 progress.update(task, completed=self.step, status=f"{phase} lm {lm.item():.3f}"
                                 + (f" kl {kl.item():.3f}" if kl is not None else ""))
                 elapsed = time.monotonic() - start
-                done = self.step == config.steps or (config.max_seconds is not None and elapsed > config.max_seconds)
-                if self.step % config.eval_every == 0 or done:
-                    self._record(dict(step=self.step, phase=phase, train_lm=lm_sum / n_sum, train_kl=kl_sum / n_sum,
+                stop = self.finished or (config.max_seconds is not None and elapsed > config.max_seconds)
+                if self._evaluation_due() or stop:
+                    self._record(dict(step=self.step, lm_steps=max(0, self.step - config.warmup_steps), phase=phase,
+                                      train_lm=lm_sum / n_sum, train_kl=kl_sum / n_sum,
                                       val_loss=evaluate(model, self.eval_batches, config.bf16),
                                       tokens_per_s=tokens / elapsed, elapsed_s=elapsed))
                     lm_sum, kl_sum, n_sum = 0.0, 0.0, 0
-                if done or time.monotonic() - last_checkpoint > config.checkpoint_every_s:
+                if stop or time.monotonic() - last_checkpoint > config.checkpoint_every_s:
                     self.save_checkpoint()
                     last_checkpoint = time.monotonic()
-                if done:
+                if stop:
                     break
         return self.log
