@@ -1,4 +1,7 @@
-"""Every Python code block of README.md runs as written (on the GPU when there is one, else on the CPU).
+"""Every code block of README.md runs as written (on the GPU when there is one, else on the CPU).
+
+Python blocks, and the ``msa`` commands of the shell blocks (the first shell
+block, ``make bench`` / ``make test``, is what CI itself runs).
 
 Blocks run in order in one namespace, in an empty working directory, as a
 reader pasting them into one session would. The namespace starts with what
@@ -7,19 +10,25 @@ small dense Llama (a hub name in real use).
 """
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 
+from msa.cli import main
+
 transformers = pytest.importorskip("transformers")
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+SHELL_BLOCKS = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.DOTALL)
+COMMANDS = [line.split("#")[0].strip() for block in SHELL_BLOCKS for line in block.splitlines()
+            if line.startswith("msa ")]
 
 
 def test_the_readme_has_code_blocks():
-    assert len(BLOCKS) >= 3
+    assert len(BLOCKS) >= 3 and len(COMMANDS) >= 2
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +45,9 @@ def namespace(tmp_path_factory):
 def test_readme_block_runs(namespace, index, monkeypatch):
     monkeypatch.chdir(namespace["__working_directory__"])
     exec(compile(BLOCKS[index], f"README.md python block {index + 1}", "exec"), namespace)
+
+
+def test_readme_commands_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command in COMMANDS:
+        assert main(shlex.split(command)[1:]) == 0, command
