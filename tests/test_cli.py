@@ -281,8 +281,8 @@ def test_train_needs_a_tokenizer_for_a_checkpoint_without_one(hf_checkpoint, tmp
 
 
 BAD_TRAIN_ARGUMENTS = [
-    (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
-    (["--steps", "-5"], "argument --steps: expected a positive integer, got '-5'"),
+    (["--steps", "0", "--warmup-steps", "0"], "--steps 0 trains nothing without --warmup-steps"),
+    (["--steps", "-5"], "argument --steps: expected a non-negative integer, got '-5'"),
     (["--warmup-steps", "-1"], "argument --warmup-steps: expected a non-negative integer, got '-1'"),
     (["--seq-len", "0"], "argument --seq-len: expected a positive integer"),
     (["--batch-size", "0"], "argument --batch-size: expected a positive integer"),
@@ -427,3 +427,13 @@ def test_generate_refuses_a_prompt_for_a_model_without_a_tokenizer(hf_checkpoint
         main(["generate", "--model", str(bare), "--chunk-size", "64"])
     assert "--chunk-size sets up msa.inference.Generator" in capsys.readouterr().err
     assert main(["generate", "--model", str(bare), "--prompt-len", "20", "--new-tokens", "3"]) == 0  # dense HF
+
+
+def test_a_warm_up_only_run_saves_the_converted_model_for_a_continuation(tmp_path):
+    """--steps 0: the indexer warm-up alone (the training-free conversion); --init of its model continues it."""
+    warmup = tmp_path / "warmup"
+    assert main(train_args(warmup, "--steps", "0", "--warmup-steps", "3", "--eval-every", "3")) == 0
+    assert [r["phase"] for r in read_log(warmup)] == ["warmup"]
+    continued = tmp_path / "continued"
+    assert main(train_args(continued, "--init", str(warmup / "model"), "--warmup-steps", "0")) == 0
+    assert [r["phase"] for r in read_log(continued)] == ["sparse", "sparse"]

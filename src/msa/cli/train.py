@@ -103,8 +103,9 @@ def add_parser(commands) -> None:
                        help="the KL loss's support: the top KL_TOPK blocks, >= --topk (default: the selected ones)")
     model.add_argument("--fp8-index", action="store_true", help="rank blocks with FP8 index vectors (msa.fp8)")
     recipe = parser.add_argument_group("recipe (msa.training.RecipeConfig)")
-    recipe.add_argument("--steps", type=arguments.positive_int, default=60,
-                        help="LM updates (the same for --dense and MSA runs)")
+    recipe.add_argument("--steps", type=arguments.non_negative_int, default=60,
+                        help="LM updates (the same for --dense and MSA runs; 0: a warm-up-only run, the training-free "
+                             "conversion)")
     recipe.add_argument("--warmup-steps", type=arguments.non_negative_int, default=None,
                         help=f"indexer warm-up updates before them (default: {MSA_DEFAULTS['warmup_steps']}; "
                              "MSA only)")
@@ -156,6 +157,8 @@ def _check_arguments(args) -> None:
             args.error(f"--hidden ({args.hidden}) must be --heads ({args.heads}) times an even head size")
     if args.warmup_steps is None:
         args.warmup_steps = 0 if args.dense else MSA_DEFAULTS["warmup_steps"]
+    if args.steps == 0 and args.warmup_steps == 0:
+        args.error("--steps 0 trains nothing without --warmup-steps (a warm-up-only run needs warm-up steps)")
     topk = args.topk if args.topk is not None else MSA_DEFAULTS["topk"]
     if args.kl_topk is not None and args.kl_topk < topk:
         args.error(f"--kl-topk ({args.kl_topk}) must be >= --topk ({topk})")
