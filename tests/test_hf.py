@@ -11,6 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import msa  # noqa: E402
 from msa.integrations import hf  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -160,7 +161,8 @@ try:
 except ValueError as error:
     print("refused:", error)
 else:
-    print("loaded:", type(model).__name__, sorted(name for name, _ in model.named_parameters() if "msa_index" in name)[0])
+    index_weights = sorted(name for name, _ in model.named_parameters() if "msa_index" in name)
+    print("loaded:", type(model).__name__, index_weights[0])
 """
 
 
@@ -219,3 +221,21 @@ def test_convert_refuses_what_msa_layers_cannot_honour(family, settings, message
     with pytest.raises(ValueError, match=message):
         hf.convert(model, block_size=16, topk=2)
     hf.convert(model, block_size=16, topk=2, layers=[0]) if family == "qwen2" else None
+
+
+def test_a_selector_replaces_the_index_branch_selection():
+    """With the Index Branch's own choice as the selector, nothing changes; with the local block alone, the
+    attention reads only it."""
+    model = hf.convert(small_model(), block_size=16, topk=2, layers=[1])
+    branch = hf.msa_layers(model)[0]
+    ids = torch.randint(0, 64, (1, 80), device=DEVICE)
+    reference = model(ids).logits
+    branch.selector = lambda q, k, index_q, index_k: msa.select_blocks(index_q, index_k, block_size=16, topk=2)
+    assert torch.equal(model(ids).logits, reference)
+    local = (torch.arange(80, device=DEVICE) // 16).int().view(1, 80, 1, 1).expand(1, 80, 2, 1)  # own block only
+    branch.selector = lambda q, k, index_q, index_k: local
+    branch.record_block_indices = True
+    local_logits = model(ids).logits
+    assert torch.equal(branch.block_indices, local) and not torch.allclose(local_logits, reference, atol=TOL)
+    with pytest.raises(ValueError, match="whole sequences"):
+        model.generate(ids[:, :40], max_new_tokens=2, do_sample=False)

@@ -37,13 +37,14 @@ from msa.fp8 import FP8_DTYPE, FP8_NAME, index_dtype_from_name, rounded
 from msa.integrations.hf.cache import MSACache
 from msa.nn.attention import MODES, check_kl_topk, msa_attention
 from msa.nn.rotary import apply_rotary
+from msa.ops import sparse_attention
 from msa.ops.block_gather import compute_dtype
 from msa.reference import msa_attention_suffix
 
 ATTENTION = "msa"
 FAMILIES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 MODELING_FILE = "modeling_msa.py"
-MODELING_SOURCE = '''"""Loads this MSA checkpoint with transformers' Auto classes (trust_remote_code=True); needs `pip install msa`."""
+MODELING_SOURCE = '''"""This MSA checkpoint's classes for transformers' Auto classes (trust_remote_code=True); needs msa."""
 from msa.integrations.hf import msa_classes
 
 {config}, {model} = msa_classes("{base}")
@@ -63,6 +64,9 @@ class IndexBranch(nn.Module):
         self.index_q_proj = nn.Linear(hidden_size, num_kv_heads * index_head_dim, bias=False)
         self.index_k_proj = nn.Linear(hidden_size, index_head_dim, bias=False)
         self.compute_kl_loss: bool | None = None  # None: while training
+        # an evaluation-time selection in place of the Index Branch's (ablations, oracles):
+        # selector(q, k, index_q, index_k) -> int32 block_indices [B, S, G, topk] on whole sequences; no KL loss
+        self.selector = None
         self.record_block_indices = False
         self.kl_loss: torch.Tensor | None = None  # the last forward's, read by :func:`kl_loss`
         self.block_indices: torch.Tensor | None = None  # the last forward's, when recorded
@@ -316,6 +320,9 @@ def msa_attention_forward(module, query, key, value, attention_mask, dropout: fl
     if branch is None:
         return _dense_attention(module, query, key, value, scaling, **kwargs)
     index_q, index_k, cache = branch.take_inputs()
+    if branch.selector is not None and (isinstance(cache, MSACache) or query.shape[2] != key.shape[2]):
+        raise ValueError(f"MSA layer {module.layer_idx}: an Index Branch selector takes whole sequences (no KV "
+                         "cache, no generate())")
     if isinstance(cache, MSACache):
         out, block_indices = cache.attend(module.layer_idx, query, key, value, index_q, index_k, scaling)
     elif index_k.shape[1] != key.shape[2]:
@@ -332,6 +339,10 @@ def _msa_attention(branch, module, query, key, value, index_q, index_k, scaling)
     # one dtype for the kernels: under autocast the family's RoPE may leave q, k in float32 and v in bf16
     q, k, v = (x.transpose(1, 2).to(value.dtype) for x in (query, key, value))  # [B, S, H, D]
     index_q, index_k = index_q.to(value.dtype), index_k.to(value.dtype)
+    if branch.selector is not None:
+        block_indices = branch.selector(q, k, index_q, index_k)
+        out = sparse_attention(q, k, v, block_indices, block_size=branch.block_size, softmax_scale=scaling)
+        return out, block_indices
     if q.shape[1] == k.shape[1]:  # the whole sequence: the fast ops (training, prefill)
         compute_kl = module.training if branch.compute_kl_loss is None else branch.compute_kl_loss
         out, branch.kl_loss, block_indices = msa_attention(
