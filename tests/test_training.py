@@ -115,6 +115,18 @@ def test_lm_updates_see_the_same_batches_and_learning_rates_with_or_without_a_wa
     assert len({call[2] for call in seen["without"]}) == 4  # (a schedule, not a constant)
 
 
+def test_the_kl_loss_never_shrinks_an_lm_update(tmp_path):
+    """Gradients are clipped per parameter group: however large the KL loss, the model weights take the same
+    LM step (the KL gradient reaches only the Index Branch, and its norm clips only that group)."""
+    weights = {}
+    for kl_weight in (0.0, 1e6):
+        run = trainer(tmp_path, steps=1, warmup_steps=0, name=f"kl{kl_weight}")
+        run.config.kl_weight, run.config.grad_clip = kl_weight, 1e-3  # every group's norm is clipped
+        run.run()
+        weights[kl_weight] = {n: p for n, p in snapshot(run.model).items() if ".index_" not in n}
+    assert all(torch.equal(weights[0.0][n], weights[1e6][n]) for n in weights[0.0])
+
+
 def test_a_run_cut_off_resumes_where_its_checkpoint_is_and_its_log_has_no_duplicates(tmp_path):
     whole = trainer(tmp_path, steps=6, warmup_steps=2, name="whole")
     whole.run()

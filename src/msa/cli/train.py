@@ -5,8 +5,9 @@ Hugging Face Llama (``--arch llama``), or ``--init``: a Hugging Face
 Llama/Qwen2/Qwen3/Mistral-family causal LM directory (dense: converted to
 MSA; already MSA: trained on, its Index Branch included), a model directory
 this command wrote, or a ``.gguf`` file (needs the ``gguf`` package);
-``--init`` loads in float32 on a CPU, bfloat16 on CUDA. ``--dense`` trains
-without MSA: the baseline, which sees the same LM batches as an MSA run.
+``--init`` loads in float32, the master weights (on CUDA the steps compute
+under bf16 autocast). ``--dense`` trains without MSA: the baseline, which
+sees the same LM batches as an MSA run.
 
 Tokens: ``--init``'s own tokenizer, or ``--tokenizer`` (a tokenizer.json or a
 directory ``AutoTokenizer`` loads, local files only); bytes (vocabulary 256)
@@ -223,8 +224,9 @@ def _new_model(args, vocab_size: int) -> torch.nn.Module:
 
 
 def _load_init(args, device: torch.device) -> tuple[torch.nn.Module, Tokenizer | None]:
-    """``--init``'s model (float32 on a CPU, bfloat16 on CUDA) and its own tokenizer (None if it has none)."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    """``--init``'s model in float32 (the master weights; CUDA runs compute under bf16 autocast) and its own
+    tokenizer (None if it has none)."""
+    dtype = torch.float32
     if args.init.suffix != ".gguf":
         return load_model(args.init, device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM

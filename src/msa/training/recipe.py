@@ -50,7 +50,7 @@ class RecipeConfig:
     lr_warmup_steps: int = 50  # LM schedule: linear ramp over these LM updates, then a cosine
     min_lr_ratio: float = 0.1  # cosine decay down to lr * min_lr_ratio at the last LM update
     weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # the norm each parameter group (model weights, Index Branch) is clipped to
     eval_every: int = 100  # updates between evaluations (counted within each phase; and at each phase's end)
     checkpoint_every_s: float = 120.0
     max_seconds: float | None = None  # stop (after a checkpoint) when this much time has passed
@@ -263,7 +263,8 @@ class Trainer:
                 loss = kl if phase == "warmup" else lm + (config.kl_weight * kl if kl is not None else 0.0)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
+                for group in self.optimizer.param_groups:  # apart: the KL gradients never shrink an LM update
+                    nn.utils.clip_grad_norm_([p for p in group["params"] if p.grad is not None], config.grad_clip)
                 self.optimizer.step()
                 self.step += 1
                 tokens += batch.numel()
