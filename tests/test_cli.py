@@ -434,6 +434,7 @@ def test_a_warm_up_only_run_saves_the_converted_model_for_a_continuation(tmp_pat
     warmup = tmp_path / "warmup"
     assert main(train_args(warmup, "--steps", "0", "--warmup-steps", "3", "--eval-every", "3")) == 0
     assert [r["phase"] for r in read_log(warmup)] == ["warmup"]
+    assert json.loads((warmup / "model" / "config.json").read_text())["mode"] == "sparse"  # the converted model
     continued = tmp_path / "continued"
     assert main(train_args(continued, "--init", str(warmup / "model"), "--warmup-steps", "0")) == 0
     assert [r["phase"] for r in read_log(continued)] == ["sparse", "sparse"]

@@ -79,7 +79,7 @@ def test_warmup_trains_only_the_index_branch_then_everything_trains(tmp_path):
     before = snapshot(run.model)
     run.run()
     after_warmup = snapshot(run.model)
-    assert run.step == 3 and run.model.layers[0].attention.mode == "dense"
+    assert run.step == 3 and run.model.layers[0].attention.mode == "sparse"  # a finished run: the MSA model
     for name in before:
         assert torch.equal(before[name], after_warmup[name]) != (".index_" in name), name
     run.config.steps = 3

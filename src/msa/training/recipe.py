@@ -284,4 +284,6 @@ class Trainer:
                     last_checkpoint = time.monotonic()
                 if stop:
                     break
+        if self.finished:  # what the run trained: an MSA model attends sparsely, a warm-up-only run's too
+            self._enter(self.phase(self.total_steps))
         return self.log
