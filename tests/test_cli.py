@@ -326,12 +326,13 @@ def test_train_rejects_bad_arguments_before_training(tmp_path, capsys, options, 
     assert not (tmp_path / "run").exists()  # nothing ran
 
 
-def test_train_from_gguf_needs_the_gguf_package(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "gguf", None)  # not installed
+@pytest.mark.parametrize("package", ["gguf", "accelerate"])
+def test_train_from_gguf_needs_the_gguf_and_accelerate_packages(tmp_path, capsys, monkeypatch, package):
+    monkeypatch.setitem(sys.modules, package, None)  # not installed
     (tmp_path / "model.gguf").write_bytes(b"GGUF\0")
     with pytest.raises(SystemExit):
         main(["train", "--init", str(tmp_path / "model.gguf"), "--out", str(tmp_path / "run")])
-    assert "needs the gguf package (pip install gguf)" in capsys.readouterr().err
+    assert f"needs the {package} package (pip install {package})" in capsys.readouterr().err
 
 
 def write_tiny_llama_gguf(path, tokenizer_json):

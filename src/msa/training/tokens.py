@@ -102,9 +102,11 @@ def load_saved_tokenizer(directory: str | Path) -> Tokenizer | None:
 
 
 def require_gguf(path: Path) -> None:
-    """Loading a ``.gguf`` file needs the optional ``gguf`` package."""
-    if importlib.util.find_spec("gguf") is None:
-        raise ValueError(f"{path}: loading a GGUF file needs the gguf package (pip install gguf)")
+    """Loading a ``.gguf`` file needs the optional ``gguf`` and ``accelerate`` packages (transformers')."""
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"{path}: loading a GGUF file needs the {' and '.join(missing)} package"
+                         f"{'s' * (len(missing) > 1)} (pip install {' '.join(missing)})")
 
 
 def load_gguf_tokenizer(path: str | Path) -> HFTokenizer:
