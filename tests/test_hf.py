@@ -135,7 +135,8 @@ def test_save_pretrained_round_trip(tmp_path):
     assert hf.is_msa_checkpoint(tmp_path) and (tmp_path / "model.safetensors").exists()
     for loaded in (hf.from_pretrained(tmp_path), transformers.AutoModelForCausalLM.from_pretrained(tmp_path)):
         loaded = loaded.to(DEVICE).eval()
-        assert type(loaded).__name__ == "MSALlamaForCausalLM" and loaded.config.model_type == "msa_llama"
+        assert type(loaded) is type(model) is hf.msa_classes("LlamaForCausalLM")[1]  # one class per family
+        assert loaded.config.model_type == "msa_llama"
         assert loaded.config.msa["layers"] == [0] and [b.kl_topk for b in hf.msa_layers(loaded)] == [3]
         assert [b.index_dtype for b in hf.msa_layers(loaded)] == [torch.float8_e4m3fn]
         assert torch.equal(loaded(ids).logits, model(ids).logits)

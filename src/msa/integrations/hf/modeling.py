@@ -187,11 +187,15 @@ class _MSACausalLM:
             config=config_class.__name__, model=model_class.__name__, base=model_class._msa_base))
 
 
-@cache
 def msa_classes(base: str | type) -> tuple[type, type]:
     """``(config class, model class)``: the MSA subclasses of a transformers causal LM class (or its name),
-    registered with ``AutoConfig`` / ``AutoModelForCausalLM`` under the model type ``msa_<family>``."""
-    base = getattr(transformers, base) if isinstance(base, str) else base
+    registered with ``AutoConfig`` / ``AutoModelForCausalLM`` under the model type ``msa_<family>``; one pair
+    per family, however it is named."""
+    return _msa_classes(getattr(transformers, base) if isinstance(base, str) else base)
+
+
+@cache
+def _msa_classes(base: type) -> tuple[type, type]:
     if issubclass(base, _MSACausalLM):
         return base.config_class, base
     config_class = type(f"MSA{base.config_class.__name__}", (base.config_class,),
