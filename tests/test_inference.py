@@ -14,7 +14,7 @@ import torch
 
 import msa
 from helpers import assert_selection_matches, poison_allocations, rand_inputs, rel_err
-from msa.inference import PagedKVCache, PagedSparseAttention
+from msa.inference import DenseKVAttention, PagedKVCache, PagedSparseAttention
 from msa.inference.generate import Generator
 from msa.nn import MSAConfig, MSATransformer
 
@@ -212,6 +212,18 @@ def test_long_chunks_run_in_bounded_score_parts(backend):
     shape, dtype = SHAPES[0], DTYPES[0]
     _, outs, blocks, _ = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=41)
     _, part_outs, part_blocks, _ = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=41, score_workspace_bytes=1)
+    for out, part_out, selected, part_selected in zip(outs, part_outs, blocks, part_blocks):
+        assert torch.equal(selected, part_selected)
+        assert rel_err(part_out, out) < 1e-6
+
+
+def test_torch_path_runs_long_chunks_in_query_parts(monkeypatch):
+    """The PyTorch path bounds each chunk's index logits and gathered keys by running its queries in parts."""
+    monkeypatch.setenv("MSA_BACKEND", "torch")
+    shape, dtype = SHAPES[0], DTYPES[0]
+    _, outs, blocks, _ = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=42)
+    monkeypatch.setattr(msa.inference.paged_torch, "_CHUNK_ELEMENTS", 1)  # one query per part
+    _, part_outs, part_blocks, _ = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=42)
     for out, part_out, selected, part_selected in zip(outs, part_outs, blocks, part_blocks):
         assert torch.equal(selected, part_selected)
         assert rel_err(part_out, out) < 1e-6
@@ -422,6 +434,41 @@ def test_generator_logits_match_a_full_recompute(backend_name, index_dtype, monk
         full = model(torch.tensor(prompt + tokens[:-1], device=DEVICE)[None], compute_kl_loss=False)[0][0]
     assert rel_err(logits, full[len(prompt) - 1:]) < 1e-4
     assert tokens == full[len(prompt) - 1:].argmax(-1).tolist()
+
+
+def test_dense_generator_matches_the_dense_model():
+    """The baseline: dense attention over a contiguous cache, chunked prefill and decode = the model in dense mode."""
+    config = MSAConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                       intermediate_size=128, index_head_dim=16, block_size=16, topk=3, mode="dense")
+    torch.manual_seed(0)
+    model = MSATransformer(config).to(DEVICE).eval()
+    prompt = torch.randint(0, config.vocab_size, (150,)).tolist()
+    generator = Generator(model, max_seq_len=200, chunk_size=64, dense=True)
+    assert not generator.cuda_graphs
+    tokens, logits = generator.generate(prompt, max_new_tokens=6)
+    with torch.no_grad():
+        full = model(torch.tensor(prompt + tokens[:-1], device=DEVICE)[None], compute_kl_loss=False)[0][0]
+    assert rel_err(logits, full[len(prompt) - 1:]) < 1e-4
+    assert tokens == full[len(prompt) - 1:].argmax(-1).tolist()
+    with pytest.raises(ValueError, match="cuda_graphs=True needs"):
+        Generator(model, dense=True, cuda_graphs=True)
+
+
+def test_dense_attention_checks_its_requests():
+    attention = DenseKVAttention(num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, max_requests=1,
+                                 max_seq_len=10, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="plan"):
+        attention.run(0, *(torch.zeros(1, h, 8) for h in (4, 2, 2, 2, 1)))
+    request = attention.add_request()
+    with pytest.raises(RuntimeError, match="request slots are in use"):
+        attention.add_request()
+    with pytest.raises(ValueError, match="more than max_seq_len"):
+        attention.plan([request], [11])
+    with pytest.raises(ValueError, match="not an active request"):
+        attention.plan([request + 1], [1])
+    attention.free(request)
+    with pytest.raises(ValueError, match="not an active request"):
+        attention.free(request)
 
 
 def test_pages_allocated_at_admission_are_used_first():

@@ -160,3 +160,119 @@ def test_index_kl_loss_rejects_mismatched_index_heads():
     t = _valid()
     with pytest.raises(ValueError, match="index_q must have shape"):
         msa.index_kl_loss(t["q"], t["k"], t["index_q"][..., :1, :], t["index_k"], t["blocks"], block_size=4)
+
+
+# --------------------------------------------------------------------------- the PyTorch path (CPU): every boundary
+
+@pytest.fixture(params=["default", "tiny"])
+def cpu_chunking(request, monkeypatch):
+    """The CPU path as shipped, and with chunks of a few queries, batches of one or two tiles and tiles of a few
+    pairs, so that the merges across chunks, batches, tiles and key chunks of the selection are all exercised."""
+    from msa.ops import block_outer, block_select
+    if request.param == "tiny":
+        monkeypatch.setattr(block_outer, "_CHUNK_PAIRS", 40)
+        monkeypatch.setattr(block_outer, "_FORWARD_ELEMENTS", 300)
+        monkeypatch.setattr(block_outer, "_BATCH_ELEMENTS", 100)
+        monkeypatch.setattr(block_outer, "_TILE_ROWS", 4)
+        monkeypatch.setattr(block_select, "_QUERY_CHUNK", 5)
+        monkeypatch.setattr(block_select, "_LOGIT_ELEMENTS", 64)
+    return request.param
+
+
+def crowded_blocks(seqlens, groups, block_size, topk, seed):
+    """int32 ``[T, G, topk]`` lists, distinct, for packed sequences: block 0 listed by almost every query, block 1
+    by none, some blocks wholly after the query, ``-1`` slots anywhere."""
+    gen = torch.Generator().manual_seed(seed)
+    lists = []
+    for seqlen in seqlens:
+        n_blocks = math.ceil(seqlen / block_size)
+        scores = torch.rand(seqlen, groups, n_blocks + topk, generator=gen)  # the extra columns stand for -1
+        scores[..., 0] += 1.0
+        if n_blocks > 1:
+            scores[..., 1] = -1.0
+        picked = scores.topk(topk, dim=-1).indices
+        lists.append(torch.where((picked < n_blocks) & (picked != 1), picked, -1))
+    return torch.cat(lists).int()
+
+
+@pytest.mark.parametrize("seqlens, heads, groups, block_size, topk", [
+    ([37, 0, 64, 5], 6, 3, 8, 4),  # odd lengths, an empty sequence, GQA groups of 2 heads
+    ([45], 4, 1, 4, 3),            # one group of 4 heads
+    ([19, 30], 2, 2, 16, 6),       # topk above the number of blocks
+])
+def test_cpu_path_matches_reference_on_any_block_lists(cpu_chunking, seqlens, heads, groups, block_size, topk):
+    q, k, v, index_q, index_k = (x[0] for x in rand_inputs(1, sum(seqlens), heads, groups, 5, 3, seed=21))
+    cu_seqlens = cu_seqlens_of(seqlens)
+    blocks = crowded_blocks(seqlens, groups, block_size, topk, seed=22)
+    varlen = dict(block_size=block_size, cu_seqlens=cu_seqlens)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, index_q, index_k)]
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v, index_q, index_k)]
+
+    out, lse = msa.sparse_attention(*leaves[:3], blocks, return_lse=True, **varlen)
+    ref_out, ref_lse = msa.reference.sparse_attention(*ref_leaves[:3], blocks, return_lse=True, **varlen)
+    assert rel_err(out, ref_out) < 1e-12
+    assert torch.equal(lse == -math.inf, ref_lse == -math.inf), "rows that see no key"
+    seen = ref_lse > -math.inf
+    assert rel_err(lse[seen], ref_lse[seen]) < 1e-6  # returned in float32
+    grad_out = torch.randn_like(out)
+    for grad, ref in zip(torch.autograd.grad(out, leaves[:3], grad_out),
+                         torch.autograd.grad(ref_out, ref_leaves[:3], grad_out)):
+        assert rel_err(grad, ref) < 1e-12
+
+    kl = msa.index_kl_loss(*leaves[:2], *leaves[3:], blocks, **varlen)
+    ref_kl = msa.reference.index_kl_loss(*ref_leaves[:2], *ref_leaves[3:], blocks, **varlen)
+    assert rel_err(kl, ref_kl) < 1e-12
+    for grad, ref in zip(torch.autograd.grad(kl, leaves[3:]), torch.autograd.grad(ref_kl, ref_leaves[3:])):
+        assert rel_err(grad, ref) < 1e-12
+
+
+@pytest.mark.parametrize("index_dtype, ties", [(None, False), (None, True), (torch.float8_e4m3fn, False)])
+def test_cpu_selection_equals_reference_rows_and_order(cpu_chunking, index_dtype, ties):
+    seqlens = [300, 1, 77]
+    *_, index_q, index_k = (x[0] for x in rand_inputs(1, sum(seqlens), 2, 2, 2, 8, dtype=torch.float32, seed=23))
+    if ties:  # small integers (exact logits in any summation order), every key block a copy of the first
+        index_q, index_k = index_q.round(), index_k[:8].round().repeat(math.ceil(sum(seqlens) / 8), 1, 1)
+        index_k = index_k[:sum(seqlens)]
+    cu_seqlens = cu_seqlens_of(seqlens)
+    size = dict(block_size=8, topk=5, cu_seqlens=cu_seqlens, index_dtype=index_dtype)
+    blocks, lse = msa.select_blocks(index_q, index_k, return_lse=True, **size)
+    ref_blocks, ref_lse = msa.reference.select_blocks(index_q, index_k, return_lse=True, **size)
+    assert torch.equal(blocks, ref_blocks), "the same blocks in the same slots"
+    assert rel_err(lse, ref_lse) < 1e-6
+
+
+def test_cpu_path_gradcheck_varlen(cpu_chunking):
+    seqlens = [9, 0, 6]
+    q, k, v, index_q, index_k = (x[0] for x in rand_inputs(1, sum(seqlens), 4, 2, 2, 2, seed=24))
+    blocks = crowded_blocks(seqlens, 2, 2, 3, seed=25)
+    varlen = dict(block_size=2, cu_seqlens=cu_seqlens_of(seqlens))
+    assert torch.autograd.gradcheck(lambda q, k, v: msa.sparse_attention(q, k, v, blocks, **varlen),
+                                    tuple(x.requires_grad_() for x in (q, k, v)))
+    assert torch.autograd.gradcheck(lambda iq, ik: msa.index_kl_loss(q.detach(), k.detach(), iq, ik, blocks, **varlen),
+                                    tuple(x.requires_grad_() for x in (index_q, index_k)))
+
+
+def test_cpu_index_kl_loss_with_main_lse_in_float32():
+    q, k, v, index_q, index_k = rand_inputs(2, 150, 4, 2, 16, 8, dtype=torch.float32, seed=26)
+    blocks = selection(index_q, index_k)
+    _, main_lse = msa.sparse_attention(q, k, v, blocks, block_size=16, return_lse=True)
+    leaves = [x.clone().requires_grad_() for x in (index_q, index_k)]
+    kl = msa.index_kl_loss(q, k, *leaves, blocks, block_size=16, main_lse=main_lse)
+    iq64, ik64 = (x.double().requires_grad_() for x in (index_q, index_k))
+    ref = msa.reference.index_kl_loss(q.double(), k.double(), iq64, ik64, blocks, block_size=16)
+    assert rel_err(kl, ref) < 1e-5
+    for grad, ref_grad in zip(torch.autograd.grad(kl, leaves), torch.autograd.grad(ref, (iq64, ik64))):
+        assert rel_err(grad, ref_grad) < 1e-5
+
+
+def test_cpu_path_is_deterministic():
+    q, k, v, index_q, index_k = rand_inputs(1, 500, 4, 2, 16, 8, dtype=torch.float32, seed=27)
+    blocks = selection(index_q, index_k)
+
+    def grads():
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, index_q, index_k)]
+        out, lse = msa.sparse_attention(*leaves[:3], blocks, block_size=16, return_lse=True)
+        kl = msa.index_kl_loss(*leaves[:2], *leaves[3:], blocks, block_size=16, main_lse=lse)
+        return torch.autograd.grad(out.square().sum() + kl, leaves)
+
+    assert all(torch.equal(a, b) for a, b in zip(grads(), grads()))

@@ -22,10 +22,12 @@ from rich.table import Table
 import msa
 from msa.cli import arguments
 from msa.cli.timing import median_ms
+from msa.ops.backend import unsupported_reason, use_triton
 
-# Defaults: a small problem that runs in seconds on a CPU, the paper's layer on a GPU.
-CPU_DEFAULTS = dict(seqlens=[1024, 2048, 4096], heads=8, kv_heads=2, head_dim=64, index_head_dim=64, block_size=64,
-                    topk=8, dtype="float32")
+# Defaults: on a CPU, a small layer at lengths that run in about a minute on 2 cores and show where MSA wins
+# (benchmarks/results/2026-12-04-cpu-100-pytorch-path); the paper's layer on a GPU.
+CPU_DEFAULTS = dict(seqlens=[4096, 8192, 16384], heads=8, kv_heads=2, head_dim=64, index_head_dim=64,
+                    block_size=64, topk=8, dtype="float32")
 GPU_DEFAULTS = dict(seqlens=[8192, 32768, 131072], heads=64, kv_heads=4, head_dim=128, index_head_dim=128,
                     block_size=128, topk=16, dtype="bfloat16")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -68,6 +70,16 @@ def _resolve(args) -> dict:
         args.error(f"--json must name a file, got the directory {str(args.json)!r}")
     config.update(device=device, batch=args.batch)
     return config
+
+
+def msa_path(config: dict) -> str:
+    """Which implementation the MSA ops run for ``config``: the Triton kernels or the PyTorch path."""
+    reason = unsupported_reason(dtype=DTYPES[config["dtype"]], head_dim=config["head_dim"],
+                                index_dim=config["index_head_dim"], block_size=config["block_size"],
+                                topk=config["topk"], heads_per_group=config["heads"] // config["kv_heads"])
+    if use_triton("sparse_attention", config["device"], reason):
+        return "Triton kernels"
+    return f"PyTorch {config['device'].type.upper()} path"
 
 
 def attended_fraction(block_indices: torch.Tensor, block_size: int) -> float:
@@ -144,9 +156,10 @@ def run(args) -> int:
             progress.advance(task)
 
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    path = msa_path(config)
     table = Table(title=f"MSA vs dense causal attention, forward ({device_name}, {config['dtype']}, B={batch}, "
                         f"Hq={heads}, G={groups}, D={config['head_dim']}, Di={config['index_head_dim']}, "
-                        f"block={block_size}, topk={topk})")
+                        f"block={block_size}, topk={topk})", caption=f"MSA ran the {path}")
     for column in ("seq len", "dense ms", "MSA ms", "speed-up", "keys attended", "rel err vs fp64", "same selection"):
         table.add_column(column, justify="right")
     for row in rows:
@@ -158,7 +171,7 @@ def run(args) -> int:
     if args.json is not None:
         record = {"benchmark": "msa bench", "device": device_name, "torch": torch.__version__,
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "commit": git_commit(), "config": {**config, "device": str(device)}, "rows": rows}
+                  "commit": git_commit(), "msa_path": path, "config": {**config, "device": str(device)}, "rows": rows}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2))
         console.print(f"wrote {args.json}")

@@ -11,7 +11,9 @@ the model, or ``--prompt-len`` random tokens.
 An :class:`MSATransformer` runs on :class:`msa.inference.Generator` (chunked
 prefill into the paged KV cache, one-token decode steps, CUDA graphs on a
 GPU); its logits are compared with a recompute of the whole sequence in one
-pass. A Hugging Face model runs ``model.generate`` (greedy); its tokens are
+pass. The same model then runs with dense attention over a contiguous KV
+cache (``Generator(dense=True)``, no CUDA graphs), checked the same way: the
+baseline its decode speed is quoted against. A Hugging Face model runs ``model.generate`` (greedy); its tokens are
 compared with greedy decoding by full forward passes, and its logits with
 theirs. The continuation is printed as text when there is a tokenizer.
 """
@@ -110,40 +112,58 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _generate_paged(model: MSATransformer, prompt: list[int], new_tokens: int, chunk_size: int,
-                    cuda_graphs: bool | None, device: torch.device, console: Console) -> dict:
-    """Prefill + decode on the paged KV cache, timed; logits compared with a one-pass recompute."""
+def _serve(model: MSATransformer, prompt: list[int], new_tokens: int, chunk_size: int, cuda_graphs: bool | None,
+           dense: bool, device: torch.device) -> dict:
+    """Prefill + greedy decode on a :class:`Generator`, timed; its logits compared with a one-pass recompute of the
+    model (in dense mode for ``dense``)."""
     prompt_len = len(prompt)
-    generator = Generator(model, max_seq_len=prompt_len + new_tokens, chunk_size=chunk_size, cuda_graphs=cuda_graphs)
-    with console.status(f"prefill {prompt_len} tokens + decode {new_tokens}"):
-        warm_up = generator.add_request()  # compiles the kernels outside the timings
-        generator.prefill(warm_up, prompt[:chunk_size])
-        generator.free(warm_up)
-        request = generator.add_request()
-        _synchronize(device)
+    generator = Generator(model, max_seq_len=prompt_len + new_tokens, chunk_size=chunk_size, cuda_graphs=cuda_graphs,
+                          dense=dense)
+    warm_up = generator.add_request()  # compiles the kernels outside the timings
+    generator.prefill(warm_up, prompt[:chunk_size])
+    generator.free(warm_up)
+    request = generator.add_request()
+    _synchronize(device)
+    start = time.perf_counter()
+    logits = [generator.prefill(request, prompt)]
+    _synchronize(device)
+    prefill_s = time.perf_counter() - start
+    tokens = [int(logits[0].argmax())]
+    decode_times = []
+    while len(tokens) < new_tokens:
         start = time.perf_counter()
-        logits = [generator.prefill(request, prompt)]
-        _synchronize(device)
-        prefill_s = time.perf_counter() - start
-        tokens = [int(logits[0].argmax())]
-        decode_times = []
-        while len(tokens) < new_tokens:
-            start = time.perf_counter()
-            logits.append(generator.step([request], [[tokens[-1]]])[-1])
-            tokens.append(int(logits[-1].argmax()))  # reads the logits: waits for the step
-            decode_times.append(time.perf_counter() - start)
-        generator.free(request)
-        logits = torch.stack(logits).float()
+        logits.append(generator.step([request], [[tokens[-1]]])[-1])
+        tokens.append(int(logits[-1].argmax()))  # reads the logits: waits for the step
+        decode_times.append(time.perf_counter() - start)
+    generator.free(request)
+    logits = torch.stack(logits).float()
 
-    with console.status("recompute the whole sequence in one pass"), torch.no_grad():
-        full = torch.tensor(prompt + tokens[:-1], device=device)[None]
-        reference = model(full, compute_kl_loss=False)[0][0, prompt_len - 1:].float()
+    mode = model.config.mode
+    model.set_mode("dense" if dense else "sparse")
+    try:
+        with torch.no_grad():
+            full = torch.tensor(prompt + tokens[:-1], device=device)[None]
+            reference = model(full, compute_kl_loss=False)[0][0, prompt_len - 1:].float()
+    finally:
+        model.set_mode(mode)
     # steady-state decode: skip the first steps (kernel compilation, graph capture)
     steady = sorted(decode_times[2:] or decode_times or [float("nan")])
-    return dict(model=model.config.to_dict(), chunk_size=chunk_size, cuda_graphs=generator.cuda_graphs,
-                prefill_s=prefill_s, decode_ms_per_token=1e3 * steady[len(steady) // 2],
+    return dict(cuda_graphs=generator.cuda_graphs, prefill_s=prefill_s,
+                decode_ms_per_token=1e3 * steady[len(steady) // 2],
                 logits_rel_err=((logits - reference).norm() / reference.norm()).item(),
                 same_argmax=(logits.argmax(-1) == reference.argmax(-1)).double().mean().item(), tokens=tokens)
+
+
+def _generate_paged(model: MSATransformer, prompt: list[int], new_tokens: int, chunk_size: int,
+                    cuda_graphs: bool | None, device: torch.device, console: Console) -> dict:
+    """MSA over the paged KV cache, then the same model with dense attention over a contiguous cache (the
+    baseline), each checked against its recompute."""
+    with console.status(f"MSA: prefill {len(prompt)} tokens + decode {new_tokens}"):
+        result = _serve(model, prompt, new_tokens, chunk_size, cuda_graphs, False, device)
+    with console.status(f"dense baseline: prefill {len(prompt)} tokens + decode {new_tokens}"):
+        dense = _serve(model, prompt, new_tokens, chunk_size, False, True, device)
+    return dict(model=model.config.to_dict(), chunk_size=chunk_size, **result,
+                dense={key: value for key, value in dense.items() if key != "cuda_graphs"})
 
 
 def _generate_hf(model, prompt: list[int], new_tokens: int, device: torch.device, console: Console) -> dict:
@@ -218,10 +238,15 @@ def run(args) -> int:
         index = ", FP8 index" if config.index_dtype else ""
         table = Table(title=f"msa generate ({result['device']}, {result['dtype']}{index}, {config.num_layers} layers, "
                             f"block {config.block_size} x topk {config.topk})")
-        for column in ("prompt", "prefill s", "decode ms/token", "logits rel err vs recompute", "same argmax"):
+        for column in ("attention", "prompt", "prefill s", "decode ms/token", "logits rel err vs recompute",
+                       "same argmax"):
             table.add_column(column, justify="right")
-        table.add_row(str(len(prompt)), f"{result['prefill_s']:.2f}", f"{result['decode_ms_per_token']:.2f}",
-                      f"{result['logits_rel_err']:.1e}", f"{100 * result['same_argmax']:.0f}%")
+        graphs = ", CUDA graphs" if result["cuda_graphs"] else ""
+        for name, row in ((f"MSA, paged cache{graphs}", result), ("dense, contiguous cache", result["dense"])):
+            table.add_row(name, str(len(prompt)), f"{row['prefill_s']:.2f}", f"{row['decode_ms_per_token']:.2f}",
+                          f"{row['logits_rel_err']:.1e}", f"{100 * row['same_argmax']:.0f}%")
+        table.caption = (f"decode: MSA {result['dense']['decode_ms_per_token'] / result['decode_ms_per_token']:.2f}x "
+                         "the speed of dense")
     else:
         table = Table(title=f"msa generate ({result['device']}, {result['dtype']}, {type(model).__name__}, "
                             "model.generate)")
@@ -240,10 +265,11 @@ def run(args) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-    if result["logits_rel_err"] > tolerance:
-        console.print(f"[red]generated logits differ from the recompute: {result['logits_rel_err']:.1e} > "
-                      f"{tolerance:.0e}[/red]")
-        return 1
+    for name, row in (("generated", result), ("dense baseline", result.get("dense"))):
+        if row is not None and row["logits_rel_err"] > tolerance:
+            console.print(f"[red]{name} logits differ from the recompute: {row['logits_rel_err']:.1e} > "
+                          f"{tolerance:.0e}[/red]")
+            return 1
     if not is_paged and result["greedy_first_difference"] is not None:
         console.print(f"[red]model.generate differs from greedy decoding by full forwards at token "
                       f"{result['greedy_first_difference']}[/red]")

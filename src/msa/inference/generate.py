@@ -16,29 +16,41 @@ from collections.abc import Sequence
 import torch
 
 from msa.inference.cache import PagedKVCache
+from msa.inference.dense_attention import DenseKVAttention
 from msa.inference.paged_attention import PagedSparseAttention
 from msa.nn.transformer import MSATransformer
 
 
 class Generator:
-    """Serves ``model`` for up to ``max_requests`` requests of at most ``max_seq_len`` tokens each."""
+    """Serves ``model`` for up to ``max_requests`` requests of at most ``max_seq_len`` tokens each.
+
+    ``dense=True`` serves it with dense attention over a contiguous KV cache
+    (:class:`DenseKVAttention`, no CUDA graphs) instead: the baseline.
+    """
 
     def __init__(self, model: MSATransformer, *, max_requests: int = 1, max_seq_len: int = 8192,
-                 chunk_size: int = 4096, cuda_graphs: bool | None = None):
+                 chunk_size: int = 4096, cuda_graphs: bool | None = None, dense: bool = False):
         config = model.config
         parameter = next(model.parameters())
         self.model, self.chunk_size = model, chunk_size
-        pages_per_request = math.ceil(max_seq_len / config.block_size)
-        self.cache = PagedKVCache(num_layers=config.num_layers, num_pages=max_requests * pages_per_request,
-                                  block_size=config.block_size, num_kv_heads=config.num_kv_heads,
-                                  head_dim=config.head_dim, index_head_dim=config.index_head_dim,
-                                  max_requests=max_requests, max_pages_per_request=pages_per_request,
-                                  dtype=parameter.dtype, index_dtype=config.index_torch_dtype,
-                                  device=parameter.device)
-        self.attention = PagedSparseAttention(self.cache, num_heads=config.num_heads, topk=config.topk)
+        if dense:
+            self.cache = self.attention = DenseKVAttention(
+                num_layers=config.num_layers, num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+                head_dim=config.head_dim, max_requests=max_requests, max_seq_len=max_seq_len, dtype=parameter.dtype,
+                device=parameter.device)
+        else:
+            pages_per_request = math.ceil(max_seq_len / config.block_size)
+            self.cache = PagedKVCache(num_layers=config.num_layers, num_pages=max_requests * pages_per_request,
+                                      block_size=config.block_size, num_kv_heads=config.num_kv_heads,
+                                      head_dim=config.head_dim, index_head_dim=config.index_head_dim,
+                                      max_requests=max_requests, max_pages_per_request=pages_per_request,
+                                      dtype=parameter.dtype, index_dtype=config.index_torch_dtype,
+                                      device=parameter.device)
+            self.attention = PagedSparseAttention(self.cache, num_heads=config.num_heads, topk=config.topk)
         capturable = parameter.is_cuda and self.attention.uses_kernels()
         if cuda_graphs and not capturable:
-            raise ValueError("cuda_graphs=True needs a CUDA model on the Triton path (MSA_BACKEND auto or triton)")
+            raise ValueError("cuda_graphs=True needs a CUDA model on the paged Triton path (MSA_BACKEND auto or "
+                             "triton, not dense=True)")
         self.cuda_graphs = capturable if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._graphs_version = -1

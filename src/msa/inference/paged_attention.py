@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from msa.inference.cache import PagedKVCache
-from msa.inference.naive import paged_attention_torch
+from msa.inference.paged_torch import paged_attention_torch
 from msa.ops.backend import unsupported_reason, use_triton
 
 
@@ -172,7 +172,8 @@ class PagedSparseAttention:
         if self.cache.device.type != "cuda" or max(self.q_lens) > 16:
             return 1
         programs = sum(math.ceil(n / wide) for n in self.q_lens) * self.cache.num_kv_heads
-        # measured: 32 programs on 132 SMs lose, 128 win (results 48)
+        # 8-token tiles lose at 32 programs on 132 SMs and win at 128
+        # (benchmarks/results/2026-11-23-h100-48-decode-attention-sweep)
         return wide if 2 * programs >= self._sm_count() else 1
 
     def _split(self) -> int:

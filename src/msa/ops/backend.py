@@ -70,3 +70,8 @@ def use_triton(op: str, device: torch.device, reason: str | None) -> bool:
                           stacklevel=3)
         return False
     return True
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs are computed in float32 on the PyTorch paths."""
+    return torch.promote_types(dtype, torch.float32)

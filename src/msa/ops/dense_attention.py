@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from msa import reference
-from msa.ops.block_gather import compute_dtype
+from msa.ops.backend import compute_dtype
 from msa.ops.checks import check_qkv, check_scale, make_layout
 
 

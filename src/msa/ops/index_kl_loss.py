@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from msa.ops import block_gather
-from msa.ops.backend import unsupported_reason, use_triton
+from msa.ops import block_outer
+from msa.ops.backend import compute_dtype, unsupported_reason, use_triton
 from msa.ops.checks import (
     check_block_indices, check_block_size, check_like, check_lse, check_qkv, check_scale, make_layout,
 )
@@ -117,7 +117,10 @@ def index_kl_loss(
         total = IndexKLFunction.apply(*(x.contiguous() for x in packed), layout.packed_cu_seqlens, layout.max_seqlen,
                                       block_size, scale, index_scale, main_lse, fused)
     else:
-        dtype = block_gather.compute_dtype(q.dtype)
-        total = block_gather.index_kl_sum(*(x.to(dtype) for x in packed[:4]), packed[4], layout.packed_cu_seqlens,
-                                          block_size, scale, index_scale)
+        dtype = compute_dtype(q.dtype)
+        with_grads = torch.is_grad_enabled() and (index_q.requires_grad or index_k.requires_grad)
+        # main_lse is float32: a float64 loss recomputes the teacher's LSE
+        teacher_lse = layout.pack(main_lse) if main_lse is not None and dtype == torch.float32 else None
+        total = block_outer.IndexKL.apply(*(x.to(dtype) for x in packed[:4]), packed[4], layout.packed_cu_seqlens,
+                                          block_size, scale, index_scale, teacher_lse, with_grads)
     return total / n_rows

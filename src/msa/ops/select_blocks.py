@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from msa import reference
 from msa.fp8 import FP8_DTYPE, check_index_dtype, quantize_rows
-from msa.ops.backend import unsupported_reason, use_triton
-from msa.ops.block_gather import compute_dtype
+from msa.ops import block_outer, block_select
+from msa.ops.backend import compute_dtype, unsupported_reason, use_triton
 from msa.ops.checks import check_block_size, check_int, check_like, check_scale, make_layout
 from msa.varlen import token_positions
 
@@ -59,10 +58,10 @@ def select_blocks(
     fp8 = index_dtype == FP8_DTYPE
     reason = unsupported_reason(dtype=index_q.dtype, index_dim=index_q.shape[-1], block_size=block_size, topk=topk,
                                 fp8_device=index_q.device if fp8 else None)
+    scale = index_q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     if use_triton("select_blocks", index_q.device, reason):
         from msa import kernels
 
-        scale = index_q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
         index_q, index_k = layout.pack(index_q).contiguous(), layout.pack(index_k).contiguous()
         cu_seqlens = layout.packed_cu_seqlens
         if fp8:
@@ -76,11 +75,13 @@ def select_blocks(
             lse = kernels.support_lse(index_q, index_k, block_indices, token_starts, block_size, scale)
     else:
         dtype = compute_dtype(index_q.dtype)
-        result = reference.select_blocks(
-            layout.pack(index_q).to(dtype), layout.pack(index_k).to(dtype), block_size=block_size, topk=topk,
-            softmax_scale=softmax_scale, cu_seqlens=layout.packed_cu_seqlens, return_lse=return_lse,
-            index_dtype=index_dtype)
-        block_indices, lse = result if return_lse else (result, None)
+        with torch.no_grad():  # the selection and its LSE are not differentiable
+            index_q, index_k = (layout.pack(x).to(dtype).contiguous() for x in (index_q, index_k))
+            block_indices = block_select.select_blocks(index_q, index_k, layout.packed_cu_seqlens, block_size, topk,
+                                                       scale, fp8)
+            if return_lse:
+                lse = block_outer.support_lse(index_q, index_k, block_indices, layout.packed_cu_seqlens, block_size,
+                                              scale)
     if not return_lse:
         return layout.unpack(block_indices)
     return layout.unpack(block_indices), layout.unpack(lse).float()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from msa.ops import block_gather
-from msa.ops.backend import unsupported_reason, use_triton
+from msa.ops import block_outer
+from msa.ops.backend import compute_dtype, unsupported_reason, use_triton
 from msa.ops.checks import check_block_indices, check_block_size, check_qkv, check_scale, make_layout
 from msa.varlen import token_positions
 
@@ -80,9 +80,9 @@ def sparse_attention(
         out, lse = SparseAttentionFunction.apply(*(x.contiguous() for x in packed), layout.packed_cu_seqlens,
                                                  layout.max_seqlen, block_size, scale)
     else:
-        dtype = block_gather.compute_dtype(q.dtype)
-        out, lse = block_gather.sparse_attention(*(x.to(dtype) for x in packed[:3]), packed[3],
-                                                 layout.packed_cu_seqlens, block_size, scale)
+        dtype = compute_dtype(q.dtype)
+        out, lse = block_outer.SparseAttention.apply(*(x.to(dtype) for x in packed[:3]), packed[3],
+                                                     layout.packed_cu_seqlens, block_size, scale)
     out = layout.unpack(out).to(q.dtype)
     if not return_lse:
         return out

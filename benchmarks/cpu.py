@@ -1,0 +1,169 @@
+"""CPU benchmark: MSA's PyTorch path against dense causal attention through SDPA, forward and training step.
+
+For each sequence length, on the ``msa bench`` CPU layer (Hq=8, G=2, D=Di=64,
+block 64, topk 8, float32, B=1, random inputs) and in the same process:
+
+- MSA forward: ``select_blocks`` + ``sparse_attention``;
+- MSA training step: the selection (no gradient), ``sparse_attention``
+  forward + backward and ``index_kl_loss`` (given the attention's LSE) with
+  its gradients, as ``msa.nn`` trains;
+- dense: ``scaled_dot_product_attention`` causal (``msa.dense_attention``),
+  forward, and forward + backward;
+- the parts of the MSA step (selection, attention forward, attention forward +
+  backward, KL loss + gradients), to show where the time goes.
+
+Each time is the median of ``--repeats`` runs after ``--warmup``. Writes
+``cpu.json`` under ``--out``: the machine (``platform``,
+``torch.__config__.parallel_info()``), date, commit, command and rows.
+
+    PYTHONPATH=src python benchmarks/cpu.py --out benchmarks/results/<run>
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+import msa
+from msa.cli.bench import CPU_DEFAULTS, attended_fraction, git_commit
+from msa.cli.timing import median_ms
+
+CPU = torch.device("cpu")
+
+
+def cpu_model() -> str:
+    """The processor's name from /proc/cpuinfo, else ``platform.processor()``."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def bench_seqlen(layer: dict, seqlen: int, warmup: int, repeats: int) -> dict:
+    generator = torch.Generator().manual_seed(seqlen)
+
+    def randn(heads, dim):
+        return torch.randn(1, seqlen, heads, dim, generator=generator)
+
+    q, k, v = randn(layer["heads"], layer["head_dim"]), randn(layer["kv_heads"], layer["head_dim"]), \
+        randn(layer["kv_heads"], layer["head_dim"])
+    index_q, index_k = randn(layer["kv_heads"], layer["index_head_dim"]), randn(1, layer["index_head_dim"])
+    size = dict(block_size=layer["block_size"])
+    grad = torch.randn_like(q)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, index_q, index_k)]
+
+    def time_ms(fn):
+        return median_ms(fn, CPU, warmup=warmup, repeats=repeats)
+
+    def select():
+        return msa.select_blocks(index_q, index_k, topk=layer["topk"], **size)
+
+    def msa_forward():
+        return msa.sparse_attention(q, k, v, select(), **size)
+
+    def attention_step(blocks):
+        out, lse = msa.sparse_attention(*leaves[:3], blocks, return_lse=True, **size)
+        out.backward(grad)
+        return lse
+
+    def kl_step(blocks, main_lse):
+        msa.index_kl_loss(*leaves[:2], *leaves[3:], blocks, main_lse=main_lse, **size).backward()
+
+    def msa_train():
+        blocks = select()
+        kl_step(blocks, attention_step(blocks))
+
+    def dense_train():
+        msa.dense_attention(*leaves[:3]).backward(grad)
+
+    blocks = select()
+    row = {"seqlen": seqlen, "attended_fraction": attended_fraction(blocks, layer["block_size"])}
+    with torch.no_grad():
+        row["dense_fwd_ms"] = time_ms(lambda: msa.dense_attention(q, k, v))
+        row["msa_fwd_ms"] = time_ms(msa_forward)
+        row["select_ms"] = time_ms(select)
+        row["attention_fwd_ms"] = time_ms(lambda: msa.sparse_attention(q, k, v, blocks, **size))
+    row["dense_train_ms"] = time_ms(dense_train)
+    row["msa_train_ms"] = time_ms(msa_train)
+    row["attention_fwd_bwd_ms"] = time_ms(lambda: attention_step(blocks))
+    with torch.no_grad():
+        main_lse = msa.sparse_attention(q, k, v, blocks, return_lse=True, **size)[1]
+    row["kl_fwd_bwd_ms"] = time_ms(lambda: kl_step(blocks, main_lse))
+    row["fwd_speedup"] = row["dense_fwd_ms"] / row["msa_fwd_ms"]
+    row["train_speedup"] = row["dense_train_ms"] / row["msa_train_ms"]
+    return row
+
+
+def _cell(key: str, value) -> str:
+    if key == "seqlen":
+        return str(value)
+    if key == "attended_fraction":
+        return f"{100 * value:.1f}%"
+    return f"{value:.2f}x" if key.endswith("speedup") else f"{value:.0f}"
+
+
+def print_tables(console: Console, rows: list[dict], machine: str) -> None:
+    """The speed-ups, then where MSA's time goes."""
+    tables = {
+        f"MSA (PyTorch CPU path) vs dense SDPA, ms ({machine})": {
+            "seq len": "seqlen", "dense fwd": "dense_fwd_ms", "MSA fwd": "msa_fwd_ms", "speed-up": "fwd_speedup",
+            "dense train": "dense_train_ms", "MSA train": "msa_train_ms", "speed-up ": "train_speedup"},
+        "MSA's parts, ms": {
+            "seq len": "seqlen", "keys attended": "attended_fraction", "select": "select_ms",
+            "attention fwd": "attention_fwd_ms", "attention fwd+bwd": "attention_fwd_bwd_ms",
+            "KL fwd+bwd": "kl_fwd_bwd_ms"},
+    }
+    for title, columns in tables.items():
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column, justify="right")
+        for row in rows:
+            table.add_row(*(_cell(key, row[key]) for key in columns.values()))
+        console.print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for cpu.json")
+    parser.add_argument("--seqlens", default="4096,8192,16384,32768")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    layer = {name: CPU_DEFAULTS[name] for name in ("heads", "kv_heads", "head_dim", "index_head_dim", "block_size",
+                                                    "topk", "dtype")}
+    console = Console()
+    record = {"benchmark": "cpu", "device": cpu_model(), "platform": platform.platform(),
+              "python": platform.python_version(), "torch": torch.__version__,
+              "parallel_info": torch.__config__.parallel_info(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "commit": git_commit(), "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+              "layer": layer, "batch": 1, "warmup": args.warmup, "repeats": args.repeats, "rows": []}
+    path = args.out / "cpu.json"
+    args.out.mkdir(parents=True, exist_ok=True)
+    seqlens = [int(s) for s in args.seqlens.split(",")]
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("cpu", total=len(seqlens))
+        for seqlen in seqlens:
+            progress.update(task, description=f"S={seqlen}")
+            record["rows"].append(bench_seqlen(layer, seqlen, args.warmup, args.repeats))
+            path.write_text(json.dumps(record, indent=2))  # after every length: a cut-off run keeps its rows
+            progress.advance(task)
+    print_tables(console, record["rows"], f"{record['device']}, {torch.get_num_threads()} threads")
+    console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

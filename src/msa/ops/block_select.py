@@ -1,0 +1,72 @@
+"""Block selection on the PyTorch path: max-pooled index logits by matmuls, chunk by chunk, then Top-k.
+
+The selection of :func:`msa.reference.select_blocks`, without its ``[S, S]``
+masking: a block's score matters only to queries that see the whole block
+(the local block is forced in, later blocks are out), so the queries of a
+chunk score the full blocks before their last query's local block with one
+matmul per chunk of keys, max-pool them, and apply causality to the
+``[C, G, n_blocks]`` block scores alone. The scores, their order and the
+layout of the result are the reference's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from msa import reference
+from msa.fp8 import rounded
+
+# Elements of one chunk's [queries * G, keys] logits: small enough to stay in cache while they are max-pooled.
+_LOGIT_ELEMENTS = 2**18
+# Queries scored together.
+_QUERY_CHUNK = 256
+
+
+def _block_maxima(index_q, index_k, block_size: int, n_blocks: int) -> torch.Tensor:
+    """``index_q`` ``[C, G, Di]``, ``index_k`` ``[n_blocks * B, Di]`` -> ``[C, G, n_blocks]`` max logits."""
+    queries = index_q.flatten(0, 1)
+    maxima = index_q.new_empty(queries.shape[0], n_blocks)
+    step = max(1, _LOGIT_ELEMENTS // max(1, queries.shape[0] * block_size))  # blocks per matmul
+    for first in range(0, n_blocks, step):
+        last = min(n_blocks, first + step)
+        logits = queries @ index_k[first * block_size:last * block_size].T
+        torch.amax(logits.view(queries.shape[0], last - first, block_size), dim=-1, out=maxima[:, first:last])
+    return maxima.view(*index_q.shape[:2], n_blocks)
+
+
+def _select_one(rank_q, rank_k, block_size: int, topk: int, scale: float) -> torch.Tensor:
+    """One sequence: ``rank_q`` ``[S, G, Di]``, ``rank_k`` ``[S, Di]`` -> int64 ``[S, G, topk]``."""
+    seqlen, n_groups, _ = rank_q.shape
+    block_indices = torch.full((seqlen, n_groups, topk), -1, dtype=torch.int64, device=rank_q.device)
+    # Top-k over rows as wide as the reference's (torch.topk breaks ties by their place in the row).
+    for start, end in reference._chunks(seqlen, n_groups * seqlen):
+        n_blocks = math.ceil(end / block_size)
+        scores = rank_q.new_full((end - start, n_groups, n_blocks), -math.inf)
+        for first in range(start, end, _QUERY_CHUNK):
+            last = min(end, first + _QUERY_CHUNK)
+            scored = (last - 1) // block_size  # the blocks before the last query's local block
+            maxima = _block_maxima(rank_q[first:last], rank_k, block_size, scored)
+            scores[first - start:last - start, :, :scored] = maxima.mul_(scale)
+        local = torch.arange(start, end, device=rank_q.device) // block_size
+        after_local = torch.arange(n_blocks, device=rank_q.device) > local[:, None]
+        scores.masked_fill_(after_local[:, None, :], -math.inf)
+        scores.scatter_(-1, local[:, None, None].expand(-1, n_groups, 1), math.inf)
+        top_scores, top_blocks = scores.topk(min(topk, n_blocks), dim=-1)
+        block_indices[start:end, :, :top_blocks.shape[-1]] = top_blocks.masked_fill(top_scores == -math.inf, -1)
+    return block_indices
+
+
+def select_blocks(index_q, index_k, cu_seqlens, block_size: int, topk: int, scale: float, fp8: bool) -> torch.Tensor:
+    """int32 ``[T, G, topk]`` from packed ``index_q`` ``[T, G, Di]`` and ``index_k`` ``[T, 1, Di]``.
+
+    The local block first, then the best earlier blocks in descending score,
+    ``-1`` pads. ``fp8``: rank with the FP8-rounded vectors (:mod:`msa.fp8`).
+    """
+    rank_q, rank_k = (rounded(x).to(x.dtype) for x in (index_q, index_k)) if fp8 else (index_q, index_k)
+    block_indices = torch.empty((*index_q.shape[:2], topk), dtype=torch.int32, device=index_q.device)
+    bounds = cu_seqlens.tolist()
+    for first, last in zip(bounds[:-1], bounds[1:]):
+        block_indices[first:last] = _select_one(rank_q[first:last], rank_k[first:last, 0], block_size, topk, scale)
+    return block_indices
