@@ -38,7 +38,7 @@ from msa.integrations.hf.cache import MSACache
 from msa.nn.attention import MODES, check_kl_topk, msa_attention
 from msa.nn.rotary import apply_rotary
 from msa.ops import sparse_attention
-from msa.ops.block_gather import compute_dtype
+from msa.ops.backend import compute_dtype
 from msa.reference import msa_attention_suffix
 
 ATTENTION = "msa"
