@@ -39,30 +39,21 @@ def _block_maxima(index_q, index_k, block_size: int, n_blocks: int) -> torch.Ten
 def _select_one(rank_q, rank_k, block_size: int, topk: int, scale: float) -> torch.Tensor:
     """One sequence: ``rank_q`` ``[S, G, Di]``, ``rank_k`` ``[S, Di]`` -> int64 ``[S, G, topk]``."""
     seqlen, n_groups, _ = rank_q.shape
-    block_indices = torch.full((seqlen, n_groups, topk), -1, dtype=torch.int64, device=rank_q.device)
-    # Top-k over rows as wide as the reference's (torch.topk breaks ties by their place in the row).
-    for start, end in reference._chunks(seqlen, n_groups * seqlen):
-        n_blocks = math.ceil(end / block_size)
-        scores = rank_q.new_full((end - start, n_groups, n_blocks), -math.inf)
-        for first in range(start, end, _QUERY_CHUNK):
-            last = min(end, first + _QUERY_CHUNK)
-            scored = (last - 1) // block_size  # the blocks before the last query's local block
-            maxima = _block_maxima(rank_q[first:last], rank_k, block_size, scored)
-            scores[first - start:last - start, :, :scored] = maxima.mul_(scale)
+    block_indices = torch.empty((seqlen, n_groups, topk), dtype=torch.int64, device=rank_q.device)
+    for start in range(0, seqlen, _QUERY_CHUNK):
+        end = min(seqlen, start + _QUERY_CHUNK)
+        earlier = (end - 1) // block_size  # the blocks before the last query's local block
+        scores = _block_maxima(rank_q[start:end], rank_k, block_size, earlier).mul_(scale)
         local = torch.arange(start, end, device=rank_q.device) // block_size
-        after_local = torch.arange(n_blocks, device=rank_q.device) > local[:, None]
-        scores.masked_fill_(after_local[:, None, :], -math.inf)
-        scores.scatter_(-1, local[:, None, None].expand(-1, n_groups, 1), math.inf)
-        top_scores, top_blocks = scores.topk(min(topk, n_blocks), dim=-1)
-        block_indices[start:end, :, :top_blocks.shape[-1]] = top_blocks.masked_fill(top_scores == -math.inf, -1)
+        block_indices[start:end] = reference.rank_blocks(scores, local, topk)
     return block_indices
 
 
 def select_blocks(index_q, index_k, cu_seqlens, block_size: int, topk: int, scale: float, fp8: bool) -> torch.Tensor:
     """int32 ``[T, G, topk]`` from packed ``index_q`` ``[T, G, Di]`` and ``index_k`` ``[T, 1, Di]``.
 
-    The local block first, then the best earlier blocks in descending score,
-    ``-1`` pads. ``fp8``: rank with the FP8-rounded vectors (:mod:`msa.fp8`).
+    The layout of :func:`msa.reference.rank_blocks`. ``fp8``: rank with the
+    FP8-rounded vectors (:mod:`msa.fp8`).
     """
     rank_q, rank_k = (rounded(x).to(x.dtype) for x in (index_q, index_k)) if fp8 else (index_q, index_k)
     block_indices = torch.empty((*index_q.shape[:2], topk), dtype=torch.int32, device=index_q.device)
