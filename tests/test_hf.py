@@ -191,6 +191,15 @@ def test_index_branch_starts_from_the_attention_it_imitates():
     assert torch.allclose(branch.index_k_proj.weight, attention.k_proj.weight.view(2, 16, 64).mean(0))
 
 
+def test_the_index_branch_is_msa_nn_and_its_weights_keep_their_names():
+    """The converted layers' Index Branch is the module of msa.nn; checkpoints name its weights as they always did."""
+    model = hf.convert(small_model(), block_size=16, topk=2, layers=[1])
+    assert all(isinstance(branch, msa.nn.IndexBranch) for branch in hf.msa_layers(model))
+    assert sorted(name for name in model.state_dict() if "msa_index" in name) == [
+        "model.layers.1.self_attn.msa_index.index_k_proj.weight",
+        "model.layers.1.self_attn.msa_index.index_q_proj.weight"]
+
+
 def test_bad_input_gets_clear_errors():
     model = hf.convert(small_model(), block_size=16, topk=2)
     with pytest.raises(ValueError, match="already MSA"):

@@ -68,7 +68,7 @@ def test_kl_loss_trains_only_the_index_branch():
     assert x.grad is None, "the Index Branch must read a detached copy of the hidden states"
     for name, param in layer.named_parameters():
         trained = param.grad is not None and param.grad.abs().sum() > 0
-        assert trained == name.startswith("index_"), name
+        assert trained == name.startswith("index_branch."), name
 
 
 def test_lm_loss_never_reaches_the_index_branch():
@@ -77,7 +77,7 @@ def test_lm_loss_never_reaches_the_index_branch():
     out, kl = layer(x, rope, compute_kl_loss=False)
     assert kl is None
     out.square().sum().backward()
-    assert layer.index_q_proj.weight.grad is None and layer.index_k_proj.weight.grad is None
+    assert all(param.grad is None for param in layer.index_branch.parameters())
     assert layer.q_proj.weight.grad.abs().sum() > 0
 
 
@@ -154,3 +154,32 @@ def test_bad_configuration_is_rejected():
         msa.MSAAttention(64, 4, 3, index_head_dim=8)
     with pytest.raises(ValueError, match="index_rope needs an even index_head_dim"):
         msa.MSAAttention(64, 4, 2, 16, index_head_dim=32)
+
+
+def test_state_dicts_saved_before_the_index_branch_was_a_submodule_still_load():
+    """``attention.index_q_proj.weight`` (the old name) loads into ``attention.index_branch.index_q_proj.weight``."""
+    config = msa.nn.MSAConfig(vocab_size=32, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                              intermediate_size=64, index_head_dim=8, block_size=8, topk=2)
+    torch.manual_seed(0)
+    saved = msa.nn.MSATransformer(config)
+    old_names = {name.replace("index_branch.", ""): tensor for name, tensor in saved.state_dict().items()}
+    assert "layers.1.attention.index_k_proj.weight" in old_names
+    torch.manual_seed(1)
+    loaded = msa.nn.MSATransformer(config)
+    loaded.load_state_dict(old_names)  # strict: every key found a parameter
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_a_selector_replaces_the_selection_and_the_kl_loss():
+    """``index_branch.selector``: the layer attends over the selector's blocks (the float64 reference over them) and
+    computes no KL loss."""
+    layer = msa.MSAAttention(64, 4, 2, 16, index_head_dim=8, block_size=8, topk=2).train()
+    x, rope = _layer_inputs(seed=4)
+    q, k, v, _, _ = _projections(layer, x, rope)
+    local = (torch.arange(50) // 8).int().view(1, 50, 1, 1).expand(2, 50, 2, 1)  # each query's own block only
+    layer.index_branch.selector = lambda q, k, index_q, index_k: local
+    out, kl = layer(x, rope)
+    ref = msa.reference.sparse_attention(q.double(), k.double(), v.double(), local, block_size=8)
+    assert kl is None and rel_err(out, layer.o_proj(ref.float().flatten(-2))) < 1e-5
+    layer.index_branch.selector = None
+    assert rel_err(layer(x, rope)[0], out) > 1e-2  # the Index Branch's own selection is another one

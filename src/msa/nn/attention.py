@@ -7,20 +7,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from msa.ops import dense_attention, index_kl_loss, select_blocks, sparse_attention
+from msa.nn.index_branch import MODES, IndexBranch
 from msa.nn.rotary import apply_rotary
-
-MODES = ("dense", "sparse")
 
 
 class MSAAttention(nn.Module):
     """GQA self-attention whose Main Branch reads only the blocks its Index Branch selects.
 
-    The layer keeps the usual Q/K/V/O projections and adds the Index Branch:
-    ``index_q_proj: hidden -> G * Di`` (one index-query head per KV group) and
-    ``index_k_proj: hidden -> Di`` (one index-key head shared by the groups).
-    The Index Branch reads a detached copy of the hidden states, so the KL loss
-    trains only those two projections, and the LM loss never reaches them.
+    The layer keeps the usual Q/K/V/O projections and adds the Index Branch
+    (:class:`msa.nn.IndexBranch`, ``index_branch``): one index-query head per
+    KV group and one index-key head shared by the groups, reading a detached
+    copy of the hidden states, so the KL loss trains only them and the LM loss
+    never reaches them. State dicts saved before the Index Branch was a
+    submodule (``index_q_proj.weight`` beside ``q_proj.weight``) still load.
 
     ``mode="dense"`` is the indexer warm-up: the Main Branch is dense causal
     attention while the Index Branch learns from the KL loss against it
@@ -29,9 +28,10 @@ class MSAAttention(nn.Module):
 
     ``kl_topk`` (default ``topk``) widens the KL loss's support to the top
     ``kl_topk`` blocks, so that the loss also ranks the blocks just outside
-    the selection (see :func:`msa_attention`). ``index_dtype=torch.float8_e4m3fn``
-    ranks blocks with FP8 index vectors (:mod:`msa.fp8`; faster prefill at
-    long context, a selection no longer bit-comparable to the bf16 one).
+    the selection (see :func:`msa.nn.index_branch.msa_attention`).
+    ``index_dtype=torch.float8_e4m3fn`` ranks blocks with FP8 index vectors
+    (:mod:`msa.fp8`; faster prefill at long context, a selection no longer
+    bit-comparable to the bf16 one).
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None, *,
@@ -40,21 +40,18 @@ class MSAAttention(nn.Module):
                  index_dtype: torch.dtype | None = None):
         super().__init__()
         head_dim = head_dim or hidden_size // num_heads
-        check_kl_topk(kl_topk, topk)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if index_rope and (index_head_dim > head_dim or index_head_dim % 2):
-            raise ValueError(f"index_rope needs an even index_head_dim <= head_dim ({head_dim}), got {index_head_dim}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.index_head_dim, self.block_size, self.topk, self.kl_topk = index_head_dim, block_size, topk, kl_topk
-        self.index_rope, self.index_dtype = index_rope, index_dtype
         self.set_mode(mode)
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
-        self.index_q_proj = nn.Linear(hidden_size, num_kv_heads * index_head_dim, bias=False)
-        self.index_k_proj = nn.Linear(hidden_size, index_head_dim, bias=False)
+        self.index_branch = IndexBranch(hidden_size, num_kv_heads, index_head_dim, head_dim=head_dim,
+                                        block_size=block_size, topk=topk, index_rope=index_rope, kl_topk=kl_topk,
+                                        index_dtype=index_dtype)
+        self.register_load_state_dict_pre_hook(_move_index_projections)
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -91,61 +88,20 @@ class MSAAttention(nn.Module):
         k = apply_rotary(self.k_proj(hidden_states).unflatten(-1, (self.num_kv_heads, self.head_dim)), cos, sin)
         v = self.v_proj(hidden_states).unflatten(-1, (self.num_kv_heads, self.head_dim))
 
-        index_input = hidden_states.detach()
-        index_q = self.index_q_proj(index_input).unflatten(-1, (self.num_kv_heads, self.index_head_dim))
-        index_k = self.index_k_proj(index_input).unsqueeze(-2)
-        if self.index_rope:
-            index_q, index_k = apply_rotary(index_q, cos, sin), apply_rotary(index_k, cos, sin)
-
+        index_q, index_k = self.index_branch(hidden_states, position_embeddings)
         if attend is not None:
             out = attend(q, k, v, index_q, index_k)
             return self.o_proj(out.reshape(*lead, -1)), None
 
         compute_kl_loss = self.training if compute_kl_loss is None else compute_kl_loss
-        out, kl_loss, _ = msa_attention(q, k, v, index_q, index_k, mode=self.mode, block_size=self.block_size,
-                                        topk=self.topk, compute_kl_loss=compute_kl_loss, kl_topk=self.kl_topk,
-                                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, index_dtype=self.index_dtype)
+        out, kl_loss, _ = self.index_branch.attend(q, k, v, index_q, index_k, mode=self.mode,
+                                                   compute_kl_loss=compute_kl_loss, cu_seqlens=cu_seqlens,
+                                                   max_seqlen=max_seqlen)
         return self.o_proj(out.reshape(*lead, -1)), kl_loss
 
 
-def check_kl_topk(kl_topk: int | None, topk: int) -> None:
-    if kl_topk is not None and (not isinstance(kl_topk, int) or kl_topk < topk):
-        raise ValueError(f"kl_topk must be None or an int >= topk ({topk}), got {kl_topk!r}")
-
-
-def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk: int, compute_kl_loss: bool,
-                  kl_topk: int | None = None, cu_seqlens=None, max_seqlen=None, softmax_scale=None, index_dtype=None):
-    """Both branches of an MSA layer on projected, rotated inputs (the layouts of :mod:`msa.ops`).
-
-    ``mode="sparse"``: attention over the Index Branch's blocks; ``"dense"``:
-    causal attention (indexer warm-up). The Index Branch reads detached
-    ``index_q``/``index_k`` for the selection; the KL loss, when computed,
-    trains them against the detached Main Branch, on the selected support,
-    or with ``kl_topk`` > ``topk`` on the top ``kl_topk`` blocks: the teacher
-    is then the Main Branch's attention as it would be over that wider
-    support (the KL pass computes its normalisation), so blocks ranked just
-    below the selection get a gradient too. ``index_dtype``: the ranking's
-    dtype (:func:`msa.select_blocks`). Returns
-    ``(out, kl_loss or None, block_indices)``.
-    """
-    varlen = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-
-    def select(n_blocks):
-        return select_blocks(index_q.detach(), index_k.detach(), block_size=block_size, topk=n_blocks,
-                             index_dtype=index_dtype, **varlen)
-
-    block_indices = select(topk)
-    main_lse = None  # the teacher's normalisation on the selected support, when the Main Branch computed it
-    if mode == "sparse":
-        out, main_lse = sparse_attention(q, k, v, block_indices, block_size=block_size, softmax_scale=softmax_scale,
-                                         return_lse=True, **varlen)
-    else:
-        out = dense_attention(q, k, v, softmax_scale=softmax_scale, **varlen)
-    kl_loss = None
-    if compute_kl_loss:
-        kl_blocks = block_indices
-        if kl_topk is not None and kl_topk > topk:
-            kl_blocks, main_lse = select(kl_topk), None
-        kl_loss = index_kl_loss(q, k, index_q, index_k, kl_blocks, block_size=block_size,
-                                softmax_scale=softmax_scale, main_lse=main_lse, **varlen)
-    return out, kl_loss, block_indices
+def _move_index_projections(module, state_dict, prefix, *_) -> None:
+    """Rename the Index Branch's weights of a state dict saved before it was a submodule."""
+    for name in ("index_q_proj.weight", "index_k_proj.weight"):
+        if prefix + name in state_dict:
+            state_dict[prefix + "index_branch." + name] = state_dict.pop(prefix + name)

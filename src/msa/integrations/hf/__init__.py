@@ -13,8 +13,9 @@ the model classes; :mod:`~msa.integrations.hf.cache` the ``MSACache`` that
 """
 
 from msa.integrations.hf.cache import MSACache
-from msa.integrations.hf.modeling import (IndexBranch, convert, from_pretrained, index_parameters, is_msa_checkpoint,
-                                          kl_loss, msa_classes, msa_layers, set_mode)
+from msa.integrations.hf.modeling import (HFIndexBranch, convert, from_pretrained, index_parameters,
+                                          is_msa_checkpoint, kl_loss, msa_classes, msa_layers, set_mode)
+from msa.nn import IndexBranch
 
-__all__ = ["IndexBranch", "MSACache", "convert", "from_pretrained", "index_parameters", "is_msa_checkpoint",
-           "kl_loss", "msa_classes", "msa_layers", "set_mode"]
+__all__ = ["HFIndexBranch", "IndexBranch", "MSACache", "convert", "from_pretrained", "index_parameters",
+           "is_msa_checkpoint", "kl_loss", "msa_classes", "msa_layers", "set_mode"]

@@ -2,11 +2,11 @@
 
 Each converted layer's attention module keeps its own Q/K/V/O projections
 (and norms, biases, RoPE: whatever its family does) and gains an Index Branch
-(``index_q_proj``: hidden -> G x Di, ``index_k_proj``: hidden -> Di) that reads
-a detached copy of the layer's input. The model's attention implementation
-becomes ``"msa"``, registered with transformers' attention interface: it
-receives the family's rotated q, k, v and runs
-:func:`msa.nn.attention.msa_attention` on converted layers, SDPA on the others.
+(:class:`HFIndexBranch`, an :class:`msa.nn.IndexBranch`, as ``msa_index``)
+that reads a detached copy of the layer's input. The model's attention
+implementation becomes ``"msa"``, registered with transformers' attention
+interface: it receives the family's rotated q, k, v and runs
+:func:`msa.nn.index_branch.msa_attention` on converted layers, SDPA on the others.
 
 A converted model is an instance of an MSA subclass of its family's class
 (``MSALlamaForCausalLM``, model type ``msa_llama``, ...), registered with
@@ -35,9 +35,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 
 from msa.fp8 import FP8_DTYPE, FP8_NAME, index_dtype_from_name, rounded
 from msa.integrations.hf.cache import MSACache
-from msa.nn.attention import MODES, check_kl_topk, msa_attention
-from msa.nn.rotary import apply_rotary
-from msa.ops import sparse_attention
+from msa.nn.index_branch import MODES, IndexBranch, check_kl_topk
 from msa.ops.backend import compute_dtype
 from msa.reference import msa_attention_suffix
 
@@ -51,22 +49,15 @@ from msa.integrations.hf import msa_classes
 '''
 
 
-class IndexBranch(nn.Module):
-    """The Index Branch of one layer: one index-query head per KV group, one shared index-key head."""
+class HFIndexBranch(IndexBranch):
+    """The Index Branch of a converted layer, with what a transformers attention module needs around it: the Main
+    Branch's ``mode``, the inputs kept from the forward pre-hook for the attention call, and the last forward's KL
+    loss (and, with ``record_block_indices``, its selection)."""
 
-    def __init__(self, hidden_size: int, num_kv_heads: int, index_head_dim: int, *, block_size: int, topk: int,
-                 mode: str, index_rope: bool, kl_topk: int | None = None, index_dtype: torch.dtype | None = None):
-        super().__init__()
-        self.num_kv_heads, self.index_head_dim = num_kv_heads, index_head_dim
-        self.block_size, self.topk, self.mode, self.index_rope = block_size, topk, mode, index_rope
-        self.kl_topk = kl_topk  # the KL loss's support: the top kl_topk blocks (None: the selection)
-        self.index_dtype = index_dtype  # the ranking's dtype (msa.select_blocks)
-        self.index_q_proj = nn.Linear(hidden_size, num_kv_heads * index_head_dim, bias=False)
-        self.index_k_proj = nn.Linear(hidden_size, index_head_dim, bias=False)
+    def __init__(self, hidden_size: int, num_kv_heads: int, index_head_dim: int, *, mode: str, **settings):
+        super().__init__(hidden_size, num_kv_heads, index_head_dim, **settings)
+        self.mode = mode
         self.compute_kl_loss: bool | None = None  # None: while training
-        # an evaluation-time selection in place of the Index Branch's (ablations, oracles):
-        # selector(q, k, index_q, index_k) -> int32 block_indices [B, S, G, topk] on whole sequences; no KL loss
-        self.selector = None
         self.record_block_indices = False
         self.kl_loss: torch.Tensor | None = None  # the last forward's, read by :func:`kl_loss`
         self.block_indices: torch.Tensor | None = None  # the last forward's, when recorded
@@ -76,12 +67,7 @@ class IndexBranch(nn.Module):
         """Index queries ``[B, S, G, Di]`` and keys ``[B, S, 1, Di]`` of the layer input (detached), kept for
         the attention call that follows, with the KV cache. An :class:`MSACache` stores the new index keys itself
         (when the attention runs); another transformers cache gets all of the sequence's kept beside it."""
-        x = hidden_states.detach()
-        index_q = self.index_q_proj(x).unflatten(-1, (self.num_kv_heads, self.index_head_dim))
-        index_k = self.index_k_proj(x).unsqueeze(-2)
-        if self.index_rope:
-            cos, sin = position_embeddings
-            index_q, index_k = apply_rotary(index_q, cos, sin), apply_rotary(index_k, cos, sin)
+        index_q, index_k = self(hidden_states, position_embeddings)
         if cache is not None and not isinstance(cache, MSACache):
             store = getattr(cache, "msa_index_keys", None)
             if store is None:
@@ -105,7 +91,7 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [layer.self_attn for layer in layers]
 
 
-def _index_branch(module: nn.Module) -> IndexBranch | None:
+def _index_branch(module: nn.Module) -> HFIndexBranch | None:
     return getattr(module, "msa_index", None)
 
 
@@ -144,8 +130,9 @@ def _add_index_branches(model: nn.Module, *, block_size: int, topk: int, index_h
     parameter = next(model.parameters())
     for i in layers:
         module = modules[i]
-        branch = IndexBranch(config.hidden_size, n_kv, index_head_dim, block_size=block_size, topk=topk, mode=mode,
-                             index_rope=index_rope, kl_topk=kl_topk, index_dtype=index_dtype_from_name(index_dtype))
+        branch = HFIndexBranch(config.hidden_size, n_kv, index_head_dim, mode=mode, head_dim=head_dim,
+                               block_size=block_size, topk=topk, index_rope=index_rope, kl_topk=kl_topk,
+                               index_dtype=index_dtype_from_name(index_dtype))
         branch.to(device=parameter.device, dtype=parameter.dtype)
         if init_from_attention and index_head_dim == head_dim:
             with torch.no_grad():
@@ -223,7 +210,7 @@ def convert(model: nn.Module, *, block_size: int = 128, topk: int = 16, index_he
     the mean of group ``g``'s query projections, index key = the mean of the
     key projections; otherwise it starts random. Run the indexer warm-up
     (``set_mode(model, "dense")`` and the KL loss alone) before sparse training.
-    ``kl_topk``: the KL loss's support (see :func:`msa.nn.attention.msa_attention`).
+    ``kl_topk``: the KL loss's support (see :func:`msa.nn.index_branch.msa_attention`).
     ``index_dtype=torch.float8_e4m3fn``: rank blocks with FP8 index vectors
     (:mod:`msa.fp8`), in training, prefill and generation alike.
 
@@ -253,7 +240,7 @@ def convert(model: nn.Module, *, block_size: int = 128, topk: int = 16, index_he
     return model
 
 
-def msa_layers(model: nn.Module) -> list[IndexBranch]:
+def msa_layers(model: nn.Module) -> list[HFIndexBranch]:
     return [branch for module in _attention_modules(model) if (branch := _index_branch(module)) is not None]
 
 
@@ -343,15 +330,10 @@ def _msa_attention(branch, module, query, key, value, index_q, index_k, scaling)
     # one dtype for the kernels: under autocast the family's RoPE may leave q, k in float32 and v in bf16
     q, k, v = (x.transpose(1, 2).to(value.dtype) for x in (query, key, value))  # [B, S, H, D]
     index_q, index_k = index_q.to(value.dtype), index_k.to(value.dtype)
-    if branch.selector is not None:
-        block_indices = branch.selector(q, k, index_q, index_k)
-        out = sparse_attention(q, k, v, block_indices, block_size=branch.block_size, softmax_scale=scaling)
-        return out, block_indices
-    if q.shape[1] == k.shape[1]:  # the whole sequence: the fast ops (training, prefill)
+    if q.shape[1] == k.shape[1]:  # the whole sequence: the fast ops (training, prefill), or the selector's blocks
         compute_kl = module.training if branch.compute_kl_loss is None else branch.compute_kl_loss
-        out, branch.kl_loss, block_indices = msa_attention(
-            q, k, v, index_q, index_k, mode=branch.mode, block_size=branch.block_size, topk=branch.topk,
-            compute_kl_loss=compute_kl, kl_topk=branch.kl_topk, softmax_scale=scaling, index_dtype=branch.index_dtype)
+        out, branch.kl_loss, block_indices = branch.attend(q, k, v, index_q, index_k, mode=branch.mode,
+                                                           compute_kl_loss=compute_kl, softmax_scale=scaling)
         return out, block_indices
     # queries after a prefix in a transformers cache: the exact PyTorch definition, one sequence at a time
     compute = compute_dtype(q.dtype)
