@@ -19,3 +19,15 @@ def token_positions(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor,
     """
     starts = cu_seqlens.long()[token_sequences(cu_seqlens, total)]
     return starts, torch.arange(total, device=cu_seqlens.device) - starts
+
+
+def suffix_positions(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int):
+    """Per packed query token, when each sequence's queries are the last of its keys (bottom-right alignment):
+    the packed index of its sequence's first key and its position among the keys (int64 ``[Tq]``).
+
+    Runs on the device of the offsets without synchronising with the host.
+    """
+    sequences = token_sequences(cu_seqlens_q, total_q)
+    query_starts, key_starts = cu_seqlens_q.long()[sequences], cu_seqlens_k.long()[sequences]
+    offsets = (cu_seqlens_k.long().diff() - cu_seqlens_q.long().diff())[sequences]
+    return key_starts, torch.arange(total_q, device=cu_seqlens_q.device) - query_starts + offsets

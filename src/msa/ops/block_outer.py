@@ -13,7 +13,9 @@ the backward pass recomputes the scores from the final LSEs, and
 scatter-adds dq into the queries' rows and dk, dv into the keys' rows. The
 KL loss first merges the student's (and unless given the teacher's) LSEs,
 then computes the loss and its gradients in a second pass. Tiles are built
-per chunk of queries, so memory stays linear in T.
+per chunk of queries, so memory stays linear in T; :func:`plan` returns them
+as a :class:`TilePlan` of tensors, built once per selection and shared by the
+forward pass, the backward pass and the KL loss.
 
 All tensors are packed and contiguous: ``q`` ``[T, Hq, D]``, ``k``/``v``
 ``[T, G, D]``, ``index_q`` ``[T, G, Di]``, ``index_k`` ``[T, 1, Di]``, int32
@@ -26,10 +28,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from msa.varlen import token_positions
+from msa.varlen import suffix_positions
 
 # Pairs per chunk of queries: bounds the memory of a call (the tiles' indices).
 _CHUNK_PAIRS = 2**17
@@ -49,7 +52,7 @@ class Tiles:
     ``query_rows``: int64 ``[n * P]``, the row of each slot's query
     (``first_row`` in an empty slot, which ``empty`` marks). ``key_tokens``:
     int64 ``[n, B]``, the packed token of each key of the tile's block
-    (clamped to ``T - 1``); ``key_rows``: the rows of the same keys. Tiles
+    (clamped to the last key); ``key_rows``: the rows of the same keys. Tiles
     from ``first_masked`` on hold pairs whose query sees only part of the
     block: ``hidden`` ``[n - first_masked, P, 1, B]`` marks the keys it does
     not see. ``pair_slots``: int64 ``[C * G, K]``, the slot of each entry of
@@ -107,18 +110,48 @@ class Tiles:
         return torch.logsumexp(pair_lse, dim=1)
 
 
-def plan(block_indices, cu_seqlens, block_size: int, heads_per_group: int, pairs_per_chunk: int = _CHUNK_PAIRS):
+class TilePlan(NamedTuple):
+    """The tiles of all chunks of queries as tensors (what the custom operators take); :func:`tiles_of` cuts them
+    into each chunk's :class:`Tiles`.
+
+    ``query_rows``, ``empty``: ``[N * P]``; ``key_tokens``, ``key_rows``:
+    ``[N, B]``; ``hidden``: ``[M, P, B]`` for the ``M`` masked tiles;
+    ``pair_slots``: ``[T * G, K]``, slots numbered from each chunk's first;
+    ``chunks``: int64 ``[n_chunks, 4]``, each chunk's first row, end row,
+    number of tiles and of masked tiles. Tiles are in chunk order.
+    """
+
+    query_rows: torch.Tensor
+    empty: torch.Tensor
+    key_tokens: torch.Tensor
+    key_rows: torch.Tensor
+    hidden: torch.Tensor
+    pair_slots: torch.Tensor
+    chunks: torch.Tensor
+
+
+def forward_chunk_pairs(heads_per_group: int, head_dim: int) -> int:
+    """Pairs per chunk of the plans of attention and the KL loss: the forward pass's partial outputs of a chunk
+    stay within ``_FORWARD_ELEMENTS``."""
+    return max(1, _FORWARD_ELEMENTS // (heads_per_group * head_dim))
+
+
+def plan(block_indices, cu_seqlens, block_size: int, heads_per_group: int, pairs_per_chunk: int = _CHUNK_PAIRS, *,
+         cu_seqlens_k=None, n_keys: int | None = None):
     """The tiles of ``block_indices`` ``[T, G, K]``, per chunk of queries of about ``pairs_per_chunk`` pairs.
 
-    Returns a list of ``(rows, tiles)``: the chunk's slice of the ``[T * G]``
-    rows and its :class:`Tiles`. All chunks' lists are sorted at once.
+    ``cu_seqlens_k`` and ``n_keys``: the offsets and number of the packed keys
+    when each sequence's queries (``cu_seqlens``) are the last of its keys;
+    default: the queries' own. Returns the :class:`TilePlan` of all chunks,
+    whose lists are sorted at once.
     """
     n_tokens, n_groups, topk = block_indices.shape
+    n_keys = n_tokens if n_keys is None else n_keys
     device = block_indices.device
     tokens_per_chunk = max(1, pairs_per_chunk // (n_groups * topk))
     n_chunks = -(-n_tokens // tokens_per_chunk)
     pairs_per_tile = max(1, _TILE_ROWS // heads_per_group)
-    starts, positions = token_positions(cu_seqlens, n_tokens)
+    starts, positions = suffix_positions(cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, n_tokens)
     first_key = (block_indices.long() * block_size).flatten()  # position of each block's first key in its sequence
     query_position = positions.repeat_interleave(n_groups * topk)
     pair_ids = ((block_indices.flatten() >= 0) & (first_key <= query_position)).nonzero().squeeze(1)
@@ -127,7 +160,7 @@ def plan(block_indices, cu_seqlens, block_size: int, heads_per_group: int, pairs
     token, group = pair_ids // (n_groups * topk), pair_ids // topk % n_groups
     block_start = starts[token] + first_key  # packed token of the block's first key
     # One list per (chunk, masked, group, key block), a chunk's unmasked lists first; each list is cut into tiles.
-    list_key = (((token // tokens_per_chunk) * 2 + masked) * n_groups + group) * (n_tokens + 1) + block_start
+    list_key = (((token // tokens_per_chunk) * 2 + masked) * n_groups + group) * (n_keys + 1) + block_start
     order = torch.argsort(list_key, stable=True)
     pair_ids, first_key, masked, group, block_start, list_key = (
         x[order] for x in (pair_ids, first_key, masked, group, block_start, list_key))
@@ -151,27 +184,39 @@ def plan(block_indices, cu_seqlens, block_size: int, heads_per_group: int, pairs
     tile_pair = torch.repeat_interleave(first_pair, tiles_per_list, output_size=n_tiles)  # a pair of each tile
     tile_chunk, tile_masked = pair_ids[tile_pair] // (n_groups * topk * tokens_per_chunk), masked[tile_pair]
     offsets = torch.arange(block_size, device=device)
-    key_tokens = (block_start[tile_pair, None] + offsets).clamp_(max=max(n_tokens - 1, 0))
+    key_tokens = (block_start[tile_pair, None] + offsets).clamp_(max=max(n_keys - 1, 0))
     key_rows = key_tokens * n_groups + group[tile_pair, None]
-    slot_position = positions[slot_pair // (n_groups * topk)].masked_fill_(empty, n_tokens + block_size)
+    slot_position = positions[slot_pair // (n_groups * topk)].masked_fill_(empty, n_keys + block_size)
     chunk_first_row = (tile_chunk * (tokens_per_chunk * n_groups)).repeat_interleave(pairs_per_tile)
     query_rows = torch.where(empty, chunk_first_row, slot_pair // topk)
     masked_tiles = tile_masked.nonzero().squeeze(1)
     hidden = first_key[tile_pair[masked_tiles], None, None] + offsets \
         > slot_position.view(n_tiles, pairs_per_tile)[masked_tiles, :, None]
     tiles_per_chunk = torch.bincount(tile_chunk, minlength=n_chunks)
-    counts = torch.stack([tiles_per_chunk, torch.bincount(tile_chunk[tile_masked], minlength=n_chunks)]).tolist()
+    chunk_ids = torch.arange(n_chunks, device=device)
+    end_rows = ((chunk_ids + 1) * tokens_per_chunk).clamp_(max=n_tokens) * n_groups
+    chunks = torch.stack([chunk_ids * tokens_per_chunk * n_groups, end_rows, tiles_per_chunk,
+                          torch.bincount(tile_chunk[tile_masked], minlength=n_chunks)], dim=1)
+    # each chunk's slots from 0, the extra slot of Tiles.lse_buffer where an entry is no pair
+    chunk_slots = tiles_per_chunk * pairs_per_tile
+    row_chunk = torch.arange(n_tokens * n_groups, device=device) // (tokens_per_chunk * n_groups)
+    pair_slots = torch.minimum(pair_slots - (chunk_slots.cumsum(0) - chunk_slots)[row_chunk, None],
+                               chunk_slots[row_chunk, None])
+    return TilePlan(query_rows, empty, key_tokens, key_rows, hidden, pair_slots, chunks)
+
+
+def tiles_of(tile_plan: TilePlan) -> list[tuple[slice, Tiles]]:
+    """Each chunk's slice of the ``[T * G]`` rows and its :class:`Tiles` (views of ``tile_plan``)."""
+    pairs_per_tile = tile_plan.hidden.shape[1]
     chunks, first_tile, first_hidden = [], 0, 0
-    for chunk, (n_chunk_tiles, n_masked) in enumerate(zip(*counts)):
-        rows = slice(chunk * tokens_per_chunk * n_groups, min(n_tokens, (chunk + 1) * tokens_per_chunk) * n_groups)
-        tiles, slots = slice(first_tile, first_tile + n_chunk_tiles), \
-            slice(first_tile * pairs_per_tile, (first_tile + n_chunk_tiles) * pairs_per_tile)
+    for first_row, end_row, n_tiles, n_masked in tile_plan.chunks.tolist():
+        rows, tiles = slice(first_row, end_row), slice(first_tile, first_tile + n_tiles)
+        slots = slice(first_tile * pairs_per_tile, (first_tile + n_tiles) * pairs_per_tile)
         chunks.append((rows, Tiles(
-            n_chunk_tiles, pairs_per_tile, rows.start, query_rows[slots], empty[slots],
-            key_tokens[tiles], key_rows[tiles], n_chunk_tiles - n_masked,
-            hidden[first_hidden:first_hidden + n_masked].unsqueeze(2),
-            (pair_slots[rows] - slots.start).clamp_(max=n_chunk_tiles * pairs_per_tile))))
-        first_tile, first_hidden = first_tile + n_chunk_tiles, first_hidden + n_masked
+            n_tiles, pairs_per_tile, first_row, tile_plan.query_rows[slots], tile_plan.empty[slots],
+            tile_plan.key_tokens[tiles], tile_plan.key_rows[tiles], n_tiles - n_masked,
+            tile_plan.hidden[first_hidden:first_hidden + n_masked].unsqueeze(2), tile_plan.pair_slots[rows])))
+        first_tile, first_hidden = first_tile + n_tiles, first_hidden + n_masked
     return chunks
 
 
@@ -244,29 +289,6 @@ def attention_backward(q, k, v, out, lse, dout, chunks, block_size: int, scale: 
     return dq_rows.view_as(q), dk_rows.view_as(k), dv_rows.view_as(v)
 
 
-class SparseAttention(torch.autograd.Function):
-    """:func:`attention_forward` with its backward; ``lse`` is not differentiable."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, block_indices, cu_seqlens, block_size, scale):
-        q, k, v = (x.contiguous() for x in (q, k, v))
-        heads_per_group = q.shape[1] // k.shape[1]
-        chunks = plan(block_indices, cu_seqlens, block_size, heads_per_group,
-                      _FORWARD_ELEMENTS // (heads_per_group * q.shape[2]))
-        out, lse = attention_forward(q, k, v, chunks, block_size, scale)
-        ctx.save_for_backward(q, k, v, out, lse, block_indices, cu_seqlens)
-        ctx.block_size, ctx.scale = block_size, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, block_indices, cu_seqlens = ctx.saved_tensors
-        chunks = plan(block_indices, cu_seqlens, ctx.block_size, q.shape[1] // k.shape[1])
-        dq, dk, dv = attention_backward(q, k, v, out, lse, dout.contiguous(), chunks, ctx.block_size, ctx.scale)
-        return dq, dk, dv, None, None, None, None
-
-
 def _index_logits(tiles: Tiles, iq_rows, ik_rows, first: int, count: int, slots: slice, scale: float):
     """The index queries ``[count, P, Di]``, keys ``[count, B, Di]`` and logits ``[count, P, B]`` of a batch."""
     block_size = tiles.key_tokens.shape[1]
@@ -287,7 +309,7 @@ def support_lse(index_q, index_k, block_indices, cu_seqlens, block_size: int, sc
     """LSE ``[T, G]`` of the index logits over the visible keys of each row's listed blocks."""
     iq_rows, ik_rows = index_q.view(-1, index_q.shape[-1]), index_k.view(-1, index_k.shape[-1])
     lse = index_q.new_empty(iq_rows.shape[0], 1)
-    for rows, tiles in plan(block_indices, cu_seqlens, block_size, 1):
+    for rows, tiles in tiles_of(plan(block_indices, cu_seqlens, block_size, 1)):
         slot_lse = tiles.lse_buffer(index_q, 1)
         for first, count, slots in tiles.batches(tiles.pairs_per_tile * block_size):
             logits = _index_logits(tiles, iq_rows, ik_rows, first, count, slots, scale)[2]
@@ -296,17 +318,18 @@ def support_lse(index_q, index_k, block_indices, cu_seqlens, block_size: int, sc
     return lse.view(index_q.shape[:2])
 
 
-def index_kl(q, k, index_q, index_k, block_indices, cu_seqlens, block_size: int, scale: float, index_scale: float,
+def index_kl(q, k, index_q, index_k, chunks, block_size: int, scale: float, index_scale: float,
              main_lse: torch.Tensor | None, with_grads: bool):
-    """Sum over rows of KL(teacher || student) on the selected support, and its gradients in ``index_q`` and
-    ``index_k`` (None without ``with_grads``). ``main_lse`` ``[T, Hq]``: the teacher's LSEs, if known."""
+    """Sum over rows of KL(teacher || student) on the support that ``chunks`` (:func:`tiles_of`) tile, and its
+    gradients in ``index_q`` and ``index_k`` (None without ``with_grads``). ``main_lse`` ``[T, Hq]``: the teacher's
+    LSEs, if known."""
     n_heads, head_dim = q.shape[1:]
     heads_per_group = n_heads // k.shape[1]
     q_rows, k_rows = q.view(-1, heads_per_group * head_dim), k.view(-1, head_dim)
     iq_rows, ik_rows = index_q.view(-1, index_q.shape[-1]), index_k.view(-1, index_k.shape[-1])
     d_iq_rows, d_ik_rows = (torch.zeros_like(iq_rows), torch.zeros_like(ik_rows)) if with_grads else (None, None)
     total = q.new_zeros(())
-    for rows, tiles in plan(block_indices, cu_seqlens, block_size, heads_per_group):
+    for rows, tiles in chunks:
         tile_rows = tiles.pairs_per_tile * heads_per_group
         # The supports' normalisations first: the student's, and the teacher's unless given.
         slot_index_lse = tiles.lse_buffer(index_q, 1)
@@ -338,21 +361,3 @@ def index_kl(q, k, index_q, index_k, block_indices, cu_seqlens, block_size: int,
     if not with_grads:
         return total, None, None
     return total, d_iq_rows.view_as(index_q), d_ik_rows.view_as(index_k)
-
-
-class IndexKL(torch.autograd.Function):
-    """:func:`index_kl`'s sum, its gradients computed in the forward pass (the teacher evaluated once)."""
-
-    @staticmethod
-    def forward(ctx, q, k, index_q, index_k, block_indices, cu_seqlens, block_size, scale, index_scale, main_lse,
-                with_grads):
-        q, k, index_q, index_k = (x.contiguous() for x in (q, k, index_q, index_k))
-        total, d_index_q, d_index_k = index_kl(q, k, index_q, index_k, block_indices, cu_seqlens, block_size, scale,
-                                               index_scale, main_lse, with_grads)
-        ctx.save_for_backward(d_index_q, d_index_k)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        d_index_q, d_index_k = ctx.saved_tensors
-        return None, None, d_index_q * grad, d_index_k * grad, *(None,) * 7

@@ -37,27 +37,34 @@ def _block_maxima(index_q, index_k, block_size: int, n_blocks: int) -> torch.Ten
 
 
 def _select_one(rank_q, rank_k, block_size: int, topk: int, scale: float) -> torch.Tensor:
-    """One sequence: ``rank_q`` ``[S, G, Di]``, ``rank_k`` ``[S, Di]`` -> int64 ``[S, G, topk]``."""
-    seqlen, n_groups, _ = rank_q.shape
-    block_indices = torch.empty((seqlen, n_groups, topk), dtype=torch.int64, device=rank_q.device)
-    for start in range(0, seqlen, _QUERY_CHUNK):
-        end = min(seqlen, start + _QUERY_CHUNK)
-        earlier = (end - 1) // block_size  # the blocks before the last query's local block
+    """One sequence: ``rank_q`` ``[Sq, G, Di]``, the last queries of ``rank_k`` ``[Sk, Di]`` -> int64
+    ``[Sq, G, topk]``."""
+    n_queries, n_groups, _ = rank_q.shape
+    offset = rank_k.shape[0] - n_queries
+    block_indices = torch.empty((n_queries, n_groups, topk), dtype=torch.int64, device=rank_q.device)
+    for start in range(0, n_queries, _QUERY_CHUNK):
+        end = min(n_queries, start + _QUERY_CHUNK)
+        earlier = (offset + end - 1) // block_size  # the blocks before the last query's local block
         scores = _block_maxima(rank_q[start:end], rank_k, block_size, earlier).mul_(scale)
-        local = torch.arange(start, end, device=rank_q.device) // block_size
+        local = torch.arange(offset + start, offset + end, device=rank_q.device) // block_size
         block_indices[start:end] = reference.rank_blocks(scores, local, topk)
     return block_indices
 
 
-def select_blocks(index_q, index_k, cu_seqlens, block_size: int, topk: int, scale: float, fp8: bool) -> torch.Tensor:
-    """int32 ``[T, G, topk]`` from packed ``index_q`` ``[T, G, Di]`` and ``index_k`` ``[T, 1, Di]``.
+def select_blocks(index_q, index_k, cu_seqlens, block_size: int, topk: int, scale: float, fp8: bool,
+                  cu_seqlens_k=None) -> torch.Tensor:
+    """int32 ``[Tq, G, topk]`` from packed ``index_q`` ``[Tq, G, Di]`` and ``index_k`` ``[Tk, 1, Di]``.
 
-    The layout of :func:`msa.reference.rank_blocks`. ``fp8``: rank with the
+    ``cu_seqlens_k``: the keys' offsets when each sequence's queries
+    (``cu_seqlens``) are the last of its keys; default: the queries' own. The
+    layout of :func:`msa.reference.rank_blocks`. ``fp8``: rank with the
     FP8-rounded vectors (:mod:`msa.fp8`).
     """
     rank_q, rank_k = (rounded(x).to(x.dtype) for x in (index_q, index_k)) if fp8 else (index_q, index_k)
     block_indices = torch.empty((*index_q.shape[:2], topk), dtype=torch.int32, device=index_q.device)
-    bounds = cu_seqlens.tolist()
-    for first, last in zip(bounds[:-1], bounds[1:]):
-        block_indices[first:last] = _select_one(rank_q[first:last], rank_k[first:last, 0], block_size, topk, scale)
+    query_bounds = cu_seqlens.tolist()
+    key_bounds = query_bounds if cu_seqlens_k is None else cu_seqlens_k.tolist()
+    for first, last, first_key, last_key in zip(query_bounds[:-1], query_bounds[1:], key_bounds[:-1], key_bounds[1:]):
+        block_indices[first:last] = _select_one(rank_q[first:last], rank_k[first_key:last_key, 0], block_size, topk,
+                                                scale)
     return block_indices
