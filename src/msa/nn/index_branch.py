@@ -91,24 +91,22 @@ def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk
     dtype (:func:`msa.select_blocks`). Returns
     ``(out, kl_loss or None, block_indices)``.
     """
-    varlen = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-
     def select(n_blocks):
         return select_blocks(index_q.detach(), index_k.detach(), block_size=block_size, topk=n_blocks,
-                             index_dtype=index_dtype, **varlen)
+                             index_dtype=index_dtype, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                             return_selection=True)
 
-    block_indices = select(topk)
+    # one Selection, checked once, its derived structures shared by the attention, its backward and the KL loss
+    selection = select(topk)
     main_lse = None  # the teacher's normalisation on the selected support, when the Main Branch computed it
     if mode == "sparse":
-        out, main_lse = sparse_attention(q, k, v, block_indices, block_size=block_size, softmax_scale=softmax_scale,
-                                         return_lse=True, **varlen)
+        out, main_lse = sparse_attention(q, k, v, selection, softmax_scale=softmax_scale, return_lse=True)
     else:
-        out = dense_attention(q, k, v, softmax_scale=softmax_scale, **varlen)
+        out = dense_attention(q, k, v, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     kl_loss = None
     if compute_kl_loss:
-        kl_blocks = block_indices
+        kl_selection = selection
         if kl_topk is not None and kl_topk > topk:
-            kl_blocks, main_lse = select(kl_topk), None
-        kl_loss = index_kl_loss(q, k, index_q, index_k, kl_blocks, block_size=block_size,
-                                softmax_scale=softmax_scale, main_lse=main_lse, **varlen)
-    return out, kl_loss, block_indices
+            kl_selection, main_lse = select(kl_topk), None
+        kl_loss = index_kl_loss(q, k, index_q, index_k, kl_selection, softmax_scale=softmax_scale, main_lse=main_lse)
+    return out, kl_loss, selection.block_indices

@@ -2,7 +2,8 @@
 
 Every check names the argument and what was expected. Checks that must read
 tensor values (``cu_seqlens`` monotone, ``block_indices`` in range) synchronise
-with the device, so they are skipped while a CUDA graph is being captured.
+with the device, so they are skipped while a CUDA graph is being captured or
+``torch.compile`` traces the call.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,8 @@ class Layout:
 
 
 def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    """Whether a CUDA graph is being captured or ``torch.compile`` traces: no reading of tensor values then."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def check_tensor(name: str, x, rank: int, expected: str, dtypes=FLOAT_DTYPES) -> None:
@@ -84,14 +87,14 @@ def check_scale(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive finite float, got {value}")
 
 
-def make_layout(name: str, x, cu_seqlens, max_seqlen=None) -> Layout:
-    """Infer the layout from the first tensor ``x`` (``[B, S, H, D]`` or ``[T, H, D]``)."""
+def make_layout(name: str, x, cu_seqlens, max_seqlen=None, tail=("H", "D"), dtypes=FLOAT_DTYPES) -> Layout:
+    """Infer the layout from the first tensor ``x`` (``[B, S, *tail]`` or ``[T, *tail]``, of one of ``dtypes``)."""
     if cu_seqlens is None:
-        check_tensor(name, x, 4, "[B, S, H, D] (or [T, H, D] with cu_seqlens)")
+        check_tensor(name, x, 4, f"[B, S, {', '.join(tail)}] (or [T, {', '.join(tail)}] with cu_seqlens)", dtypes)
         batch, seqlen = x.shape[:2]
         packed = torch.arange(batch + 1, dtype=torch.int32, device=x.device) * seqlen
         return Layout((batch, seqlen), None, packed, seqlen)
-    check_tensor(name, x, 3, "[T, H, D] when cu_seqlens is given")
+    check_tensor(name, x, 3, f"[T, {', '.join(tail)}] when cu_seqlens is given", dtypes)
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be an int32 torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -116,7 +119,8 @@ def make_layout(name: str, x, cu_seqlens, max_seqlen=None) -> Layout:
             raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest})")
         max_seqlen = longest if max_seqlen is None else max_seqlen
     elif max_seqlen is None:
-        raise ValueError("max_seqlen must be given with cu_seqlens while a CUDA graph is being captured")
+        raise ValueError("max_seqlen must be given with cu_seqlens while a CUDA graph is being captured or "
+                         "torch.compile traces")
     return Layout((total,), cu_seqlens, cu_seqlens, max_seqlen)
 
 
@@ -148,12 +152,15 @@ def check_qkv(layout: Layout, q, k, v) -> tuple[int, int]:
     return n_heads, n_groups
 
 
-def check_block_indices(layout: Layout, block_indices, n_groups: int, block_size: int) -> torch.Tensor:
-    """Checks shape, dtype and values; returns ``block_indices`` as int32."""
+def check_block_indices(layout: Layout, block_indices, n_groups: int, block_size: int,
+                        device: torch.device) -> torch.Tensor:
+    """Checks shape, dtype, device and values; returns ``block_indices`` as int32."""
     expected = layout.describe("G", "topk")
-    check_tensor("block_indices", block_indices, len(layout.lead) + 2, expected, dtypes=(torch.int32, torch.int64))
+    check_tensor("block_indices", block_indices, len(layout.lead) + 2, expected, dtypes=INDEX_DTYPES)
     if tuple(block_indices.shape[:-1]) != layout.lead + (n_groups,):
         raise ValueError(f"block_indices must have shape {expected} with G={n_groups}, got {tuple(block_indices.shape)}")
+    if block_indices.device != device:
+        raise ValueError(f"block_indices must be on {device}, got {block_indices.device}")
     block_indices = block_indices.to(torch.int32)
     if not _capturing() and block_indices.numel():
         n_blocks = math.ceil(layout.max_seqlen / block_size)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from msa.fp8 import FP8_DTYPE, check_index_dtype, quantize_rows
-from msa.ops import block_outer, block_select
+from msa.fp8 import FP8_DTYPE, check_index_dtype
+from msa.ops import library
 from msa.ops.backend import compute_dtype, unsupported_reason, use_triton
 from msa.ops.checks import check_block_size, check_int, check_like, check_scale, make_layout
-from msa.varlen import token_positions
+from msa.ops.selection import Selection
 
 
 def select_blocks(
@@ -22,6 +22,7 @@ def select_blocks(
     max_seqlen: int | None = None,
     return_lse: bool = False,
     index_dtype: torch.dtype | None = None,
+    return_selection: bool = False,
 ):
     """Choose, per query and GQA group, the key blocks the Main Branch attends to.
 
@@ -41,12 +42,17 @@ def select_blocks(
             matrix rate of bf16 on Hopper, a selection no longer bit-comparable
             to the bf16 one); None (default) ranks in the inputs' dtype. The
             LSE always uses the unrounded logits.
+        return_selection: return a :class:`~msa.ops.selection.Selection`
+            (the indices with their block size and layout, which
+            :func:`sparse_attention` and :func:`index_kl_loss` take without
+            checking them again) instead of the bare ``block_indices``.
 
     Returns:
         ``block_indices``: int32 ``[B, S, G, topk]`` (``[T, G, topk]``), block
         numbers relative to the sequence start, ``-1`` in unused slots, distinct,
         order unspecified; the local block ``i // block_size`` is always present
-        and no block after it ever is. With ``return_lse``, also float32 ``lse``
+        and no block after it ever is (a Selection of them with
+        ``return_selection``). With ``return_lse``, also float32 ``lse``
         ``[B, S, G]``.
     """
     layout = make_layout("index_q", index_q, cu_seqlens, max_seqlen)
@@ -59,29 +65,20 @@ def select_blocks(
     reason = unsupported_reason(dtype=index_q.dtype, index_dim=index_q.shape[-1], block_size=block_size, topk=topk,
                                 fp8_device=index_q.device if fp8 else None)
     scale = index_q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    if use_triton("select_blocks", index_q.device, reason):
-        from msa import kernels
-
-        index_q, index_k = layout.pack(index_q).contiguous(), layout.pack(index_k).contiguous()
-        cu_seqlens = layout.packed_cu_seqlens
-        if fp8:
-            (rank_q, _), (rank_k, k_scale) = quantize_rows(index_q), quantize_rows(index_k[:, 0])
-            block_indices = kernels.select_blocks(rank_q, rank_k, cu_seqlens, layout.max_seqlen, block_size, topk,
-                                                  index_k_scale=k_scale)
+    triton = use_triton("select_blocks", index_q.device, reason)
+    dtype = index_q.dtype if triton else compute_dtype(index_q.dtype)
+    with torch.no_grad():  # the selection and its LSE are not differentiable
+        index_q, index_k = (layout.pack(x).to(dtype).contiguous() for x in (index_q, index_k))
+        if triton:
+            packed = library.triton_select_blocks(index_q, index_k, layout.packed_cu_seqlens, layout.max_seqlen,
+                                                  block_size, topk, fp8)
         else:
-            block_indices = kernels.select_blocks(index_q, index_k, cu_seqlens, layout.max_seqlen, block_size, topk)
-        if return_lse:
-            token_starts = token_positions(cu_seqlens, layout.total_tokens)[0].int()
-            lse = kernels.support_lse(index_q, index_k, block_indices, token_starts, block_size, scale)
-    else:
-        dtype = compute_dtype(index_q.dtype)
-        with torch.no_grad():  # the selection and its LSE are not differentiable
-            index_q, index_k = (layout.pack(x).to(dtype).contiguous() for x in (index_q, index_k))
-            block_indices = block_select.select_blocks(index_q, index_k, layout.packed_cu_seqlens, block_size, topk,
-                                                       scale, fp8)
-            if return_lse:
-                lse = block_outer.support_lse(index_q, index_k, block_indices, layout.packed_cu_seqlens, block_size,
-                                              scale)
-    if not return_lse:
-        return layout.unpack(block_indices)
-    return layout.unpack(block_indices), layout.unpack(lse).float()
+            packed = library.torch_select_blocks(index_q, index_k, layout.packed_cu_seqlens, block_size, topk, scale,
+                                                 fp8)
+        selection = Selection(layout.unpack(packed), block_size, layout)
+        if return_lse and triton:
+            lse = library.triton_support_lse(index_q, index_k, packed, selection.token_starts(), block_size, scale)
+        elif return_lse:
+            lse = library.torch_support_lse(index_q, index_k, packed, layout.packed_cu_seqlens, block_size, scale)
+    result = selection if return_selection else selection.block_indices
+    return (result, layout.unpack(lse).float()) if return_lse else result

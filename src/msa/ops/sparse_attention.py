@@ -4,45 +4,19 @@ from __future__ import annotations
 
 import torch
 
-from msa.ops import block_outer
+from msa.ops import library
 from msa.ops.backend import compute_dtype, unsupported_reason, use_triton
-from msa.ops.checks import check_block_indices, check_block_size, check_qkv, check_scale, make_layout
-from msa.varlen import token_positions
-
-
-class SparseAttentionFunction(torch.autograd.Function):
-    """Triton forward and backward over packed ``[T, H, D]`` contiguous tensors."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, block_indices, cu_seqlens, max_seqlen, block_size, scale):
-        from msa import kernels
-
-        token_starts = token_positions(cu_seqlens, q.shape[0])[0].int()
-        out, lse = kernels.sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen,
-                                                block_size, scale)
-        ctx.save_for_backward(q, k, v, out, lse, block_indices, token_starts, cu_seqlens)
-        ctx.max_seqlen, ctx.block_size, ctx.scale = max_seqlen, block_size, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        from msa import kernels
-
-        q, k, v, out, lse, block_indices, token_starts, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = kernels.sparse_attention_bwd(q, k, v, out, lse, dout.contiguous(), block_indices, token_starts,
-                                                  cu_seqlens, ctx.max_seqlen, ctx.block_size, ctx.scale,
-                                                  deterministic=torch.are_deterministic_algorithms_enabled())
-        return dq, dk, dv, None, None, None, None, None
+from msa.ops.checks import check_qkv, check_scale
+from msa.ops.selection import Selection, layout_of, selection_of
 
 
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_indices: torch.Tensor,
+    block_indices: torch.Tensor | Selection,
     *,
-    block_size: int = 128,
+    block_size: int | None = None,
     softmax_scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
@@ -55,10 +29,15 @@ def sparse_attention(
         k, v: ``[B, S, G, D]`` keys and values; ``Hq % G == 0`` and query head
             ``h`` reads KV head ``h // (Hq // G)``.
         block_indices: int32 ``[B, S, G, topk]`` from :func:`select_blocks`
-            (distinct blocks, ``-1`` for unused slots).
-        block_size: tokens per key block (a power of two).
+            (distinct blocks, ``-1`` for unused slots), checked on every call;
+            or a :class:`~msa.ops.selection.Selection`, checked once when it
+            was made, which brings its block size and layout and keeps what
+            the backends derive from it for the next op that takes it.
+        block_size: tokens per key block (a power of two); default 128, or the
+            Selection's.
         softmax_scale: default ``D ** -0.5``.
-        cu_seqlens, max_seqlen: packed varlen layout, as in flash-attn.
+        cu_seqlens, max_seqlen: packed varlen layout, as in flash-attn (None
+            with a Selection).
         return_lse: also return the float32 natural-log LSE ``[B, S, Hq]``
             (``-inf`` for a query whose listed blocks hold no visible key).
 
@@ -67,22 +46,23 @@ def sparse_attention(
         to exactly the keys ``t <= i`` of the blocks listed for (i, group of h).
         Differentiable in q, k and v.
     """
-    layout = make_layout("q", q, cu_seqlens, max_seqlen)
-    _, n_groups = check_qkv(layout, q, k, v)
-    check_block_size(block_size)
+    layout = layout_of(block_indices, block_size, "q", q, cu_seqlens, max_seqlen)
+    n_heads, n_groups = check_qkv(layout, q, k, v)
     check_scale("softmax_scale", softmax_scale)
-    block_indices = check_block_indices(layout, block_indices, n_groups, block_size)
+    selection = selection_of(block_indices, block_size, layout, n_groups, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    packed = [layout.pack(x) for x in (q, k, v, block_indices)]
-    reason = unsupported_reason(dtype=q.dtype, head_dim=q.shape[-1], block_size=block_size, topk=block_indices.shape[-1],
-                                heads_per_group=q.shape[-2] // n_groups)
-    if use_triton("sparse_attention", q.device, reason):
-        out, lse = SparseAttentionFunction.apply(*(x.contiguous() for x in packed), layout.packed_cu_seqlens,
-                                                 layout.max_seqlen, block_size, scale)
+    reason = unsupported_reason(dtype=q.dtype, head_dim=q.shape[-1], block_size=selection.block_size,
+                                topk=selection.topk, heads_per_group=n_heads // n_groups)
+    triton = use_triton("sparse_attention", q.device, reason)
+    dtype = q.dtype if triton else compute_dtype(q.dtype)
+    packed = [layout.pack(x).to(dtype).contiguous() for x in (q, k, v)]
+    if triton:
+        out, lse = library.triton_sparse_attention(*packed, selection.packed(), selection.token_starts(),
+                                                   layout.packed_cu_seqlens, layout.max_seqlen, selection.block_size,
+                                                   scale)
     else:
-        dtype = compute_dtype(q.dtype)
-        out, lse = block_outer.SparseAttention.apply(*(x.to(dtype) for x in packed[:3]), packed[3],
-                                                     layout.packed_cu_seqlens, block_size, scale)
+        out, lse = library.torch_sparse_attention(*packed, selection.tile_plan(n_heads // n_groups, q.shape[-1]),
+                                                  selection.block_size, scale)
     out = layout.unpack(out).to(q.dtype)
     if not return_lse:
         return out
