@@ -158,7 +158,8 @@ def check_block_indices(layout: Layout, block_indices, n_groups: int, block_size
     expected = layout.describe("G", "topk")
     check_tensor("block_indices", block_indices, len(layout.lead) + 2, expected, dtypes=INDEX_DTYPES)
     if tuple(block_indices.shape[:-1]) != layout.lead + (n_groups,):
-        raise ValueError(f"block_indices must have shape {expected} with G={n_groups}, got {tuple(block_indices.shape)}")
+        raise ValueError(f"block_indices must have shape {expected} with G={n_groups}, "
+                         f"got {tuple(block_indices.shape)}")
     if block_indices.device != device:
         raise ValueError(f"block_indices must be on {device}, got {block_indices.device}")
     block_indices = block_indices.to(torch.int32)

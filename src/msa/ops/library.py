@@ -45,12 +45,13 @@ def _(block_indices, cu_seqlens, block_size, heads_per_group, pairs_per_chunk):
     n_tiles, n_masked = get_ctx().new_dynamic_size(), get_ctx().new_dynamic_size()
     pairs_per_tile = max(1, block_outer._TILE_ROWS // heads_per_group)
     n_chunks = -(-n_tokens // max(1, pairs_per_chunk // (n_groups * topk)))
-    index = dict(dtype=torch.int64)
-    return [block_indices.new_empty(n_tiles * pairs_per_tile, **index),
-            block_indices.new_empty(n_tiles * pairs_per_tile, dtype=torch.bool),
-            block_indices.new_empty(n_tiles, block_size, **index), block_indices.new_empty(n_tiles, block_size, **index),
-            block_indices.new_empty(n_masked, pairs_per_tile, block_size, dtype=torch.bool),
-            block_indices.new_empty(n_tokens * n_groups, topk, **index), block_indices.new_empty(n_chunks, 4, **index)]
+    def empty(*shape, dtype=torch.int64):
+        return block_indices.new_empty(shape, dtype=dtype)
+
+    return [empty(n_tiles * pairs_per_tile), empty(n_tiles * pairs_per_tile, dtype=torch.bool),
+            empty(n_tiles, block_size), empty(n_tiles, block_size),
+            empty(n_masked, pairs_per_tile, block_size, dtype=torch.bool), empty(n_tokens * n_groups, topk),
+            empty(n_chunks, 4)]
 
 
 def _tiles(plan_tensors: list[Tensor]):
