@@ -56,7 +56,7 @@ def sweep_case(batch: int, seqlen: int, q_len: int, draft_union: float, configs)
         def call(layer):
             kernels.paged_sparse_attention(q, cache.k[layer], cache.v[layer], cache.page_table, tiles, block_indices,
                                            block_lists, out, c["head_dim"] ** -0.5, tokens_per_tile, split,
-                                           **buffers, num_warps=num_warps, num_stages=num_stages)
+                                           **buffers, config=kernels.PagedAttentionConfig(num_warps, num_stages))
 
         try:
             call(0)

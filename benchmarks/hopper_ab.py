@@ -2,7 +2,7 @@
 
 On the paper's layer (bf16, one sequence, selections of ``select_blocks`` on
 random index vectors as in ``kernels.py``), runs
-``kernels.sparse_attention_fwd(schedule="kv")`` with ``kernels.HOPPER_FWD``
+``kernels.sparse_attention_fwd(schedule="kv")`` with ``SparseForwardConfig.hopper``
 off (``triton``) and on (``gluon``; sm_90 only, elsewhere both variants run the
 Triton kernel), compares each output and LSE with the Triton one's, times the
 whole forward in interleaved rounds and takes the GPU time of its kernels under
@@ -25,7 +25,7 @@ from flops import PAPER_LAYER
 from msa import kernels
 from msa.cli.bench import git_commit
 
-VARIANTS = {"triton": False, "gluon": True}  # the value of kernels.HOPPER_FWD
+VARIANTS = {"triton": False, "gluon": True}  # the forward config's ``hopper``
 
 
 def kernel_ms(forward) -> dict:
@@ -42,14 +42,14 @@ def compare_length(seqlen: int, rounds: int) -> dict:
     c = PAPER_LAYER
     q, k, v, cu, starts, blocks, _ = packed_attention_inputs(c, seqlen, seed=1)
 
-    def forward():
+    def forward(hopper: bool):
         return kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, c["block_size"],
-                                            c["head_dim"] ** -0.5, schedule="kv")
+                                            c["head_dim"] ** -0.5, schedule="kv",
+                                            config=kernels.SparseForwardConfig(hopper=hopper))
 
     outputs = {}
     for name, hopper in VARIANTS.items():
-        kernels.HOPPER_FWD = hopper
-        outputs[name] = forward()
+        outputs[name] = forward(hopper)
     torch.cuda.synchronize()
     base_out, base_lse = outputs["triton"]
     row = {"seqlen": seqlen}
@@ -60,12 +60,10 @@ def compare_length(seqlen: int, rounds: int) -> dict:
     del outputs, base_out, base_lse
     for _ in range(rounds):
         for name, hopper in VARIANTS.items():
-            kernels.HOPPER_FWD = hopper
-            row[name]["ms"].append(time_ms(forward, 2, 5))
+            row[name]["ms"].append(time_ms(lambda: forward(hopper), 2, 5))
     for name, hopper in VARIANTS.items():
-        kernels.HOPPER_FWD = hopper
         row[name]["median_ms"] = sorted(row[name]["ms"])[len(row[name]["ms"]) // 2]
-        row[name]["kernels"] = kernel_ms(forward)
+        row[name]["kernels"] = kernel_ms(lambda: forward(hopper))
     return row
 
 
@@ -75,7 +73,6 @@ def main() -> None:
     parser.add_argument("--seqlens", default="32768,131072")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the median is reported")
     args = parser.parse_args()
-    default = kernels.HOPPER_FWD
     record = {"benchmark": "hopper_ab", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "commit": git_commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -83,7 +80,6 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for seqlen in (int(s) for s in args.seqlens.split(",")):
         record["rows"].append(compare_length(seqlen, args.rounds))
-        kernels.HOPPER_FWD = default
         print(json.dumps(record["rows"][-1]), flush=True)
         (args.out / "hopper_ab.json").write_text(json.dumps(record, indent=1))
 

@@ -17,7 +17,9 @@ of the bf16 selection that the FP8 one keeps. Writes ``kernels.json`` under
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import functools
 import json
 from pathlib import Path
 
@@ -77,12 +79,12 @@ def tune_indexer(c: dict, seqlen: int, console) -> dict:
             name = f"{dtype} {config}"
             try:
                 results[name] = time_ms(lambda: kernels.select_blocks(
-                    *inputs, cu, seqlen, c["block_size"], c["topk"], config, **scales), 2, 5)
+                    *inputs, cu, seqlen, c["block_size"], c["topk"], kernels.IndexerConfig(*config), **scales), 2, 5)
             except Exception as error:  # e.g. out of shared memory or registers
                 results[name] = str(error).splitlines()[0][:100]
         best = min((v, k) for k, v in results.items() if isinstance(v, float) and k.startswith(dtype))
         console.print(f"indexer configs at S={seqlen}: best {best[1]} {best[0]:.2f} ms (defaults "
-                      f"{kernels.INDEXER_CONFIG}, FP8 {kernels.INDEXER_CONFIG_FP8})")
+                      f"{kernels.indexer_config(fp8=False)}, FP8 {kernels.indexer_config(fp8=True)})")
     return results
 
 
@@ -109,47 +111,44 @@ def tune_kv_outer(c: dict, seqlen: int, console) -> dict:
     q, k, v, cu, starts, blocks, randn = packed_attention_inputs(c, seqlen, seed=1)
     bs, scale = c["block_size"], c["head_dim"] ** -0.5
     dout = torch.randn_like(q)
-    defaults = kernels.KV_OUTER_FWD, kernels.KV_OUTER_BWD
     results = {}
     for rows in (32, 64):
         for warps in (4, 8):
             for stages in (1, 2, 3):
                 config = (rows, warps, stages)
-                kernels.KV_OUTER_FWD = kernels.KV_OUTER_BWD = config
+                tile = kernels.KVOuterConfig(*config)
+                forward = functools.partial(kernels.sparse_attention_fwd, q, k, v, blocks, starts, cu, seqlen, bs,
+                                            scale, schedule="kv", config=kernels.SparseForwardConfig(tile=tile))
                 try:
-                    out, lse = kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs, scale,
-                                                            schedule="kv")
-                    results[str(config)] = {
-                        "fwd": time_ms(lambda: kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs,
-                                                                            scale, schedule="kv"), 2, 5),
-                        "bwd": time_ms(lambda: kernels.sparse_attention_bwd(q, k, v, out, lse, dout, blocks, starts,
-                                                                            cu, seqlen, bs, scale), 2, 5)}
+                    out, lse = forward()
+                    backward = functools.partial(kernels.sparse_attention_bwd, q, k, v, out, lse, dout, blocks, starts,
+                                                 cu, seqlen, bs, scale, config=kernels.SparseBackwardConfig(tile=tile))
+                    results[str(config)] = {"fwd": time_ms(forward, 2, 5), "bwd": time_ms(backward, 2, 5)}
                 except Exception as error:  # e.g. out of shared memory or registers
                     results[str(config)] = str(error).splitlines()[0][:100]
-    kernels.KV_OUTER_FWD, kernels.KV_OUTER_BWD = defaults
     index_q, index_k = randn(seqlen, c["groups"], c["index_dim"]), randn(seqlen, 1, c["index_dim"])
     out, lse = kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs, scale)
     grad_scale = torch.ones(1, device="cuda")
     index_scale = c["index_dim"] ** -0.5
     _, index_lse, teacher_lse = kernels.index_kl_fwd(q, k, index_q, index_k, blocks, cu, seqlen, bs, scale,
                                                      index_scale, lse)
-    kl_runs = {
-        "KL_FWD": lambda: kernels.index_kl_fwd(q, k, index_q, index_k, blocks, cu, seqlen, bs, scale, index_scale, lse),
-        "KL_BWD": lambda: kernels.index_kl_bwd(q, k, index_q, index_k, blocks, starts, cu, seqlen, teacher_lse,
-                                               index_lse, grad_scale, bs, scale, index_scale),
-        "KL_FUSED": lambda: kernels.index_kl_fwd_bwd(q, k, index_q, index_k, blocks, cu, seqlen, bs, scale,
-                                                     index_scale, lse),  # includes the student pass (KL_FWD)
+    kl_runs = {  # by the IndexKLConfig field each one's kernel launches with
+        "forward": lambda kl: kernels.index_kl_fwd(q, k, index_q, index_k, blocks, cu, seqlen, bs, scale, index_scale,
+                                                   lse, config=kl),
+        "backward": lambda kl: kernels.index_kl_bwd(q, k, index_q, index_k, blocks, starts, cu, seqlen, teacher_lse,
+                                                    index_lse, grad_scale, bs, scale, index_scale, config=kl),
+        "fused": lambda kl: kernels.index_kl_fwd_bwd(q, k, index_q, index_k, blocks, cu, seqlen, bs, scale,
+                                                     index_scale, lse, config=kl),  # includes the student pass
     }
-    for name, run in kl_runs.items():  # one constant varied at a time, the others at their defaults
-        default = getattr(kernels, name)
+    for field, run in kl_runs.items():  # one launch varied at a time, the others at their defaults
         for config in [(rows, warps, stages) for rows in (32, 64, 128) for warps in (4, 8) for stages in (1, 2)]:
-            setattr(kernels, name, config)
+            kl = dataclasses.replace(kernels.IndexKLConfig(), **{field: kernels.KVOuterConfig(*config)})
+            name = f"KL {field} {config}"
             try:
-                run()
-                results[f"{name} {config}"] = time_ms(run, 2, 5)
+                run(kl)
+                results[name] = time_ms(lambda: run(kl), 2, 5)
             except Exception as error:  # e.g. out of shared memory or registers
-                results[f"{name} {config}"] = str(error).splitlines()[0][:100]
-        setattr(kernels, name, default)
+                results[name] = str(error).splitlines()[0][:100]
     console.print(f"KV-outer configs at S={seqlen}: {json.dumps(results)}")
     return results
 

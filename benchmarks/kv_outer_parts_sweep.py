@@ -3,8 +3,8 @@
 On the paper's layer (bf16, one sequence, selections of ``select_blocks`` on
 random index vectors as in ``kernels.py``), times
 ``kernels.sparse_attention_fwd(schedule="kv")`` for every
-(``WORKSPACE_BYTES``, ``KV_OUTER_PART_ENTRIES``) pair, checks each output
-against the default pair's, and writes ``kv_outer_parts_sweep.json`` under
+(``workspace_bytes``, ``part_entries``) pair of its ``SparseForwardConfig``,
+checks each output against the default config's, and writes ``kv_outer_parts_sweep.json`` under
 ``--out`` after every length.
 
     PYTHONPATH=src python benchmarks/kv_outer_parts_sweep.py --out benchmarks/results/<run>
@@ -13,6 +13,7 @@ against the default pair's, and writes ``kv_outer_parts_sweep.json`` under
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 from pathlib import Path
@@ -31,10 +32,12 @@ def sweep_length(seqlen: int, workspaces_gib, part_entries, progress, task) -> d
     q, k, v, cu, starts, blocks, _ = packed_attention_inputs(c, seqlen, seed=seqlen)
     bs, scale = c["block_size"], c["head_dim"] ** -0.5
 
-    def forward():
-        return kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs, scale, schedule="kv")[0]
+    def forward(config):
+        return kernels.sparse_attention_fwd(q, k, v, blocks, starts, cu, seqlen, bs, scale, schedule="kv",
+                                            config=config)[0]
 
-    reference = forward()
+    default = kernels.SparseForwardConfig()
+    reference = forward(default)
 
     def rel_diff(out):  # in slices of tokens: a float32 copy of a 1M-token output would take 32 GB
         diff = ref = 0.0
@@ -43,21 +46,19 @@ def sweep_length(seqlen: int, workspaces_gib, part_entries, progress, task) -> d
             ref += b.float().pow(2).sum().item()
         return (diff / ref) ** 0.5
 
-    defaults = kernels.WORKSPACE_BYTES, kernels.KV_OUTER_PART_ENTRIES
-    row = {"seqlen": seqlen, "default": {"workspace_gib": defaults[0] / 2**30, "part_entries": defaults[1]},
-           "ms": {}, "rel_diff": {}}
+    row = {"seqlen": seqlen, "default": {"workspace_gib": default.workspace_bytes / 2**30,
+                                         "part_entries": default.part_entries}, "ms": {}, "rel_diff": {}}
     for gib in workspaces_gib:
         for entries in part_entries:
-            kernels.WORKSPACE_BYTES, kernels.KV_OUTER_PART_ENTRIES = int(gib * 2**30), entries
+            config = dataclasses.replace(default, workspace_bytes=int(gib * 2**30), part_entries=entries)
             key = f"{gib}GiB/{entries}"
             progress.update(task, description=f"S={seqlen} workspace {gib} GiB, {entries} entries per part")
             try:
-                row["rel_diff"][key] = rel_diff(forward())
-                row["ms"][key] = time_ms(forward, 1, 3)
+                row["rel_diff"][key] = rel_diff(forward(config))
+                row["ms"][key] = time_ms(lambda: forward(config), 1, 3)
             except torch.OutOfMemoryError as error:  # the workspace beside the inputs and outputs
                 row["ms"][key] = str(error).splitlines()[0]
             torch.cuda.empty_cache()
-    kernels.WORKSPACE_BYTES, kernels.KV_OUTER_PART_ENTRIES = defaults
     return row
 
 

@@ -14,6 +14,7 @@ measured in the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -33,14 +34,13 @@ def sweep_case(batch: int, seqlen: int, q_len: int, configs, index_dtype=None) -
     c = LAYER
     cache, requests = paged_cache(batch, seqlen - q_len, q_len, max_layers=4, bytes_limit=int(60e9),
                                   index_dtype=index_dtype)
-    default = kernels.PAGED_SCAN if index_dtype is None else kernels.PAGED_SCAN_FP8
     attention = PagedSparseAttention(cache, num_heads=c["heads"], topk=c["topk"])
     attention.plan(requests, [q_len] * batch)
     index_q = new_tokens(batch * q_len)[3]
     layers = cache.num_layers
     n_rows = batch * q_len * c["groups"]
 
-    def scan(tokens_per_tile, config, scores, tiles, layer):
+    def scan(tokens_per_tile, config, scores, tiles, layer):  # config: None (the default) or a PagedScanConfig
         kernels.paged_block_scores(index_q, cache.index_k[layer], cache.page_table, tiles, scores, 0,
                                    tokens_per_tile, None if index_dtype is None else cache.index_scale[layer],
                                    config=config)
@@ -49,23 +49,27 @@ def sweep_case(batch: int, seqlen: int, q_len: int, configs, index_dtype=None) -
         return torch.tensor(attention.work_tiles(tokens_per_tile), dtype=torch.int32, device="cuda")
 
     reference = torch.empty(n_rows, cache.max_pages_per_request, device="cuda")
-    scan(kernels.PAGED_SCAN_TOKENS, None, reference, tiles_of(kernels.PAGED_SCAN_TOKENS), 0)
+    default_tiles = tiles_of(kernels.PAGED_SCAN_TOKENS)
+    default = kernels.paged_scan_config(index_dtype is not None, len(default_tiles), cache.page_table.shape[1],
+                                        default_tiles.device)
+    scan(kernels.PAGED_SCAN_TOKENS, None, reference, default_tiles, 0)
     scan_bytes = batch * seqlen * index_key_bytes(index_dtype)
     timings = []
-    for tokens_per_tile, *config in configs:
+    for tokens_per_tile, *shape in configs:
         tiles, scores = tiles_of(tokens_per_tile), torch.full_like(reference, float("nan"))
-        entry = dict(tokens=tokens_per_tile, pages=config[0], pages_per_product=config[1], warps=config[2],
-                     stages=config[3])
+        entry = dict(tokens=tokens_per_tile, pages=shape[0], pages_per_product=shape[1], warps=shape[2],
+                     stages=shape[3])
+        config = kernels.PagedScanConfig(*shape)
         try:
-            scan(tokens_per_tile, tuple(config), scores, tiles, 0)
+            scan(tokens_per_tile, config, scores, tiles, 0)
         except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: record and go on
             timings.append(dict(entry, error=type(error).__name__))
             continue
         equal = bool(torch.equal(scores, reference))  # layer 0's scores, before the timed calls rotate layers
-        ms = graph_ms(lambda i: scan(tokens_per_tile, tuple(config), scores, tiles, i % layers), 2 * layers)
+        ms = graph_ms(lambda i: scan(tokens_per_tile, config, scores, tiles, i % layers), 2 * layers)
         timings.append(dict(entry, ms=ms, gbps=scan_bytes / ms / 1e6, equal=equal))
-    return dict(batch=batch, seqlen=seqlen, q_len=q_len, layers_rotated=layers, default=list(default),
-                default_tokens=kernels.PAGED_SCAN_TOKENS, timings=timings)
+    return dict(batch=batch, seqlen=seqlen, q_len=q_len, layers_rotated=layers,
+                default=list(dataclasses.astuple(default)), default_tokens=kernels.PAGED_SCAN_TOKENS, timings=timings)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ against the default's. Writes ``top_blocks_sweep.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 from pathlib import Path
@@ -35,23 +36,23 @@ def sweep(seqlen: int, positions: int, rows_options: list[int], warps_options: l
     kernels.top_blocks(scores, cu_seqlens, reference, first, positions, n_blocks, BLOCK)
     row = {"seqlen": seqlen, "positions": positions, "n_blocks": n_blocks, "ms": {}}
 
-    def timed(**launch):
+    def timed(config=None):
         out = torch.full_like(reference, -7)
-        kernels.top_blocks(scores, cu_seqlens, out, first, positions, n_blocks, BLOCK, **launch)
+        kernels.top_blocks(scores, cu_seqlens, out, first, positions, n_blocks, BLOCK, config)
         if not torch.equal(out, reference):
             return "output differs"
         return time_ms(lambda: kernels.top_blocks(scores, cu_seqlens, out, first, positions, n_blocks, BLOCK,
-                                                  **launch), 2, 10)
+                                                  config), 2, 10)
 
     row["default_ms"] = timed()
-    narrow_from = kernels.TOP_BLOCKS_NARROW_FROM
-    for schedule, threshold in (("narrowed", narrow_from), ("rounds", 2**62)):
-        kernels.TOP_BLOCKS_NARROW_FROM = threshold
-        row[f"{schedule}_ms"] = timed()
+    schedules = {"narrowed": kernels.top_blocks_config(n_blocks, TOPK),
+                 "rounds": kernels.top_blocks_config(n_blocks, TOPK, narrow_from=2**62)}
+    for schedule, config in schedules.items():
+        row[f"{schedule}_ms"] = timed(config)
         for rows in rows_options:
             for warps in warps_options:
-                row["ms"][f"{schedule}, rows {rows}, warps {warps}"] = timed(rows=rows, num_warps=warps)
-    kernels.TOP_BLOCKS_NARROW_FROM = narrow_from
+                row["ms"][f"{schedule}, rows {rows}, warps {warps}"] = timed(
+                    dataclasses.replace(config, rows=rows, num_warps=warps))
     return row
 
 

@@ -140,7 +140,7 @@ def test_decode_steps_that_fill_the_gpu_take_wide_attention_tiles(monkeypatch):
 
 
 def test_index_scan_takes_fewer_pages_per_program_when_few_programs_would_run():
-    from msa.kernels import _scan_pages
+    from msa.kernels.paged import _scan_pages
 
     assert _scan_pages(16, 1, n_tiles=1, max_pages=250, min_programs=264) == 1  # 250 programs: down to one page
     assert _scan_pages(16, 1, n_tiles=4, max_pages=250, min_programs=264) == 2  # 500 programs
@@ -166,9 +166,9 @@ def test_index_scan_launch_shapes_give_the_same_scores(config):
     tiles = torch.tensor(attention.work_tiles(kernels.PAGED_SCAN_TOKENS), dtype=torch.int32, device=DEVICE)
     index_q = torch.randn(6, groups, index_dim, dtype=DTYPES[0], device=DEVICE)
     scores = [torch.full((6 * groups, 20), math.nan, device=DEVICE) for _ in range(2)]
-    for out, shape in zip(scores, (None, config)):
+    for out, launch in zip(scores, (None, kernels.PagedScanConfig(*config))):
         kernels.paged_block_scores(index_q, cache.index_k[0], cache.page_table, tiles, out, 0,
-                                   kernels.PAGED_SCAN_TOKENS, config=shape)
+                                   kernels.PAGED_SCAN_TOKENS, config=launch)
     assert not scores[0].isnan().any()
     torch.testing.assert_close(scores[1], scores[0], rtol=1e-5, atol=1e-5)
 

@@ -6,6 +6,7 @@ in bfloat16/float16/float32. Every allocation made during a kernel call is
 poisoned (NaN, or 2**30 for integers) so that unwritten outputs fail.
 """
 
+import functools
 import math
 import warnings
 
@@ -33,6 +34,15 @@ else:
 def triton_backend(monkeypatch):
     monkeypatch.setenv("MSA_BACKEND", "triton")
     poison_allocations(monkeypatch)
+
+
+def bind(monkeypatch, launcher: str, **keywords):
+    """Binds keyword arguments (a ``config``, a ``schedule``) of the launcher ``msa.kernels.<launcher>`` in the
+    calls the ops make, which pass none."""
+    from msa import kernels
+
+    function = getattr(kernels, launcher)
+    monkeypatch.setattr(kernels, launcher, functools.partial(getattr(function, "func", function), **keywords))
 
 
 def inputs_for(shape, dtype, seed):
@@ -67,7 +77,7 @@ def test_select_blocks_kernel_fp8(shape):
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-def test_indexer_in_chunks(fp8, monkeypatch):
+def test_indexer_in_chunks(fp8):
     """Packed sequences (one empty) through a workspace that holds a few query positions at a time: the
     selection of one chunk for all positions and, up to near-ties, of the reference."""
     from msa import kernels
@@ -86,9 +96,10 @@ def test_indexer_in_chunks(fp8, monkeypatch):
     else:
         rank_q, rank_k = index_q, index_k
     args = (rank_q, rank_k, cu_seqlens, max(seqlens), block_size, topk)
-    config = (32, 4, 2, 32)  # 16 queries per program
+    config = kernels.IndexerConfig(32, 4, 2, 32)  # 16 queries per program
     whole = kernels.select_blocks(*args, config, **scale)
-    monkeypatch.setattr(kernels, "WORKSPACE_BYTES", 3 * 4 * index_q.shape[1] * (max(seqlens) // block_size) * 20)
+    workspace_bytes = 3 * 4 * index_q.shape[1] * (max(seqlens) // block_size) * 20
+    config = kernels.IndexerConfig(32, 4, 2, 32, workspace_bytes)
     blocks = kernels.select_blocks(*args, config, **scale)  # in chunks of 16 query positions
     assert torch.equal(blocks, whole)
     for piece_q, piece_k, piece in zip(*(x.split(seqlens) for x in (index_q, index_k, blocks))):
@@ -131,7 +142,7 @@ def test_top_blocks(n_blocks, topk, values):
 
 @pytest.mark.parametrize("n_pages, topk, values, narrow", [(1600, 16, 1600, True), (1600, 16, 1600, False),
                                                            (300, 8, 3, True), (130, 16, 130, True), (20, 4, 20, True)])
-def test_top_pages(n_pages, topk, values, narrow, monkeypatch):
+def test_top_pages(n_pages, topk, values, narrow):
     """The decode Top-k on page scores with ties (``values`` distinct ones; 3: more candidates than the
     narrowing keeps, so the rounds run over whole rows), -inf pages and one +inf (local) page per row, with and
     without the candidates scratch: per row, pages in (score descending, page ascending) order, -1 for -inf."""
@@ -144,12 +155,13 @@ def test_top_pages(n_pages, topk, values, narrow, monkeypatch):
     scores[torch.arange(rows), torch.randint(0, n_pages, (rows,), generator=gen)] = float("inf")
     scores[-1, topk // 2:] = float("-inf")  # a row with fewer scored pages than topk
     got = torch.full((rows, topk), -7, dtype=torch.int64, device=DEVICE)
-    candidates = None
+    candidates = config = None
     if narrow:
-        monkeypatch.setattr(kernels, "TOP_PAGES_NARROW_ROWS_PER_SM", 0)  # narrowed however few the rows
         candidates = torch.full((max(1, kernels.top_pages_candidates_numel(rows, n_pages, topk)),), math.nan,
                                 device=DEVICE)
-    kernels.top_pages(scores.to(DEVICE), got, candidates)
+        # narrowed however few the rows
+        config = kernels.top_pages_config(rows, n_pages, topk, got.device, scratch=True, narrow_rows_per_sm=0)
+    kernels.top_pages(scores.to(DEVICE), got, candidates, config)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :topk]
     expected = torch.where(scores.gather(1, order) > float("-inf"), order, -1)
     assert torch.equal(got.cpu(), expected)
@@ -165,10 +177,8 @@ def _reference_sparse(q, k, v, blocks, block_size, grad_out):
 @pytest.fixture(params=["kv-outer forward, atomic dq", "query-outer forward, deterministic dq"])
 def schedule(request, monkeypatch):
     """Both forward schedules and both dq paths of the backward."""
-    from msa import kernels
-
     kv_outer = request.param.startswith("kv")
-    monkeypatch.setattr(kernels, "KV_OUTER_MIN_TOKENS", 0 if kv_outer else 2**62)
+    bind(monkeypatch, "sparse_attention_fwd", schedule="kv" if kv_outer else "query")
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(not kv_outer, warn_only=True)
     yield request.param
@@ -204,22 +214,23 @@ def test_hopper_forward_partials(shape, dtype, monkeypatch):
     of 6 heads leave the last rows of each tile unused): outputs match the reference, and the Triton kernel's bit
     for bit."""
     from msa import kernels
+    from msa.kernels import sparse_attention as attention_kernels
 
-    monkeypatch.setattr(kernels, "KV_OUTER_MIN_TOKENS", 0)
-    launched, launch = [], kernels._launch
-    monkeypatch.setattr(kernels, "_launch", lambda kernel, *args, **kw: launched.append(kernel) or launch(
+    bind(monkeypatch, "sparse_attention_fwd", schedule="kv")
+    launched, launch = [], attention_kernels.launch
+    monkeypatch.setattr(attention_kernels, "launch", lambda kernel, *args, **kw: launched.append(kernel) or launch(
         kernel, *args, **kw))
     q, k, v, index_q, index_k = inputs_for(shape, dtype, seed=27)
     block_size, topk = shape[6], shape[7]
     blocks = msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=block_size, topk=topk)
     out, lse = msa.sparse_attention(q, k, v, blocks, block_size=block_size, return_lse=True)
-    assert kernels._gluon_hopper_kernel(q.device) in launched
+    assert attention_kernels._gluon_hopper_kernel(q.device) in launched
     ref_out, ref_lse = msa.reference.sparse_attention(q.double(), k.double(), v.double(), blocks,
                                                       block_size=block_size, return_lse=True)
     assert rel_err(out, ref_out) < BOUNDS[dtype] and rel_err(lse, ref_lse) < BOUNDS[dtype]
-    monkeypatch.setattr(kernels, "HOPPER_FWD", False)
+    bind(monkeypatch, "sparse_attention_fwd", schedule="kv", config=kernels.SparseForwardConfig(hopper=False))
     triton_out, triton_lse = msa.sparse_attention(q, k, v, blocks, block_size=block_size, return_lse=True)
-    assert launched[-1] is kernels.sparse_attention_fwd_partial_kernel
+    assert launched[-1] is attention_kernels.sparse_attention_fwd_partial_kernel
     assert torch.equal(out, triton_out) and torch.equal(lse, triton_lse)
 
 
@@ -227,7 +238,7 @@ def test_gluon_compile_failure_falls_back_with_one_warning(monkeypatch):
     """Gluon is experimental: where another Triton cannot compile the Hopper kernel, the forward warns once and runs
     the Triton kernel, exactly."""
     import triton
-    from msa import kernels
+    from msa.kernels import sparse_attention as attention_kernels
 
     class Uncompilable:
         def __getitem__(self, grid):
@@ -236,9 +247,9 @@ def test_gluon_compile_failure_falls_back_with_one_warning(monkeypatch):
             return launch
 
     uncompilable = Uncompilable()
-    monkeypatch.setattr(kernels, "_gluon_hopper_kernel", lambda device: uncompilable)
-    monkeypatch.setattr(kernels, "_GLUON_FAILED", set())
-    monkeypatch.setattr(kernels, "KV_OUTER_MIN_TOKENS", 0)
+    monkeypatch.setattr(attention_kernels, "_gluon_hopper_kernel", lambda device: uncompilable)
+    monkeypatch.setattr(attention_kernels, "_GLUON_FAILED", set())
+    bind(monkeypatch, "sparse_attention_fwd", schedule="kv")
     shape = (1, 150, 8, 2, 64, 16, 64, 2)
     q, k, v, index_q, index_k = inputs_for(shape, torch.float16, seed=28)
     blocks = msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=64, topk=2)
@@ -266,7 +277,7 @@ types = dict(q="*bf16", k="*bf16", v="*bf16", cu_seqlens="*i32", csr_offsets="*i
 results = []
 for head_dim, block_size, heads in json.loads(sys.argv[1]):
     constants = dict(HQ=4 * heads, G=4, R=heads, D=head_dim, BLOCK_SIZE=block_size, MAX_BLOCKS=1024, TOPK=16,
-                     ROWS=64, QT=64 // heads, SPLIT=8)
+                     ROWS=64, QT=64 // heads, LIST_PARTS=8)
     signature = {name: types.get(name, "constexpr") for name in kernel.arg_names}
     source = GluonASTSource(kernel, signature, {(kernel.arg_names.index(n),): c for n, c in constants.items()},
                             {(i,): [["tt.divisibility", 16]] for i in range(8)})
@@ -300,19 +311,20 @@ def test_hopper_forward_partials_compile_for_sm_90():
 
 @pytest.mark.parametrize("part_entries, parts", [(1, 8), (2**30, 1)])
 def test_kv_outer_forward_list_parts(part_entries, parts, monkeypatch):
-    """The KV-outer forward's (group, block) lists split in 8 parts or walked whole by one program: exact both
+    """The KV-outer forward's (group, block) lists walked in 8 parts or whole by one program: exact both
     ways (which one a chunk takes depends on how many entries its lists hold)."""
     from msa import kernels
+    from msa.kernels import sparse_attention as attention_kernels
 
-    monkeypatch.setattr(kernels, "KV_OUTER_MIN_TOKENS", 0)
-    monkeypatch.setattr(kernels, "KV_OUTER_PART_ENTRIES", part_entries)
-    grids, launch = [], kernels._launch
+    bind(monkeypatch, "sparse_attention_fwd", schedule="kv",
+         config=kernels.SparseForwardConfig(part_entries=part_entries))
+    grids, launch = [], attention_kernels.launch
 
     def recording_launch(kernel, grid, *args, **kwargs):
         grids.append(grid)
         launch(kernel, grid, *args, **kwargs)
 
-    monkeypatch.setattr(kernels, "_launch", recording_launch)
+    monkeypatch.setattr(attention_kernels, "launch", recording_launch)
     shape, dtype = SHAPES[0], DTYPES[0]
     q, k, v, index_q, index_k = inputs_for(shape, dtype, seed=25)
     block_size, topk = shape[6], shape[7]
@@ -327,17 +339,24 @@ def test_kv_outer_forward_list_parts(part_entries, parts, monkeypatch):
 @pytest.mark.parametrize("max_lists, one_sort", [(2**24, True), (1, False)])
 def test_kv_outer_forward_in_query_chunks(max_lists, one_sort, monkeypatch):
     """A partials workspace of 23 tokens: the forward runs in query chunks that cut through blocks and sequences,
-    their lists built by one sort (or one per chunk past ``CSR_MAX_LISTS``); outputs, LSEs and the KL loss (whose
+    their lists built by one sort (or one per chunk past ``max_csr_lists``); outputs, LSEs and the KL loss (whose
     teacher takes the LSE-only pass) match the reference."""
     from msa import kernels
+    from msa.kernels import block_csr
 
     shape, dtype = SHAPES[0], DTYPES[0]
     heads, head_dim, block_size, topk = shape[2], shape[4], shape[6], shape[7]
-    monkeypatch.setattr(kernels, "KV_OUTER_MIN_TOKENS", 0)
-    monkeypatch.setattr(kernels, "CSR_MAX_LISTS", max_lists)
-    monkeypatch.setattr(kernels, "WORKSPACE_BYTES", 23 * heads * topk * (4 + head_dim * dtype.itemsize))
-    builds, build = [], kernels.build_block_csr
-    monkeypatch.setattr(kernels, "build_block_csr", lambda *args, **kwargs: builds.append(1) or build(*args, **kwargs))
+    config = kernels.SparseForwardConfig(workspace_bytes=23 * heads * topk * (4 + head_dim * dtype.itemsize),
+                                         max_csr_lists=max_lists)
+    bind(monkeypatch, "sparse_attention_fwd", schedule="kv", config=config)
+    bind(monkeypatch, "index_kl_fwd", config=kernels.IndexKLConfig(teacher=config))
+    builds, build = [], block_csr.build_block_csr
+
+    def counting_build(*args, **kwargs):
+        builds.append(1)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(block_csr, "build_block_csr", counting_build)
     seqlens = [shape[1] // 2, 0, shape[1] - 3]
     q, k, v, index_q, index_k = rand_inputs(3, shape[1], *shape[2:6], dtype=dtype, seed=26, device=DEVICE)
     packed = [pack(x, seqlens) for x in (q, k, v, index_q, index_k)]

@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton
+
+from msa.varlen import token_sequences
 
 
 @dataclass(frozen=True)
@@ -58,3 +61,12 @@ def build_block_csr(block_indices: torch.Tensor, sequences: torch.Tensor, n_seqs
     bounds = torch.arange(n_lists + 1, device=device, dtype=key_dtype)
     offsets = torch.searchsorted(sorted_keys, bounds).to(torch.int32)
     return BlockCSR(offsets, entries.to(torch.int32), max_blocks, n_block_slots, n_groups)
+
+
+def invert_selection(block_indices: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, block_size: int,
+                     start: int = 0, end: int | None = None, chunk_tokens: int | None = None) -> BlockCSR:
+    """The selection ``block_indices`` ``[T, G, topk]`` of tokens ``start .. end - 1`` inverted into per-(group,
+    block) lists, per chunk of ``chunk_tokens`` tokens if given."""
+    sequences = token_sequences(cu_seqlens, block_indices.shape[0])[start:end]
+    return build_block_csr(block_indices[start:end], sequences, cu_seqlens.numel() - 1,
+                           max(1, triton.cdiv(max_seqlen, block_size)), token_offset=start, chunk_tokens=chunk_tokens)

@@ -24,10 +24,30 @@ student logits, the KL terms and their gradients are computed once per token.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
-from msa.kernels.sparse_attention import LOG2E, _entry_range, _kv_block, _load_block, _query_program
+from msa.kernels.block_csr import invert_selection
+from msa.kernels.sparse_attention import LIST_PARTS, KVOuterConfig, SparseForwardConfig, sparse_attention_lse
+from msa.kernels.tiles import INTERPRET, LOG2E, entry_range, head_constants, kv_block, launch, load_block, pow2, \
+    query_outer_heads, query_program
+
+KL_TOKENS = 16  # tokens per step of the KV-outer KL kernels: the student's products need 16 rows
+
+
+@dataclass(frozen=True)
+class IndexKLConfig:
+    """Launches of the KV-outer KL kernels (``rows``: teacher (token, head) rows per step; the fastest of the sweep
+    at 128K: see benchmarks/results/2026-11-23-h100-26-kl-fused-tuning), and of the teacher's LSE pass."""
+
+    forward: KVOuterConfig = KVOuterConfig(64, 8, 2)
+    backward: KVOuterConfig = KVOuterConfig(32, 8, 2)
+    fused: KVOuterConfig = KVOuterConfig(32, 8, 2)  # the gradient kernel when it also writes the loss terms
+    list_parts: int = LIST_PARTS  # the forward's, and the atomic gradient pass's
+    teacher: SparseForwardConfig = SparseForwardConfig()
 
 
 @triton.jit
@@ -39,15 +59,15 @@ def index_kl_fwd_partial_kernel(
     scale_log2, index_scale, n_block_slots, n_rows_slots,  # n_rows_slots = T * G * TOPK
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr, HC: tl.constexpr,
-    SPLIT: tl.constexpr, TEACHER: tl.constexpr, UPCAST: tl.constexpr,
+    LIST_PARTS: tl.constexpr, TEACHER: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Without ``TEACHER`` only the student LSE of each block is written (the fused pass needs it first)."""
     block_slot = tl.program_id(0)
     group = tl.program_id(1)
-    first, last = _entry_range(csr_offsets, n_block_slots, block_slot, group, SPLIT)
+    first, last = entry_range(csr_offsets, n_block_slots, block_slot, group, LIST_PARTS)
     if first == last:
         return
-    start, seqlen, block_start = _kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
+    start, seqlen, block_start = kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
     k_tile, ik_tile, k_pos, key_ok = _key_tiles(k, index_k, start, seqlen, block_start, group, G, D, DI, BLOCK_SIZE,
                                                 UPCAST)
     for entry in range(first, last, QT):
@@ -154,7 +174,7 @@ def index_kl_bwd_dq_kernel(
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    token, group, start, pos, head_index, head_ok, q_tile = _query_program(q, token_starts, HQ, R, RP, D, UPCAST)
+    token, group, start, pos, head_index, head_ok, q_tile = query_program(q, token_starts, HQ, R, RP, D, UPCAST)
     dims = tl.arange(0, D)
     index_dims = tl.arange(0, DI)
     iq = tl.load(index_q + (token * G + group) * DI + index_dims).to(tl.float32)
@@ -166,8 +186,8 @@ def index_kl_bwd_dq_kernel(
     grad_iq = tl.zeros((DI,), tl.float32)
     for slot in range(TOPK):
         block = tl.load(block_indices + (token * G + group) * TOPK + slot)
-        k_tile, visible = _load_block(k, start, block, pos, group, dims, G, D, BLOCK_SIZE)
-        ik_tile, _ = _load_block(index_k, start, block, pos, 0, index_dims, 1, DI, BLOCK_SIZE)
+        k_tile, visible = load_block(k, start, block, pos, group, dims, G, D, BLOCK_SIZE)
+        ik_tile, _ = load_block(index_k, start, block, pos, 0, index_dims, 1, DI, BLOCK_SIZE)
         ik_tile = ik_tile.to(tl.float32)
         if UPCAST:
             k_tile = k_tile.to(tl.float32)
@@ -191,14 +211,14 @@ def index_kl_bwd_dk_kernel(
     scale_log2, index_scale, n_block_slots, n_tokens, n_rows_slots,
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr, HC: tl.constexpr,
-    SPLIT: tl.constexpr, ATOMIC: tl.constexpr, STATS: tl.constexpr, UPCAST: tl.constexpr,
+    LIST_PARTS: tl.constexpr, ATOMIC: tl.constexpr, STATS: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """With ``STATS`` this is the fused forward + backward: one teacher evaluation gives the loss terms
     and the gradients (``index_lse`` then comes from the forward kernel's student-only pass)."""
     block_slot = tl.program_id(0)
     group = tl.program_id(1)
-    start, seqlen, block_start = _kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
-    first, last = _entry_range(csr_offsets, n_block_slots, block_slot, group, SPLIT)
+    start, seqlen, block_start = kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
+    first, last = entry_range(csr_offsets, n_block_slots, block_slot, group, LIST_PARTS)
     skip = block_start >= seqlen  # no such block in this sequence
     if ATOMIC:
         skip = skip | (first == last)  # nothing to add
@@ -229,3 +249,121 @@ def index_kl_bwd_dk_kernel(
     else:
         out_rows = group * n_tokens + start + k_pos
         tl.store(d_index_k + out_rows[:, None] * DI + index_dims[None, :], grad_ik * grad, mask=key_ok[:, None])
+
+
+def _kl_stats(index_q, topk: int):
+    """Per (token, group, slot) terms of the KL kernels: sum p log p, sum p z, sum p, student block LSE."""
+    stats = torch.zeros(4, *index_q.shape[:2], topk, dtype=torch.float32, device=index_q.device)
+    stats[3] = float("-inf")
+    return stats
+
+
+def _kl_rows(stats, index_lse):
+    """Float32 ``[T, G]`` KL of each row from the per-slot terms."""
+    p_log_p, p_z, p_sum = (x.sum(-1) for x in stats[:3])
+    return torch.where(p_sum > 0, p_log_p - p_z + index_lse * p_sum, 0.0)
+
+
+def _kl_launch(q, k, config: KVOuterConfig) -> dict:
+    """Head constants, tokens per step, heads per teacher chunk and launch options of a KL kernel."""
+    heads = head_constants(q, k)  # no more heads per chunk than the group has
+    return dict(heads, QT=KL_TOKENS, HC=max(1, min(config.rows // KL_TOKENS, pow2(heads["R"]))),
+                num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, stats, scale: float, index_scale: float,
+                   block_size: int, teacher: bool, config: IndexKLConfig):
+    """The KV-outer KL forward kernel; without ``teacher`` it writes only the student's block LSEs."""
+    launch(index_kl_fwd_partial_kernel, (csr.n_block_slots, index_q.shape[1], config.list_parts),
+           q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, stats, scale * LOG2E.value,
+           index_scale, csr.n_block_slots, stats[0].numel(), **_kl_launch(q, k, config.forward),
+           DI=index_q.shape[2], BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=stats.shape[-1],
+           LIST_PARTS=config.list_parts, TEACHER=teacher, UPCAST=INTERPRET)
+
+
+def _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, index_lse, grad_scale, d_index_k, d_index_q,
+                   scale: float, index_scale: float, block_size: int, topk: int, deterministic: bool,
+                   config: IndexKLConfig, stats=None):
+    """The KV-outer gradient kernel; with ``stats`` it also writes the KL terms (the fused pass)."""
+    parts = 1 if deterministic else config.list_parts
+    fused = stats is not None
+    launch(index_kl_bwd_dk_kernel, (csr.n_block_slots, index_q.shape[1], parts),
+           q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, index_lse, grad_scale,
+           d_index_k, d_index_q, stats if fused else index_lse, scale * LOG2E.value, index_scale, csr.n_block_slots,
+           q.shape[0], stats[0].numel() if fused else 0,
+           **_kl_launch(q, k, config.fused if fused else config.backward), DI=index_q.shape[2],
+           BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, LIST_PARTS=parts, ATOMIC=not deterministic,
+           STATS=fused, UPCAST=INTERPRET)
+
+
+def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
+                 index_scale: float, teacher_lse=None, config: IndexKLConfig | None = None):
+    """Returns float32 ``kl_rows`` ``[T, G]``, ``index_lse`` ``[T, G]`` and ``teacher_lse`` ``[T, Hq]``.
+
+    ``q`` ``[T, Hq, D]``, ``k`` ``[T, G, D]``, ``index_q`` ``[T, G, Di]``,
+    ``index_k`` ``[T, 1, Di]``, ``block_indices`` int32 ``[T, G, topk]``.
+    ``teacher_lse`` (the Main Branch LSE over the same support) is computed
+    by a KV-outer LSE pass when not given. ``config``: default
+    :class:`IndexKLConfig`.
+    """
+    config = config or IndexKLConfig()
+    if teacher_lse is None:
+        teacher_lse = sparse_attention_lse(q, k, block_indices, cu_seqlens, max_seqlen, block_size, scale,
+                                           config.teacher)
+    stats = _kl_stats(index_q, block_indices.shape[-1])
+    if q.shape[0]:
+        csr = invert_selection(block_indices, cu_seqlens, max_seqlen, block_size)
+        _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, stats, scale, index_scale, block_size,
+                       teacher=True, config=config)
+    index_lse = torch.logsumexp(stats[3], dim=-1)
+    return _kl_rows(stats, index_lse), index_lse, teacher_lse
+
+
+def index_kl_fwd_bwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: int, block_size: int,
+                     scale: float, index_scale: float, teacher_lse=None, config: IndexKLConfig | None = None):
+    """``kl_rows`` as :func:`index_kl_fwd` and the float32 gradients of ``sum(kl_rows)`` as
+    :func:`index_kl_bwd` (unit ``grad_scale``), evaluating the teacher once (float32 atomics:
+    not deterministic)."""
+    config = config or IndexKLConfig()
+    total, _, index_dim = index_q.shape
+    if teacher_lse is None:
+        teacher_lse = sparse_attention_lse(q, k, block_indices, cu_seqlens, max_seqlen, block_size, scale,
+                                           config.teacher)
+    stats = _kl_stats(index_q, block_indices.shape[-1])
+    d_index_q = torch.zeros(index_q.shape, dtype=torch.float32, device=q.device)
+    d_index_k = torch.zeros(total, 1, index_dim, dtype=torch.float32, device=q.device)
+    if not total:
+        return _kl_rows(stats, torch.logsumexp(stats[3], dim=-1)), d_index_q, d_index_k
+    csr = invert_selection(block_indices, cu_seqlens, max_seqlen, block_size)
+    _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, stats, scale, index_scale, block_size,
+                   teacher=False, config=config)
+    index_lse = torch.logsumexp(stats[3], dim=-1)
+    grad_scale = torch.ones(1, dtype=torch.float32, device=q.device)
+    _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, index_lse, grad_scale, d_index_k, d_index_q,
+                   scale, index_scale, block_size, stats.shape[-1], deterministic=False, config=config, stats=stats)
+    return _kl_rows(stats, index_lse), d_index_q, d_index_k
+
+
+def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen: int,
+                 teacher_lse, index_lse, grad_scale, block_size: int, scale: float, index_scale: float,
+                 deterministic: bool = False, config: IndexKLConfig | None = None):
+    """Float32 gradients ``d index_q`` ``[T, G, Di]`` and ``d index_k`` ``[T, 1, Di]`` of
+    ``grad_scale * sum(kl_rows)`` (``grad_scale`` a float32 ``[1]`` tensor)."""
+    config = config or IndexKLConfig()
+    total, n_groups, index_dim = index_q.shape
+    d_index_q = torch.zeros(total, n_groups, index_dim, dtype=torch.float32, device=q.device)
+    # per-group contributions summed afterwards (deterministic), or one buffer accumulated with atomics
+    d_index_k = torch.empty(n_groups, total, index_dim, dtype=torch.float32, device=q.device) if deterministic \
+        else torch.zeros(1, total, index_dim, dtype=torch.float32, device=q.device)
+    if not total:
+        return d_index_q, d_index_k.sum(0).unsqueeze(1)
+    topk = block_indices.shape[-1]
+    if deterministic:
+        index_kl_bwd_dq_kernel[(total, n_groups)](
+            q, k, index_q, index_k, block_indices, token_starts, teacher_lse, index_lse, grad_scale, d_index_q,
+            scale * LOG2E.value, index_scale, **query_outer_heads(q, k), DI=index_dim, BLOCK_SIZE=block_size,
+            TOPK=topk, UPCAST=INTERPRET, num_warps=4)
+    csr = invert_selection(block_indices, cu_seqlens, max_seqlen, block_size)
+    _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, index_lse, grad_scale, d_index_k, d_index_q,
+                   scale, index_scale, block_size, topk, deterministic, config)
+    return d_index_q, d_index_k.sum(0).unsqueeze(1)

@@ -7,8 +7,9 @@ feeds every group through one matrix product), max-pools each key tile's
 logits per block and writes the pooled scores (float32, 1/block_size of the
 logits); ``top_blocks_kernel`` picks each row's Top-k from them. The
 tensor-core loop thus carries no Top-k insertion (a running Top-k in that loop
-measured 1.13-1.37x slower). Ranking needs no exponential and no softmax scale
-(max-pooling and Top-k are monotone), and the local block is written last.
+measured slower: see benchmarks/results/2026-11-23-h100-43-indexer-schedules).
+Ranking needs no exponential and no softmax scale (max-pooling and Top-k are
+monotone), and the local block is written last.
 
 With ``SCALED`` the index vectors are FP8 rows (:mod:`msa.fp8`): FP8
 products, each key's logits multiplied by its scale.
@@ -16,57 +17,60 @@ products, each key's logits multiplied by its scale.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
+from msa.kernels.tiles import INTERPRET, NARROW_FROM, WORKSPACE_BYTES, launch, narrowing_segments, pow2, write_top, \
+    write_top_narrowed
 
-@triton.jit
-def pop_max(scores, index, N: tl.constexpr):
-    """One round of an exp-free Top-k over the last axis of ``scores`` ``[R, N]``: each row's best score and
-    the ``index`` (``[1, N]`` or ``[R, N]``, distinct per row, below N) of it (ties go to the lower index),
-    and the scores with it removed."""
-    best = tl.max(scores, axis=1)
-    chosen = tl.min(tl.where(scores == best[:, None], index, N), axis=1)
-    return best, chosen, tl.where(index == chosen[:, None], float("-inf"), scores)
+# At most the 256 x 128 logits of the measured configurations per scoring program (registers; shared memory of the
+# max-pool), whatever the configuration.
+MAX_LOGITS = 256 * 128
 
 
-@triton.jit
-def write_top(scores, index, N: tl.constexpr, out, row_ok, K: tl.constexpr):
-    """Stores the ``index`` of each row's K best ``scores`` (``pop_max`` rounds) at ``out`` + 0 .. K - 1,
-    -1 for -inf ones."""
-    for slot in tl.static_range(K):
-        best, chosen, scores = pop_max(scores, index, N)
-        tl.store(out + slot, tl.where(best == float("-inf"), -1, chosen), mask=row_ok)
+@dataclass(frozen=True)
+class IndexerConfig:
+    """Launch of ``block_scores_kernel`` and the workspace of :func:`select_blocks`."""
+
+    rows: int  # queries x groups per program
+    num_warps: int
+    num_stages: int
+    keys_per_tile: int
+    workspace_bytes: int = WORKSPACE_BYTES  # block scores of one chunk of query positions
 
 
-@triton.jit
-def write_top_narrowed(scores, index, N: tl.constexpr, out, row_ok, K: tl.constexpr, scratch,
-                       SEGMENTS: tl.constexpr, CANDIDATES: tl.constexpr):
-    """:func:`write_top` over each row's candidates only. The maxima of SEGMENTS interleaved segments of a row
-    are distinct elements, so their K-th best is a lower bound of the row's K-th best and the elements at or
-    above it hold the answer, ties included (~22 of 4096 expected on i.i.d. scores, not counted on the GPU).
-    They are compacted in index order into ``scratch`` (``[R, 1]`` pointers to a row's 2 * CANDIDATES floats:
-    scores, then indices < 2**24); rows with more than CANDIDATES of them (ties) keep the rounds over all
-    their elements."""
-    ROWS: tl.constexpr = scores.shape[0]
-    segment_max = tl.max(tl.reshape(scores, (ROWS, N // SEGMENTS, SEGMENTS)), axis=1)
-    bound = tl.full((ROWS,), float("-inf"), tl.float32)
-    for _round in tl.static_range(K):
-        bound, _, segment_max = pop_max(segment_max, tl.arange(0, SEGMENTS)[None, :], SEGMENTS)
-    is_candidate = (scores >= bound[:, None]) & (scores > float("-inf"))
-    n_candidates = tl.sum(is_candidate.to(tl.int32), axis=1)
-    if tl.max(n_candidates, axis=0) <= CANDIDATES:
-        slot_of = tl.cumsum(is_candidate.to(tl.int32), axis=1) - 1
-        tl.store(scratch + slot_of, scores, mask=is_candidate)
-        tl.store(scratch + CANDIDATES + slot_of, index.to(tl.float32), mask=is_candidate)
-        tl.debug_barrier()  # the stores above are read back by other threads of the program
-        slots = tl.arange(0, CANDIDATES)[None, :]
-        kept = slots < n_candidates[:, None]
-        candidate_scores = tl.load(scratch + slots, mask=kept, other=float("-inf"))
-        candidate_index = tl.load(scratch + CANDIDATES + slots, mask=kept, other=N).to(tl.int32)
-        write_top(candidate_scores, candidate_index, N + 1, out, row_ok, K)
-    else:
-        write_top(scores, index, N, out, row_ok, K)
+def indexer_config(fp8: bool) -> IndexerConfig:
+    """The scoring configuration for bf16 / fp16 index vectors, or FP8 ones: the fastest of the sweep at 128K,
+    512K and 1M tokens on an H100 (see benchmarks/results/2026-11-23-h100-43-indexer-schedules)."""
+    return IndexerConfig(128, 8, 3, 256) if fp8 else IndexerConfig(256, 8, 3, 128)
+
+
+@dataclass(frozen=True)
+class TopBlocksConfig:
+    """Launch of ``top_blocks_kernel``."""
+
+    rows: int  # (query, group) rows per program
+    num_warps: int
+    segments: int  # > 0: rows narrowed to their candidates first (``write_top_narrowed``); 0: rounds over whole rows
+
+
+def top_blocks_config(n_blocks: int, topk: int, narrow_from: int = NARROW_FROM) -> TopBlocksConfig:
+    """The Top-k launch for rows of ``n_blocks`` block scores and a selection of ``topk`` slots (the rounds pick
+    ``topk - 1`` blocks, the local block takes the last slot). Rows of many blocks are first narrowed to the
+    candidates at or above a bound (see ``write_top_narrowed``); that schedule is fastest with one warp per
+    program up to 4096 scores, 64 scores per thread beyond (``benchmarks/top_blocks_sweep.py``: see
+    benchmarks/results/2026-11-23-h100-59-top-blocks-narrowing and
+    benchmarks/results/2026-11-23-h100-61-512k-1m-and-1m-top-k-sweep)."""
+    blocks_pow2 = pow2(n_blocks)
+    segments = narrowing_segments(n_blocks, topk - 1, narrow_from)
+    if segments:
+        rows = pow2(2048 // blocks_pow2)
+        return TopBlocksConfig(rows, 1 if rows * blocks_pow2 <= 4096 else rows * blocks_pow2 // 2048, segments)
+    rows = pow2(min(64, 4096 // blocks_pow2))
+    return TopBlocksConfig(rows, 8 if rows * blocks_pow2 > 4096 else 4, 0)
 
 
 @triton.jit
@@ -205,3 +209,65 @@ def support_lse_kernel(
         row_sum = row_sum * tl.exp(row_max - safe_max) + tl.sum(tl.exp(logits - safe_max), axis=0)
         row_max = new_max
     tl.store(lse + token * G + group, tl.log(row_sum) + tl.where(row_max == float("-inf"), 0.0, row_max))
+
+
+def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int, topk: int,
+                  config: IndexerConfig | None = None, index_k_scale=None):
+    """``index_q`` ``[T, G, Di]``, ``index_k`` ``[T, 1, Di]`` -> int32 ``[T, G, topk]``.
+
+    FP8 rows (:mod:`msa.fp8`) come with the keys' float32 scales
+    ``index_k_scale`` ``[T]``. Two phases per chunk of query positions: the
+    chunk's block scores into a workspace of at most ``config.workspace_bytes``,
+    then each row's Top-k. ``config``: default :func:`indexer_config`.
+    """
+    total, n_groups, index_dim = index_q.shape
+    n_seqs = cu_seqlens.numel() - 1
+    fp8 = index_k_scale is not None
+    config = config or indexer_config(fp8)
+    block_indices = torch.empty(total, n_groups, topk, dtype=torch.int32, device=index_q.device)
+    max_seqlen = max(max_seqlen, 1)
+    groups_pow2 = pow2(n_groups)
+    keys_per_tile = max(block_size, config.keys_per_tile)
+    block_m = max(1, min(config.rows, MAX_LOGITS // keys_per_tile) // groups_pow2)
+    scoring = dict(G=n_groups, GP=groups_pow2, DI=index_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
+                   BLOCK_N=keys_per_tile, SCALED=fp8, UPCAST=INTERPRET,
+                   num_warps=config.num_warps, num_stages=config.num_stages)
+    scales = index_k_scale if fp8 else index_k
+    most_blocks = max(1, (max_seqlen - 1) // block_size)
+    per_tile = n_seqs * block_m * n_groups * most_blocks * 4  # workspace bytes per program row of queries
+    chunk = min(triton.cdiv(max_seqlen, block_m), max(1, config.workspace_bytes // per_tile)) * block_m
+    workspace = torch.empty(n_seqs * chunk * n_groups * most_blocks, dtype=torch.float32, device=index_q.device)
+    for first in range(0, max_seqlen, chunk):
+        n_positions = min(chunk, max_seqlen - first)
+        n_blocks = max(1, (first + n_positions - 1) // block_size)  # blocks before the chunk's last local one
+        launch(block_scores_kernel, (triton.cdiv(n_positions, block_m), n_seqs),
+               index_q, index_k, scales, cu_seqlens, workspace, first, n_positions, n_blocks, **scoring)
+        top_blocks(workspace, cu_seqlens, block_indices, first, n_positions, n_blocks, block_size)
+    return block_indices
+
+
+def top_blocks(scores, cu_seqlens, block_indices, first_position: int, n_positions: int, n_blocks: int,
+               block_size: int, config: TopBlocksConfig | None = None):
+    """Phase 2 of ``select_blocks``: the Top-k of each row of a chunk's block ``scores`` (float32
+    ``[n, C, G, n_blocks]``, C = ``n_positions``) into ``block_indices`` ``[T, G, topk]``. ``config``: default
+    :func:`top_blocks_config`."""
+    n_seqs, n_groups, topk = cu_seqlens.numel() - 1, block_indices.shape[1], block_indices.shape[2]
+    config = config or top_blocks_config(n_blocks, topk)
+    n_candidates = 2 * config.segments
+    candidates = torch.empty(n_seqs * n_positions * n_groups if config.segments else 1, 2 * n_candidates,
+                             dtype=torch.float32, device=scores.device)
+    top_blocks_kernel[(triton.cdiv(n_positions * n_groups, config.rows), n_seqs)](
+        scores, cu_seqlens, block_indices, candidates, first_position, n_positions, n_blocks, G=n_groups,
+        BLOCK_SIZE=block_size, TOPK=topk, NP=pow2(n_blocks), ROWS=config.rows, SEGMENTS=config.segments,
+        CANDIDATES=n_candidates, num_warps=config.num_warps)
+
+
+def support_lse(index_q, index_k, block_indices, token_starts, block_size: int, scale: float):
+    """Float32 ``[T, G]`` logsumexp of the index logits over each row's selected support."""
+    total, n_groups, index_dim = index_q.shape
+    lse = torch.empty(total, n_groups, dtype=torch.float32, device=index_q.device)
+    if total:
+        support_lse_kernel[(total, n_groups)](
+            index_q, index_k, token_starts, block_indices, lse, scale,
+            G=n_groups, DI=index_dim, BLOCK_SIZE=block_size, TOPK=block_indices.shape[-1])
+    return lse

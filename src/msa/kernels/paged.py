@@ -26,18 +26,68 @@ the rows that selected it (exact online softmax, per-row masks): the tile's
 distinct blocks are listed first, in a scratch row of its own (block, page,
 bits of the tokens that selected it), so the loop over them loads its K/V
 pages one load after the list's, with no branch and no reduction before
-them, and they can be pipelined. With SPLIT > 1 the distinct blocks are
-divided among SPLIT programs that write normalised partial outputs and LSEs
-for :func:`msa.kernels.sparse_attention.merge_partials_kernel`.
+them, and they can be pipelined. With SPLIT > 1 (split-KV) the distinct
+blocks are divided among SPLIT programs that write normalised partial outputs
+and LSEs for :func:`msa.kernels.sparse_attention.merge_partials_kernel`.
+
+The launchers (``paged_*``, ``top_pages``, used by :mod:`msa.inference`)
+write into buffers they are given and allocate nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
-from msa.kernels.indexer import write_top, write_top_narrowed
-from msa.kernels.sparse_attention import LN2
+from msa.fp8 import INVERSE_FP8_MAX
+from msa.kernels.sparse_attention import MERGE_ROWS, merge_partials
+from msa.kernels.tiles import INTERPRET, LN2, LOG2E, narrowing_segments, pow2, sm_count, write_top, \
+    write_top_narrowed
+
+# Tokens per tile of the index scan: one read of a request's index keys serves this many of its new tokens.
+PAGED_SCAN_TOKENS = 16
+# Attention tiles (msa.inference chooses): 1 token (each token reads its own blocks: no wasted rows; the fastest on
+# small batches and on independent selections) or PAGED_ATTENTION_TOKENS tokens of a decode step (a request's tokens
+# load each block of their union once: on selections that overlap as much as a trained model's, attention is faster
+# at 200K x 32-128 once the batch fills the GPU). See, in benchmarks/results, 2026-11-23-h100-13-inference-union-tiles,
+# 2026-11-23-h100-14-inference-decode, 2026-11-23-h100-15-inference-prefill,
+# 2026-11-23-h100-19-inference-overlapping-tiles1, 2026-11-23-h100-20-inference-overlapping-tiles8,
+# 2026-11-23-h100-48-decode-attention-sweep and 2026-11-23-h100-50-decode-final-tiles.
+PAGED_ATTENTION_TOKENS = 8
+PAGED_MAX_SPLIT = 8  # at most this many programs per tile and group split the attention of small batches
+# top_pages narrows rows from this many rows per SM on (fewer rows: one row per 4-warp program has the lower latency)
+TOP_PAGES_NARROW_ROWS_PER_SM = 4
+
+
+@dataclass(frozen=True)
+class PagedScanConfig:
+    """Launch of ``paged_block_scores_kernel``."""
+
+    pages: int  # pages per program
+    pages_per_product: int  # divides ``pages``
+    num_warps: int
+    num_stages: int  # of the page loop's software pipeline
+
+
+@dataclass(frozen=True)
+class TopPagesConfig:
+    """Launch of ``top_pages_kernel`` (one row per program)."""
+
+    num_warps: int
+    segments: int  # > 0: rows narrowed to their candidates first (needs a candidates scratch); 0: whole rows
+
+
+@dataclass(frozen=True)
+class PagedAttentionConfig:
+    """Launch of ``paged_sparse_attention_kernel`` and of the merge of its split-KV partials."""
+
+    num_warps: int
+    num_stages: int
+    merge_rows: int = MERGE_ROWS
 
 
 @triton.jit
@@ -270,8 +320,9 @@ def paged_sparse_attention_kernel(
     # The distinct blocks in order of first appearance, with the bits of the tokens that selected each (a token
     # selects a block once), written to this program's scratch row: the loop below then loads a block's K/V one
     # load after its list entry, with no reduction and no branch before them, and the compiler pipelines them
-    # (1.07-1.12x faster than finding each block by a reduction in the loop, results/*76; that in turn was
-    # 1.2-1.3x faster than a branch at each entry's first occurrence, results/*42-decode-block-loops).
+    # (faster than finding each block by a reduction in the loop: see
+    # benchmarks/results/2026-11-24-h100-76-decode-attention-block-lists; that in turn was faster than a branch at
+    # each entry's first occurrence: see benchmarks/results/2026-11-23-h100-42-decode-block-loops).
     same = (selected[:, None] == selected[None, :]) & (selected[:, None] >= 0)
     first = (selected >= 0) & (tl.max((same & (entries[None, :] < entries[:, None])).to(tl.int32), axis=1) == 0)
     rank = tl.cumsum(first.to(tl.int32), axis=0) - 1
@@ -310,3 +361,128 @@ def paged_sparse_attention_kernel(
         partial_rows = head_index * SPLIT + part
         tl.store(partial_out + partial_rows[:, None] * D + dims[None, :], acc, mask=row_ok[:, None])
         tl.store(partial_lse + partial_rows, (safe_max + tl.log2(row_sum)) * LN2, mask=row_ok)
+
+
+def paged_append(k, v, index_k, slots, k_pool, v_pool, index_pool, scale_pool=None):
+    """Write a step's keys and values ``[T, G, D]`` and index keys ``[T, Di]`` at the flat ``slots``
+    (int64 ``[T]``) of one layer's pools (``k_pool``, ``v_pool``: ``[P * block_size, G * D]``; ``index_pool``:
+    ``[P * block_size, Di]``) in one launch. With ``scale_pool`` (float32 ``[P * block_size]``) the index pool is
+    FP8 and each key is rounded to it with its own scale (:func:`msa.fp8.quantize_rows`)."""
+    rows = 16
+    groups, head_dim = k.shape[1:]
+    paged_append_kernel[(triton.cdiv(k.shape[0], rows),)](
+        k, v, index_k, slots, k_pool, v_pool, index_pool, index_pool if scale_pool is None else scale_pool,
+        k.shape[0], k.stride(0), v.stride(0), index_k.stride(0), GD=groups * head_dim, GDP=pow2(groups * head_dim),
+        DI=index_k.shape[1], ROWS=rows, SCALED=scale_pool is not None, INVERSE_FP8_MAX=INVERSE_FP8_MAX)
+
+
+def _scan_pages(pages: int, pages_per_product: int, n_tiles: int, max_pages: int, min_programs: int) -> int:
+    """Pages per index-scan program: halved (down to one product) while the scan would run fewer than
+    ``min_programs`` programs, as few requests over short contexts do (faster at 1-4 requests x 1K-32K tokens:
+    see benchmarks/results/2026-11-24-h100-82-short-context-scan-programs)."""
+    while pages > pages_per_product and n_tiles * triton.cdiv(max_pages, pages) < min_programs:
+        pages //= 2
+    return pages
+
+
+def paged_scan_config(fp8: bool, n_tiles: int, max_pages: int, device: torch.device) -> PagedScanConfig:
+    """The index scan's launch for bf16 / fp16 index keys, or FP8 ones, with fewer pages per program on a GPU
+    where few programs would run (:func:`_scan_pages`: enough to cover the GPU twice). bf16: within a few percent
+    of the fastest at every case of the sweep at 128K x 8 ... 1M x 2, one page per product faster than two at 200K
+    x 32-128 (see benchmarks/results/2026-11-24-h100-75-scan-sweep); FP8: the fastest variant of
+    benchmarks/results/2026-11-23-h100-35-scan-variants."""
+    config = PagedScanConfig(32, 2, 8, 3) if fp8 else PagedScanConfig(16, 1, 4, 3)
+    if device.type == "cuda":
+        pages = _scan_pages(config.pages, config.pages_per_product, n_tiles, max_pages, 2 * sm_count(device.index))
+        config = dataclasses.replace(config, pages=pages)
+    return config
+
+
+def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset: int, tokens_per_tile: int,
+                       index_scale=None, config: PagedScanConfig | None = None):
+    """Index scan of ``tiles`` into ``scores`` ``[rows, max_pages]`` (float32, rows = tokens x groups).
+
+    ``index_q`` ``[T, G, Di]``, ``index_k`` ``[P, block_size, Di]`` (one layer's pages; FP8 with
+    their scales ``index_scale`` ``[P, block_size]``). ``config``: default :func:`paged_scan_config`.
+    """
+    n_groups, index_dim = index_q.shape[1:]
+    block_size, max_pages = index_k.shape[1], page_table.shape[1]
+    config = config or paged_scan_config(index_scale is not None, tiles.shape[0], max_pages, index_q.device)
+    groups = max(pow2(n_groups), triton.cdiv(16, tokens_per_tile))  # tl.dot needs 16 rows
+    paged_block_scores_kernel[(tiles.shape[0], triton.cdiv(max_pages, config.pages))](
+        index_q, index_k, index_k if index_scale is None else index_scale, page_table, tiles, scores, token_offset,
+        G=n_groups, GP=groups, DI=index_dim, BLOCK_SIZE=block_size, MAX_PAGES=max_pages, QT=tokens_per_tile,
+        PAGES=config.pages, NB=config.pages_per_product, STAGES=config.num_stages, SCALED=index_scale is not None,
+        INVERSE_FP8_MAX=INVERSE_FP8_MAX,
+        UPCAST=INTERPRET, num_warps=config.num_warps)
+
+
+def top_pages_candidates_numel(rows: int, n_pages: int, k: int) -> int:
+    """float32 elements of :func:`top_pages`'s candidates scratch."""
+    return rows * 4 * narrowing_segments(n_pages, k)
+
+
+def top_pages_config(rows: int, n_pages: int, k: int, device: torch.device, scratch: bool,
+                     narrow_rows_per_sm: int = TOP_PAGES_NARROW_ROWS_PER_SM) -> TopPagesConfig:
+    """The Top-k launch for ``rows`` rows of ``n_pages`` scores: with a candidates ``scratch`` and at least
+    ``narrow_rows_per_sm`` rows per SM, rows of many pages are first narrowed to their candidates and take one
+    warp, as ``top_blocks`` does (faster from 1024 rows x 1600 pages on, slower at 256 rows: see
+    benchmarks/results/2026-11-24-h100-86-top-pages-narrowed)."""
+    many_rows = device.type != "cuda" or rows >= narrow_rows_per_sm * sm_count(device.index)
+    segments = narrowing_segments(n_pages, k) if scratch and many_rows else 0
+    pages_pow2 = pow2(n_pages)
+    return TopPagesConfig((1 if pages_pow2 <= 4096 else pages_pow2 // 2048) if segments else 4, segments)
+
+
+def top_pages(scores, top_pages_out, candidates=None, config: TopPagesConfig | None = None):
+    """Writes the ``k`` best pages of each row of ``scores`` ``[rows, N]`` into int64 ``top_pages_out``
+    ``[rows, k]`` (-1 for pages scored -inf), faster than ``torch.topk`` (see
+    benchmarks/results/2026-11-23-h100-35-scan-variants). ``candidates``: float32 scratch of
+    :func:`top_pages_candidates_numel` elements, which a config that narrows needs. ``config``: default
+    :func:`top_pages_config`."""
+    rows, n_pages = scores.shape
+    k = top_pages_out.shape[1]
+    config = config or top_pages_config(rows, n_pages, k, scores.device, candidates is not None)
+    if rows:
+        top_pages_kernel[(rows,)](scores, top_pages_out, scores if candidates is None else candidates, N=n_pages,
+                                  NP=pow2(n_pages), TOPK=k, SEGMENTS=config.segments,
+                                  CANDIDATES=2 * config.segments, num_warps=config.num_warps)
+
+
+def paged_block_lists_numel(n_tiles: int, n_groups: int, tokens_per_tile: int, topk: int, split: int = 1) -> int:
+    """int32 elements of the scratch in which ``paged_sparse_attention``'s programs list their tile's blocks."""
+    return n_tiles * n_groups * split * 3 * tokens_per_tile * pow2(topk)
+
+
+def paged_attention_config(tokens_per_tile: int) -> PagedAttentionConfig:
+    """num_warps of one-token and of wider tiles, and pipeline stages: the fastest of 4/8 warps x 2/3 stages in
+    the sweep of benchmarks/results/2026-11-23-h100-48-decode-attention-sweep (8 warps on one-token tiles: faster
+    at 128K x 8, slower at 512K x 4: see benchmarks/results/2026-11-23-h100-49-decode-8-token-tiles)."""
+    return PagedAttentionConfig(num_warps=8 if tokens_per_tile > 1 else 4, num_stages=3)
+
+
+def paged_sparse_attention(q, k, v, page_table, tiles, block_indices, block_lists, out, scale: float,
+                           tokens_per_tile: int, split: int = 1, partial_out=None, partial_lse=None, lse=None, *,
+                           config: PagedAttentionConfig | None = None):
+    """Sparse attention of ``q`` ``[T, Hq, D]`` over the pages ``block_indices`` (int64 ``[T, G, topk]``) names.
+
+    ``k``, ``v``: ``[P, block_size, G, D]`` (one layer's pages); ``block_lists``: int32 scratch of
+    :func:`paged_block_lists_numel` elements. With ``split > 1`` (split-KV: the blocks of each tile and group
+    divided among ``split`` programs) the work buffers ``partial_out`` (float32 ``[T * Hq, split, D]``),
+    ``partial_lse`` (``[T * Hq, split]``) and ``lse`` (``[T * Hq]``) are used. Writes ``out`` ``[T, Hq, D]``;
+    allocates nothing. ``tokens_per_tile``: 1 to 16. ``config``: default :func:`paged_attention_config`.
+    """
+    config = config or paged_attention_config(tokens_per_tile)
+    n_heads, head_dim = q.shape[1:]
+    block_size, n_groups = k.shape[1:3]
+    topk = block_indices.shape[-1]
+    partial_out = out if split == 1 else partial_out
+    partial_lse = out if split == 1 else partial_lse
+    paged_sparse_attention_kernel[(tiles.shape[0], n_groups, split)](
+        q, k, v, page_table, tiles, block_indices, block_lists, out, partial_out, partial_lse, scale * LOG2E.value,
+        HQ=n_heads, G=n_groups, R=n_heads // n_groups,
+        RP=max(pow2(n_heads // n_groups), triton.cdiv(16, tokens_per_tile)), D=head_dim,
+        BLOCK_SIZE=block_size, MAX_PAGES=page_table.shape[1], TOPK=topk, TOPKP=pow2(topk), QT=tokens_per_tile,
+        SPLIT=split, UPCAST=INTERPRET, num_warps=config.num_warps, num_stages=config.num_stages)
+    if split > 1:
+        merge_partials(partial_out, partial_lse, out, lse, q.shape[0] * n_heads, split, config.merge_rows)

@@ -16,28 +16,78 @@ dk/dv in registers (one writer each) and, unless the pass must be
 deterministic, dq with float32 atomics. Both load a step's list entries two
 tiles ahead and gather its rows one tile ahead (a software pipeline in
 registers), and mask causally only the tiles that hold the block's own tokens.
+Each (group, block) list is walked in LIST_PARTS parts, one program each
+(early blocks are visible to more queries, and often selected); the forward
+runs in query chunks whose partials fit its workspace.
 
 Softmax runs in base 2: ``scale_log2 = softmax_scale * log2(e)``; LSEs are
 stored in natural log.
+
+The launchers take packed ``[T, H, D]`` contiguous tensors with int32
+``cu_seqlens`` and/or the per-token sequence offsets ``token_starts`` (int32
+``[T]``, for the query-outer kernels), allocate their outputs and launch.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+from msa.kernels.block_csr import invert_selection
+from msa.kernels.tiles import INTERPRET, LN2, LOG2E, WORKSPACE_BYTES, entry_range, head_constants, kv_block, launch, \
+    load_block, pow2, query_outer_heads, query_program
+
+# Parts each KV-outer list is walked in by the passes that accumulate with atomics (the forward: at most this many).
+LIST_PARTS = 8
+# (head, slot) partial rows per program of merge_partials_kernel.
+MERGE_ROWS = 16
 
 
-@triton.jit
-def _load_block(ptr, start, block, pos, group, dims, G: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Keys (or values) of ``block`` for one group, ``[BLOCK_SIZE, D]``, zero where not visible from ``pos``."""
-    k_pos = block * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    visible = (block >= 0) & (k_pos <= pos)
-    tile = tl.load(ptr + ((start + k_pos) * G + group)[:, None] * D + dims[None, :], mask=visible[:, None], other=0.0)
-    return tile, visible
+@dataclass(frozen=True)
+class KVOuterConfig:
+    """Launch of a KV-outer kernel (attention forward partials and backward, KL forward and backward)."""
 
+    rows: int  # (token, head) rows per tile (a KL kernel: per step)
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class SparseForwardConfig:
+    """Schedule and launch of :func:`sparse_attention_fwd` and :func:`sparse_attention_lse`; the defaults are the
+    tuned ones (sweeps at S=32K and 128K on an H100: see benchmarks/results/2026-11-22-h100-05-tuning-32k and
+    benchmarks/results/2026-11-22-h100-11-tuning-128k)."""
+
+    # schedule "auto": KV-outer from this many tokens on (see benchmarks/results/2026-11-23-h100-33-short-lengths)
+    kv_outer_min_tokens: int = 1024
+    tile: KVOuterConfig = KVOuterConfig(64, 4, 3)  # the Triton partials kernel's
+    # The partials from the Gluon kernel of sparse_attention_hopper on sm_90 (16-bit inputs, head dim and block size
+    # 64 or 128; outputs bitwise equal: see benchmarks/results/2026-11-24-h100-93-gluon-forward-partials); False:
+    # the Triton kernel.
+    hopper: bool = True
+    max_list_parts: int = LIST_PARTS
+    # A chunk's lists are walked in fewer parts when they are short: a part loads its K/V block (64 KB at D=128,
+    # block 128) for at least this many entries on average (a 16K-token chunk puts ~250 entries in each list at
+    # 128K tokens, ~32 in each of up to 8192 lists at 1M; outputs bitwise equal: see
+    # benchmarks/results/2026-11-23-h100-54-kv-outer-parts-sweep).
+    part_entries: int = 64
+    merge_rows: int = MERGE_ROWS
+    workspace_bytes: int = WORKSPACE_BYTES  # partials of one query chunk
+    # One sort builds the lists of several query chunks, up to this many (chunk, group, block) lists.
+    max_csr_lists: int = 1 << 24
+
+
+@dataclass(frozen=True)
+class SparseBackwardConfig:
+    """Launch of :func:`sparse_attention_bwd`'s KV-outer kernel (the tuned values, as for the forward)."""
+
+    tile: KVOuterConfig = KVOuterConfig(32, 8, 2)
+    list_parts: int = LIST_PARTS  # the atomic pass's; the deterministic one walks each list whole
 
 @triton.jit
 def online_softmax_step(q_tile, k_tile, v_tile, visible, row_max, row_sum, acc, scale_log2):
@@ -51,22 +101,6 @@ def online_softmax_step(q_tile, k_tile, v_tile, visible, row_max, row_sum, acc, 
     row_sum = row_sum * alpha + tl.sum(probs, axis=1)
     acc = acc * alpha[:, None] + tl.dot(probs.to(v_tile.dtype), v_tile)
     return new_max, row_sum, acc
-
-
-@triton.jit
-def _query_program(q, token_starts, HQ: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
-                   UPCAST: tl.constexpr):
-    """A query-outer program's token, group, sequence offset, position, head rows and q tile ``[RP, D]``."""
-    token = tl.program_id(0).to(tl.int64)  # offsets like token * HQ * D pass 2**31
-    group = tl.program_id(1)
-    start = tl.load(token_starts + token)
-    heads = tl.arange(0, RP)
-    head_index = token * HQ + group * R + heads
-    head_ok = heads < R
-    q_tile = tl.load(q + head_index[:, None] * D + tl.arange(0, D)[None, :], mask=head_ok[:, None], other=0.0)
-    if UPCAST:
-        q_tile = q_tile.to(tl.float32)
-    return token, group, start, token - start, head_index, head_ok, q_tile
 
 
 @triton.jit
@@ -88,7 +122,7 @@ def sparse_attention_fwd_kernel(
     TOPK: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    token, group, start, pos, head_index, head_ok, q_tile = _query_program(q, token_starts, HQ, R, RP, D, UPCAST)
+    token, group, start, pos, head_index, head_ok, q_tile = query_program(q, token_starts, HQ, R, RP, D, UPCAST)
     dims = tl.arange(0, D)
     rows = head_index[:, None] * D + dims[None, :]
 
@@ -97,8 +131,8 @@ def sparse_attention_fwd_kernel(
     acc = tl.zeros((RP, D), tl.float32)
     for slot in range(TOPK):
         block = tl.load(block_indices + (token * G + group) * TOPK + slot)
-        k_tile, visible = _load_block(k, start, block, pos, group, dims, G, D, BLOCK_SIZE)
-        v_tile, _ = _load_block(v, start, block, pos, group, dims, G, D, BLOCK_SIZE)
+        k_tile, visible = load_block(k, start, block, pos, group, dims, G, D, BLOCK_SIZE)
+        v_tile, _ = load_block(v, start, block, pos, group, dims, G, D, BLOCK_SIZE)
         if UPCAST:
             k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
         row_max, row_sum, acc = online_softmax_step(q_tile, k_tile, v_tile, visible[None, :], row_max, row_sum, acc,
@@ -108,28 +142,6 @@ def sparse_attention_fwd_kernel(
     acc = acc / tl.where(row_sum == 0.0, 1.0, row_sum)[:, None]
     tl.store(out + rows, acc.to(out.dtype.element_ty), mask=head_ok[:, None])
     tl.store(lse + head_index, (safe_max + tl.log2(row_sum)) * LN2, mask=head_ok)
-
-
-@triton.jit
-def _kv_block(cu_seqlens, block_slot, MAX_BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Sequence offset and length, and first key position, of the block a KV-outer program owns."""
-    seq = block_slot // MAX_BLOCKS
-    start = tl.load(cu_seqlens + seq)
-    seqlen = tl.load(cu_seqlens + seq + 1) - start
-    return start, seqlen, (block_slot % MAX_BLOCKS) * BLOCK_SIZE
-
-
-@triton.jit
-def _entry_range(csr_offsets, n_block_slots, block_slot, group, SPLIT: tl.constexpr):
-    """Entries of this program's part (``program_id(2)`` of SPLIT) of its (group, block) list.
-
-    Splitting long lists (early blocks are visible to more queries, and often
-    selected) keeps one program from serialising a whole sequence's worth of work.
-    """
-    first = tl.load(csr_offsets + group * n_block_slots + block_slot)
-    count = tl.load(csr_offsets + group * n_block_slots + block_slot + 1) - first
-    part = tl.program_id(2)
-    return first + count * part // SPLIT, first + count * (part + 1) // SPLIT
 
 
 @triton.jit
@@ -170,16 +182,16 @@ def sparse_attention_fwd_partial_kernel(
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr,
     ROWS: tl.constexpr, QT: tl.constexpr,  # (token, head) rows per tile (a power of two), tokens per tile
-    SPLIT: tl.constexpr,
+    LIST_PARTS: tl.constexpr,  # programs per list, each walking a part of it
     WRITE_OUT: tl.constexpr,  # False: only the partial LSEs (the KL loss's teacher normalisation)
     UPCAST: tl.constexpr,
 ):
     block_slot = tl.program_id(0)
     group = tl.program_id(1)
-    first, last = _entry_range(csr_offsets, n_block_slots, block_slot, group, SPLIT)
+    first, last = entry_range(csr_offsets, n_block_slots, block_slot, group, LIST_PARTS)
     if first == last:
         return
-    start, seqlen, block_start = _kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
+    start, seqlen, block_start = kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
     last_key = block_start + BLOCK_SIZE - 1
     k_pos = block_start + tl.arange(0, BLOCK_SIZE)
     dims = tl.arange(0, D)
@@ -192,7 +204,8 @@ def sparse_attention_fwd_partial_kernel(
     if UPCAST:
         k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
     # Software pipeline of the gathers (list entry -> token -> q rows): each step loads the entries two tiles
-    # ahead and the q rows of the next tile before the products of this one (results/*66: 37.6 -> 30.4 ms at 128K).
+    # ahead and the q rows of the next tile before the products of this one (faster: see
+    # benchmarks/results/2026-11-24-h100-66-kv-outer-gather-pipeline).
     token, slot, heads, row_ok = _entry_rows(csr_entries, first, last, ROWS, QT, R, TOPK)
     q_rows = _gather_rows(q, token, heads, row_ok, group, dims, HQ, R, D)
     next_token, next_slot, _, next_ok = _entry_rows(csr_entries, first + QT, last, ROWS, QT, R, TOPK)
@@ -267,7 +280,7 @@ def sparse_attention_bwd_dq_kernel(
     TOPK: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    token, group, start, pos, head_index, head_ok, q_tile = _query_program(q, token_starts, HQ, R, RP, D, UPCAST)
+    token, group, start, pos, head_index, head_ok, q_tile = query_program(q, token_starts, HQ, R, RP, D, UPCAST)
     dims = tl.arange(0, D)
     rows = head_index[:, None] * D + dims[None, :]
     do_tile = tl.load(dout + rows, mask=head_ok[:, None], other=0.0)
@@ -280,8 +293,8 @@ def sparse_attention_bwd_dq_kernel(
     dq_acc = tl.zeros((RP, D), tl.float32)
     for slot in range(TOPK):
         block = tl.load(block_indices + (token * G + group) * TOPK + slot)
-        k_tile, visible = _load_block(k, start, block, pos, group, dims, G, D, BLOCK_SIZE)
-        v_tile, _ = _load_block(v, start, block, pos, group, dims, G, D, BLOCK_SIZE)
+        k_tile, visible = load_block(k, start, block, pos, group, dims, G, D, BLOCK_SIZE)
+        v_tile, _ = load_block(v, start, block, pos, group, dims, G, D, BLOCK_SIZE)
         if UPCAST:
             k_tile, v_tile = k_tile.to(tl.float32), v_tile.to(tl.float32)
         scores = tl.dot(q_tile, tl.trans(k_tile)) * scale_log2
@@ -303,14 +316,14 @@ def sparse_attention_bwd_dkv_kernel(
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr,
     ROWS: tl.constexpr, QT: tl.constexpr,  # (token, head) rows per tile (a power of two), tokens per tile
-    SPLIT: tl.constexpr,
-    ATOMIC: tl.constexpr,  # float32 atomics (lists split in SPLIT parts) vs one deterministic writer per block
+    LIST_PARTS: tl.constexpr,
+    ATOMIC: tl.constexpr,  # float32 atomics (lists walked in LIST_PARTS parts) vs one deterministic writer per block
     UPCAST: tl.constexpr,
 ):
     block_slot = tl.program_id(0)
     group = tl.program_id(1)
-    start, seqlen, block_start = _kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
-    first, last = _entry_range(csr_offsets, n_block_slots, block_slot, group, SPLIT)
+    start, seqlen, block_start = kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
+    first, last = entry_range(csr_offsets, n_block_slots, block_slot, group, LIST_PARTS)
     skip = block_start >= seqlen  # no such block in this sequence
     if ATOMIC:
         skip = skip | (first == last)  # nothing to add
@@ -328,7 +341,8 @@ def sparse_attention_bwd_dkv_kernel(
     last_key = block_start + BLOCK_SIZE - 1
     dk_acc = tl.zeros((BLOCK_SIZE, D), tl.float32)
     dv_acc = tl.zeros((BLOCK_SIZE, D), tl.float32)
-    # The forward's gather pipeline (results/*66: 118.6 -> 105.1 ms at 128K with the mask skip below)
+    # The forward's gather pipeline, faster with the mask skip below
+    # (see benchmarks/results/2026-11-24-h100-66-kv-outer-gather-pipeline)
     token, _, heads, row_ok = _entry_rows(csr_entries, first, last, ROWS, QT, R, TOPK)
     q_rows = _gather_rows(q, token, heads, row_ok, group, dims, HQ, R, D)
     do_rows = _gather_rows(dout, token, heads, row_ok, group, dims, HQ, R, D)
@@ -363,3 +377,187 @@ def sparse_attention_bwd_dkv_kernel(
     else:
         tl.store(dk + kv_rows, (dk_acc * scale).to(dk.dtype.element_ty), mask=key_ok[:, None])
         tl.store(dv + kv_rows, dv_acc.to(dv.dtype.element_ty), mask=key_ok[:, None])
+
+
+def merge_partials(partial_out, partial_lse, out, lse, n_rows: int, n_parts: int, rows_per_program: int):
+    """Writes ``out`` ``[n_rows, D]`` and float32 ``lse`` ``[n_rows]`` (any shapes of those numbers of elements):
+    per row, the LSE-weighted sum of its ``n_parts`` normalised partial outputs ``partial_out``
+    ``[n_rows, n_parts, D]`` with natural-log LSEs ``partial_lse`` ``[n_rows, n_parts]`` (-inf: none)."""
+    merge_partials_kernel[(triton.cdiv(n_rows, rows_per_program),)](
+        partial_out, partial_lse, out, lse, n_rows, TOPK=n_parts, KP=pow2(n_parts), D=out.shape[-1],
+        HEADS=rows_per_program, num_warps=4)
+
+
+def _kv_outer_launch(q, k, config: KVOuterConfig) -> dict:
+    """Head constants, tokens per tile and launch options of a KV-outer kernel."""
+    heads = head_constants(q, k)  # a tile packs the R head rows of QT tokens, unpadded
+    rows = pow2(max(config.rows, heads["R"]))
+    return dict(heads, ROWS=rows, QT=rows // heads["R"], num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _list_parts(tokens: int, topk: int, n_lists: int, config: SparseForwardConfig) -> int:
+    """Parts (a power of two, at most ``config.max_list_parts``) that the forward walks the lists of a chunk of
+    ``tokens`` queries in, when they select among ``n_lists`` (sequence, block) lists per group."""
+    per_part = tokens * topk // max(1, n_lists) // config.part_entries
+    return min(config.max_list_parts, 1 << max(0, per_part.bit_length() - 1))
+
+
+# The Gluon kernel's tile: one warpgroup's 64-row wgmma.
+_GLUON_TILE = KVOuterConfig(64, 4, 1)
+_GLUON_FAILED: set = set()  # Gluon kernels this Triton could not compile (warned once)
+
+
+@functools.cache
+def _gluon_hopper_kernel(device: torch.device):
+    """The Gluon forward partial kernel where this device can run it (sm_90, a Triton with Gluon), else None."""
+    if INTERPRET or device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return None
+    try:
+        from msa.kernels.sparse_attention_hopper import sparse_attention_fwd_partial_hopper_kernel
+    except (ImportError, AttributeError):  # a Triton before Gluon, or whose experimental Gluon API differs
+        return None
+    return sparse_attention_fwd_partial_hopper_kernel
+
+
+def _launch_hopper(kernel, grid, *args, **kwargs) -> bool:
+    """Launch the Gluon kernel; where this Triton cannot compile it (Gluon is experimental and changes between
+    releases), warn once and return False so that the Triton kernel runs instead."""
+    try:
+        launch(kernel, grid, *args, **kwargs)
+    except triton.compiler.errors.CompilationError as error:
+        _GLUON_FAILED.add(kernel)
+        warnings.warn(f"msa: the Gluon forward partials do not compile with Triton {triton.__version__} "
+                      f"({str(error).splitlines()[-1]}); using the Triton kernel")
+        return False
+    return True
+
+
+def _hopper_partials(q: torch.Tensor, k: torch.Tensor, block_size: int, config: SparseForwardConfig):
+    """The Gluon kernel if the config lets it run and it takes this forward's shapes (a group's heads fit its
+    64-row tile), else None."""
+    if not (config.hopper and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in (64, 128)
+            and block_size in (64, 128) and q.shape[1] // k.shape[1] <= 64):
+        return None
+    kernel = _gluon_hopper_kernel(q.device)
+    return None if kernel in _GLUON_FAILED else kernel
+
+
+def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
+                       config: SparseForwardConfig, out=None, lse=None):
+    """KV-outer forward in query chunks whose partials fit ``config.workspace_bytes``.
+
+    With ``out`` (``[T, Hq, D]``) the merged output and ``lse`` are written;
+    without, only ``lse`` (the LSE pass that the KL loss's teacher needs).
+    """
+    total, n_heads, head_dim = q.shape
+    topk = block_indices.shape[-1]
+    per_token = n_heads * topk * (4 + (head_dim * q.element_size() if out is not None else 0))
+    chunk = max(1, min(total, config.workspace_bytes // per_token))
+    partial_lse = torch.empty(chunk, n_heads, topk, dtype=torch.float32, device=q.device)
+    partial_out = torch.empty(chunk, n_heads, topk, head_dim, dtype=q.dtype, device=q.device) if out is not None \
+        else partial_lse
+    hopper = _hopper_partials(q, k, block_size, config) if out is not None else None
+    launch_options = _kv_outer_launch(q, k, config.tile if hopper is None else _GLUON_TILE)
+    n_seqs = cu_seqlens.numel() - 1
+    max_blocks = max(1, triton.cdiv(max_seqlen, block_size))
+    # one sort builds the lists of as many chunks as max_csr_lists allows (faster than a sort per chunk: see
+    # benchmarks/results/2026-11-24-h100-66-kv-outer-gather-pipeline)
+    build = chunk * max(1, config.max_csr_lists // (k.shape[1] * n_seqs * max_blocks))
+    for build_start in range(0, total, build):
+        build_end = min(total, build_start + build)
+        csr = invert_selection(block_indices, cu_seqlens, max_seqlen, block_size, build_start, build_end,
+                               chunk_tokens=chunk)
+        for index, start in enumerate(range(build_start, build_end, chunk)):
+            end = min(total, start + chunk)
+            # a query's position is at most its packed index: the chunk reaches blocks before cdiv(end, block_size)
+            parts = _list_parts(end - start, topk, n_seqs * min(max_blocks, triton.cdiv(end, block_size)), config)
+            partial_lse.fill_(float("-inf"))
+            grid = (csr.n_block_slots, k.shape[1], parts)
+            args = (q, k, v, cu_seqlens, csr.chunk_offsets(index), csr.entries, partial_out, partial_lse,
+                    scale * LOG2E.value, csr.n_block_slots, start)
+            constants = dict(BLOCK_SIZE=block_size, MAX_BLOCKS=max_blocks, TOPK=topk, LIST_PARTS=parts)
+            if hopper is not None and not _launch_hopper(hopper, grid, *args, **launch_options, **constants):
+                hopper, launch_options = None, _kv_outer_launch(q, k, config.tile)
+            if hopper is None:
+                launch(sparse_attention_fwd_partial_kernel, grid, *args, **launch_options, **constants,
+                       WRITE_OUT=out is not None, UPCAST=INTERPRET)
+            rows = (end - start) * n_heads
+            if out is None:
+                lse[start:end] = torch.logsumexp(partial_lse[: end - start], dim=-1)
+                continue
+            merge_partials(partial_out, partial_lse, out[start:end], lse[start:end], rows, topk, config.merge_rows)
+
+
+def sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen: int, block_size: int,
+                         scale: float, schedule: str = "auto", config: SparseForwardConfig | None = None):
+    """Returns ``out`` ``[T, Hq, D]`` (dtype of q) and float32 ``lse`` ``[T, Hq]``.
+
+    ``q`` ``[T, Hq, D]``, ``k``, ``v`` ``[T, G, D]``, ``block_indices`` int32
+    ``[T, G, topk]``. ``schedule``: ``"query"`` (query-outer), ``"kv"``
+    (KV-outer with merged partials) or ``"auto"`` (KV-outer from
+    ``config.kv_outer_min_tokens`` tokens on). ``config``: default
+    :class:`SparseForwardConfig`.
+    """
+    config = config or SparseForwardConfig()
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    if not q.shape[0]:
+        return out, lse
+    if schedule == "kv" or (schedule == "auto" and q.shape[0] >= config.kv_outer_min_tokens):
+        _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen, block_size, scale, config, out, lse)
+    else:
+        sparse_attention_fwd_kernel[(q.shape[0], k.shape[1])](
+            q, k, v, block_indices, token_starts, out, lse, scale * LOG2E.value,
+            **query_outer_heads(q, k), BLOCK_SIZE=block_size, TOPK=block_indices.shape[-1], UPCAST=INTERPRET,
+            num_warps=4)
+    return out, lse
+
+
+def sparse_attention_lse(q, k, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
+                         config: SparseForwardConfig | None = None):
+    """Float32 ``[T, Hq]``: the attention's LSE over the selected support (a KV-outer LSE-only pass, which
+    needs no values)."""
+    config = config or SparseForwardConfig()
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    if q.shape[0]:
+        _kv_outer_partials(q, k, k, block_indices, cu_seqlens, max_seqlen, block_size, scale, config, lse=lse)
+    return lse
+
+
+def _row_dots(out, dout, chunk: int = 1 << 14):
+    """float32 ``[T, Hq]`` = sum over D of out * dout, upcast a chunk of tokens at a time."""
+    delta = torch.empty(out.shape[:2], dtype=torch.float32, device=out.device)
+    for start in range(0, out.shape[0], chunk):
+        end = start + chunk
+        delta[start:end] = torch.einsum("thd,thd->th", out[start:end].float(), dout[start:end].float())
+    return delta
+
+
+def sparse_attention_bwd(q, k, v, out, lse, dout, block_indices, token_starts, cu_seqlens, max_seqlen: int,
+                         block_size: int, scale: float, deterministic: bool = False,
+                         config: SparseBackwardConfig | None = None):
+    """Returns ``dq, dk, dv`` (dtypes of q, k, v).
+
+    KV-outer kernel: dk/dv, and dq through float32 atomics, over lists walked
+    in ``config.list_parts`` parts. With ``deterministic``: one writer per key
+    block for dk/dv and the query-outer kernel for dq.
+    """
+    config = config or SparseBackwardConfig()
+    if not q.shape[0]:
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = _row_dots(out, dout)
+    topk = block_indices.shape[-1]
+    if deterministic:
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        sparse_attention_bwd_dq_kernel[(q.shape[0], k.shape[1])](
+            q, k, v, block_indices, token_starts, dout, lse, delta, dq, scale * LOG2E.value, scale,
+            **query_outer_heads(q, k), BLOCK_SIZE=block_size, TOPK=topk, UPCAST=INTERPRET, num_warps=4)
+    else:
+        dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
+    parts = 1 if deterministic else config.list_parts
+    csr = invert_selection(block_indices, cu_seqlens, max_seqlen, block_size)
+    launch(sparse_attention_bwd_dkv_kernel, (csr.n_block_slots, k.shape[1], parts),
+           q, k, v, dout, lse, delta, cu_seqlens, csr.offsets, csr.entries, dk, dv, dq, scale * LOG2E.value, scale,
+           csr.n_block_slots, **_kv_outer_launch(q, k, config.tile), BLOCK_SIZE=block_size,
+           MAX_BLOCKS=csr.max_blocks, TOPK=topk, LIST_PARTS=parts, ATOMIC=not deterministic, UPCAST=INTERPRET)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -9,6 +9,11 @@ tiles, issued two tiles ahead, instead of through registers and a
 shared-memory store per tile. Outputs are those of the Triton kernel, bit for
 bit: one normalised partial output and natural-log LSE per (token, head, slot),
 merged by ``merge_partials_kernel``.
+
+It is launched by the KV-outer forward of :mod:`msa.kernels.sparse_attention`
+in place of the Triton kernel where the device and shapes allow (and that one
+where this Triton cannot compile it); that launcher imports this module
+lazily, as a Triton without Gluon cannot import it.
 """
 
 from __future__ import annotations
@@ -54,14 +59,14 @@ def sparse_attention_fwd_partial_hopper_kernel(
     HQ: gl.constexpr, G: gl.constexpr, R: gl.constexpr, D: gl.constexpr,
     BLOCK_SIZE: gl.constexpr, MAX_BLOCKS: gl.constexpr, TOPK: gl.constexpr,
     ROWS: gl.constexpr, QT: gl.constexpr,  # (token, head) rows per tile (64: one warpgroup), tokens per tile
-    SPLIT: gl.constexpr,
+    LIST_PARTS: gl.constexpr,
 ):
     block_slot = gl.program_id(0)
     group = gl.program_id(1)
     part = gl.program_id(2)
     first = gl.load(csr_offsets + group * n_block_slots + block_slot)
     count = gl.load(csr_offsets + group * n_block_slots + block_slot + 1) - first
-    first, last = first + count * part // SPLIT, first + count * (part + 1) // SPLIT
+    first, last = first + count * part // LIST_PARTS, first + count * (part + 1) // LIST_PARTS
     if first == last:
         return
     seq = block_slot // MAX_BLOCKS
