@@ -5,7 +5,11 @@ process (the expected results), then its shard through
 ``context_parallel_attention`` over gloo, and compares: outputs, selections,
 the KL loss and the gradients of all five inputs. Exits 1 on a mismatch.
 
-    torchrun --standalone --nproc-per-node N tests/cp_worker.py ATTENTION LAYOUT REPORT_DIR
+    torchrun --standalone --nproc-per-node N tests/cp_worker.py CHECK LAYOUT REPORT_DIR
+
+CHECK: ``reference``, ``ops`` or ``ops-dense`` (the attention given to
+``context_parallel_attention``), or ``module`` (``MSAAttention`` with a
+context-parallel group; parameter gradients summed over the ranks).
 
 Each rank writes its verdict to ``REPORT_DIR/rank<r>.txt``.
 """
@@ -19,7 +23,9 @@ import torch.distributed as dist
 
 from msa import reference
 from msa.distributed import context_parallel_attention, shard
+from msa.nn import MSAAttention
 from msa.nn.index_branch import msa_attention
+from msa.nn.rotary import RotaryEmbedding
 
 BLOCK_SIZE, TOPK = 4, 3
 
@@ -39,13 +45,46 @@ ATTENTIONS = {
 }
 
 
+def module_check(layout: str, world_size: int) -> list[str]:
+    """``MSAAttention(context_parallel_group=...)`` on this rank's shard against the layer on the whole batch:
+    outputs, the KL loss and every parameter's gradient (summed over the ranks)."""
+    torch.manual_seed(0)
+    options = dict(index_head_dim=8, block_size=BLOCK_SIZE, topk=TOPK)
+    layer = MSAAttention(32, 4, 2, 8, **options).double()
+    cp_layer = MSAAttention(32, 4, 2, 8, **options, context_parallel_group=dist.group.WORLD).double()
+    cp_layer.load_state_dict(layer.state_dict())
+    rotary = RotaryEmbedding(8)
+    if layout == "batched":
+        x = torch.randn(2, 2 * world_size * 5, 32, dtype=torch.float64)
+        positions, cu_seqlens = torch.arange(x.shape[1]).expand(2, -1), None
+    else:
+        seqlens = [2 * world_size * n for n in (3, 1)]
+        x = torch.randn(sum(seqlens), 32, dtype=torch.float64)
+        positions = torch.cat([torch.arange(n) for n in seqlens])
+        cu_seqlens = torch.tensor([0, *seqlens]).cumsum(0).to(torch.int32)
+    rope = rotary(positions, dtype=x.dtype)
+    out, kl = layer(x, rope, cu_seqlens=cu_seqlens, compute_kl_loss=True)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad((out * grad_out).sum() + kl, list(layer.parameters()))
+
+    local = dict(cu_seqlens=cu_seqlens)
+    cp_out, cp_kl = cp_layer(shard(x, **local), tuple(shard(r, **local) for r in rope), cu_seqlens=cu_seqlens,
+                             compute_kl_loss=True)
+    cp_grads = torch.autograd.grad((cp_out * shard(grad_out, **local)).sum() + cp_kl, list(cp_layer.parameters()))
+    for grad in cp_grads:
+        dist.all_reduce(grad)
+    checks = [("module out", cp_out, shard(out, **local)), ("module kl", cp_kl, kl)]
+    checks += [(f"module grad {name}", cp_grad, grad)
+               for (name, _), cp_grad, grad in zip(layer.named_parameters(), cp_grads, grads)]
+    return [f"{name}: rel err {rel_err(a, b):.1e}" for name, a, b in checks if not rel_err(a, b) < 1e-12]
+
+
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def main(attention_name: str, layout: str, report_dir: str) -> int:
-    dist.init_process_group("gloo")
-    world_size, rank = dist.get_world_size(), dist.get_rank()
+def attention_check(attention_name: str, layout: str, world_size: int) -> list[str]:
+    """``context_parallel_attention`` on this rank's shard against the attention of the whole sequences."""
     attention = ATTENTIONS[attention_name]
     generator = torch.Generator().manual_seed(0)
     heads, groups, head_dim, index_dim = 4, 2, 8, 8
@@ -89,7 +128,14 @@ def main(attention_name: str, layout: str, report_dir: str) -> int:
     checks += [(f"grad {name}", cp_grad, shard(grad, cu_seqlens=cu_seqlens))
                for name, cp_grad, grad in zip(("q", "k", "v", "index_q", "index_k"), cp_grads, grads)]
     failures += [f"{name}: rel err {rel_err(a, b):.1e}" for name, a, b in checks if not rel_err(a, b) < 1e-12]
-    verdict = f"rank {rank}/{world_size} {attention_name} {layout}: " + ("; ".join(failures) or "equal")
+    return failures
+
+
+def main(check: str, layout: str, report_dir: str) -> int:
+    dist.init_process_group("gloo")
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    failures = module_check(layout, world_size) if check == "module" else attention_check(check, layout, world_size)
+    verdict = f"rank {rank}/{world_size} {check} {layout}: " + ("; ".join(failures) or "equal")
     Path(report_dir, f"rank{rank}.txt").write_text(verdict)
     dist.destroy_process_group()
     return 1 if failures else 0

@@ -19,8 +19,10 @@ def _projections(layer, x, rope, **varlen):
     return caught
 
 
-@pytest.mark.parametrize("mode, kl_topk, varlen", [("sparse", None, False), ("dense", None, False),
-                                                   ("sparse", 4, False), ("sparse", None, True)])
+@pytest.mark.parametrize("mode, kl_topk, varlen", [("sparse", None, False),
+                                                   pytest.param("dense", None, False, marks=pytest.mark.slow),
+                                                   pytest.param("sparse", 4, False, marks=pytest.mark.slow),
+                                                   pytest.param("sparse", None, True, marks=pytest.mark.slow)])
 def test_compiled_layer_matches_the_reference_and_eager_without_graph_breaks(mode, kl_topk, varlen):
     """``torch.compile(fullgraph=True)`` of a layer's forward and backward: one graph; its output and KL loss are
     the float64 reference's, its gradients eager's."""
@@ -63,7 +65,7 @@ def _pytorch_path_inputs(dtype):
     q, k, v, index_q, index_k = (x[0] for x in rand_inputs(1, 37, 4, 2, 8, 8, dtype=dtype, seed=41))
     cu_seqlens = cu_seqlens_of([25, 12])
     blocks = msa.reference.select_blocks(index_q, index_k, block_size=BLOCK, topk=3, cu_seqlens=cu_seqlens)
-    plan = library.tile_plan(blocks, cu_seqlens, BLOCK, 2, block_outer.forward_chunk_pairs(2, 8))
+    plan = library.tile_plan(blocks, cu_seqlens, cu_seqlens, 37, BLOCK, 2, block_outer.forward_chunk_pairs(2, 8))
     return q, k, v, index_q, index_k, blocks, cu_seqlens, plan
 
 
@@ -71,26 +73,27 @@ def _leaves(*tensors):
     return tuple(x.detach().requires_grad_() for x in tensors)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.float64, marks=pytest.mark.slow)])
 def test_opcheck_the_pytorch_path_operators(dtype):
     """Schemas, fake implementations, autograd registrations: each operator, with and without gradients."""
     q, k, v, index_q, index_k, blocks, cu_seqlens, plan = _pytorch_path_inputs(dtype)
     out, lse = library.torch_sparse_attention(q, k, v, plan, BLOCK, 0.3)
     cases = [
-        (library.tile_plan, (blocks, cu_seqlens, BLOCK, 2, 16)),
+        (library.tile_plan, (blocks, cu_seqlens, cu_seqlens, 37, BLOCK, 2, 16)),
         (library.torch_sparse_attention, (*_leaves(q, k, v), plan, BLOCK, 0.3)),
         (library.torch_sparse_attention, (q, k, v, plan, BLOCK, 0.3)),
         (library.torch_sparse_attention_backward, (q, k, v, out, lse, torch.randn_like(out), plan, BLOCK, 0.3)),
         (library.torch_index_kl, (q, k, *_leaves(index_q, index_k), plan, BLOCK, 0.3, 0.4, None, True)),
         (library.torch_index_kl, (q, k, index_q, index_k, plan, BLOCK, 0.3, 0.4, lse.float(), False)),
-        (library.torch_select_blocks, (index_q, index_k, cu_seqlens, BLOCK, 3, 0.4, False)),
-        (library.torch_select_blocks, (index_q, index_k, cu_seqlens, BLOCK, 3, 0.4, True)),
-        (library.torch_support_lse, (index_q, index_k, blocks, cu_seqlens, BLOCK, 0.4)),
+        (library.torch_select_blocks, (index_q, index_k, cu_seqlens, cu_seqlens, BLOCK, 3, 0.4, False)),
+        (library.torch_select_blocks, (index_q, index_k, cu_seqlens, cu_seqlens, BLOCK, 3, 0.4, True)),
+        (library.torch_support_lse, (index_q, index_k, blocks, cu_seqlens, cu_seqlens, BLOCK, 0.4)),
     ]
     for operator, args in cases:
         torch.library.opcheck(operator, args)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not backend.HAVE_TRITON, reason="needs triton (its interpreter on CPUs)")
 def test_opcheck_the_kernel_operators():
     """The ``triton_*`` operators (under the interpreter on CPUs) in float32, the smallest shapes they take."""

@@ -103,7 +103,7 @@ def test_selection_misuse_gets_clear_errors():
         (lambda: msa.sparse_attention(q, k, v, selection, block_size=16), ValueError,
          "block_size=16 differs from the Selection's block_size=8"),
         (lambda: msa.index_kl_loss(q[0], k[0], index_q[0], index_k[0], selection, cu_seqlens=cu_seqlens_of([40])),
-         ValueError, "cu_seqlens and max_seqlen come with the Selection"),
+         ValueError, "cu_seqlens comes with the Selection: leave it None"),
         (lambda: msa.sparse_attention(q[:, :20], k[:, :20], v[:, :20], selection), ValueError,
          r"q must have shape \[B, S, H, D\] with the Selection's \[1, 40\]"),
         (lambda: msa.sparse_attention(q, k[..., :1, :], v[..., :1, :], selection), ValueError,
@@ -119,7 +119,7 @@ def test_selection_misuse_gets_clear_errors():
 
 
 @pytest.mark.skipif(not backend.HAVE_TRITON, reason="needs triton (its interpreter on CPUs)")
-@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("deterministic", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_the_kernels_take_a_selection_and_derive_token_starts_once(monkeypatch, deterministic):
     """MSA_BACKEND=triton (the interpreter on CPUs): attention and the KL loss (fused, or with its own backward
     pass under deterministic algorithms) on one Selection match the float64 reference, forward and backward, and the

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
+from msa.distributed import context_parallel_attention
 from msa.nn.index_branch import MODES, IndexBranch
 from msa.nn.rotary import apply_rotary
 
@@ -32,12 +35,18 @@ class MSAAttention(nn.Module):
     ``index_dtype=torch.float8_e4m3fn`` ranks blocks with FP8 index vectors
     (:mod:`msa.fp8`; faster prefill at long context, a selection no longer
     bit-comparable to the bf16 one).
+
+    ``context_parallel_group`` (a process group, or a one-dimensional
+    ``DeviceMesh`` such as ``mesh["cp"]``) splits every sequence over its
+    ranks (:mod:`msa.distributed`): each rank passes its zig-zag shard of the
+    hidden states and of the rotary embeddings (``msa.distributed.shard``),
+    and gets its shard of the output and the KL loss of the whole batch.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None, *,
                  index_head_dim: int = 128, block_size: int = 128, topk: int = 16, mode: str = "sparse",
                  index_rope: bool = True, bias: bool = False, kl_topk: int | None = None,
-                 index_dtype: torch.dtype | None = None):
+                 index_dtype: torch.dtype | None = None, context_parallel_group=None):
         super().__init__()
         head_dim = head_dim or hidden_size // num_heads
         if num_heads % num_kv_heads:
@@ -52,6 +61,9 @@ class MSAAttention(nn.Module):
                                         block_size=block_size, topk=topk, index_rope=index_rope, kl_topk=kl_topk,
                                         index_dtype=index_dtype)
         self.register_load_state_dict_pre_hook(_move_index_projections)
+        if isinstance(context_parallel_group, DeviceMesh):
+            context_parallel_group = context_parallel_group.get_group()
+        self.context_parallel_group = context_parallel_group
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
@@ -94,9 +106,12 @@ class MSAAttention(nn.Module):
             return self.o_proj(out.reshape(*lead, -1)), None
 
         compute_kl_loss = self.training if compute_kl_loss is None else compute_kl_loss
-        out, kl_loss, _ = self.index_branch.attend(q, k, v, index_q, index_k, mode=self.mode,
-                                                   compute_kl_loss=compute_kl_loss, cu_seqlens=cu_seqlens,
-                                                   max_seqlen=max_seqlen)
+        attention = functools.partial(self.index_branch.attend, mode=self.mode, compute_kl_loss=compute_kl_loss)
+        if self.context_parallel_group is not None:
+            out, kl_loss, _ = context_parallel_attention(attention, q, k, v, index_q, index_k,
+                                                         group=self.context_parallel_group, cu_seqlens=cu_seqlens)
+        else:
+            out, kl_loss, _ = attention(q, k, v, index_q, index_k, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return self.o_proj(out.reshape(*lead, -1)), kl_loss
 
 

@@ -62,22 +62,21 @@ class IndexBranch(nn.Module):
             index_q, index_k = apply_rotary(index_q, cos, sin), apply_rotary(index_k, cos, sin)
         return index_q, index_k
 
-    def attend(self, q, k, v, index_q, index_k, *, mode: str, compute_kl_loss: bool, softmax_scale=None,
-               cu_seqlens=None, max_seqlen=None):
-        """:func:`msa_attention` with this branch's settings, or sparse attention over the ``selector``'s blocks.
-        Returns ``(out, kl_loss or None, block_indices)``."""
+    def attend(self, q, k, v, index_q, index_k, *, mode: str, compute_kl_loss: bool, softmax_scale=None, **varlen):
+        """:func:`msa_attention` with this branch's settings, or sparse attention over the ``selector``'s blocks
+        (``varlen``: the ops' packed layouts). Returns ``(out, kl_loss or None, block_indices)``."""
         if self.selector is None:
             return msa_attention(q, k, v, index_q, index_k, mode=mode, block_size=self.block_size, topk=self.topk,
-                                 compute_kl_loss=compute_kl_loss, kl_topk=self.kl_topk, cu_seqlens=cu_seqlens,
-                                 max_seqlen=max_seqlen, softmax_scale=softmax_scale, index_dtype=self.index_dtype)
+                                 compute_kl_loss=compute_kl_loss, kl_topk=self.kl_topk, softmax_scale=softmax_scale,
+                                 index_dtype=self.index_dtype, **varlen)
         block_indices = self.selector(q, k, index_q, index_k)
         out = sparse_attention(q, k, v, block_indices, block_size=self.block_size, softmax_scale=softmax_scale,
-                               cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                               **varlen)
         return out, None, block_indices
 
 
 def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk: int, compute_kl_loss: bool,
-                  kl_topk: int | None = None, cu_seqlens=None, max_seqlen=None, softmax_scale=None, index_dtype=None):
+                  kl_topk: int | None = None, softmax_scale=None, index_dtype=None, **varlen):
     """Both branches of an MSA layer on projected, rotated inputs (the layouts of :mod:`msa.ops`).
 
     ``mode="sparse"``: attention over the Index Branch's blocks; ``"dense"``:
@@ -88,13 +87,14 @@ def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk
     is then the Main Branch's attention as it would be over that wider
     support (the KL pass computes its normalisation), so blocks ranked just
     below the selection get a gradient too. ``index_dtype``: the ranking's
-    dtype (:func:`msa.select_blocks`). Returns
-    ``(out, kl_loss or None, block_indices)``.
+    dtype (:func:`msa.select_blocks`). ``varlen``: the ops' packed layouts
+    (``cu_seqlens``, ``max_seqlen``, or ``cu_seqlens_q``, ``cu_seqlens_k``,
+    ``max_seqlen_q``, ``max_seqlen_k`` for queries that are the suffix of
+    longer key sequences). Returns ``(out, kl_loss or None, block_indices)``.
     """
     def select(n_blocks):
         return select_blocks(index_q.detach(), index_k.detach(), block_size=block_size, topk=n_blocks,
-                             index_dtype=index_dtype, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                             return_selection=True)
+                             index_dtype=index_dtype, return_selection=True, **varlen)
 
     # one Selection, checked once, its derived structures shared by the attention, its backward and the KL loss
     selection = select(topk)
@@ -102,7 +102,7 @@ def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk
     if mode == "sparse":
         out, main_lse = sparse_attention(q, k, v, selection, softmax_scale=softmax_scale, return_lse=True)
     else:
-        out = dense_attention(q, k, v, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        out = dense_attention(q, k, v, softmax_scale=softmax_scale, **varlen)
     kl_loss = None
     if compute_kl_loss:
         kl_selection = selection

@@ -25,11 +25,14 @@ def _pow2_between(value: int, low: int, high: int) -> bool:
 
 def unsupported_reason(*, dtype: torch.dtype, head_dim: int | None = None, index_dim: int | None = None,
                        block_size: int, topk: int, heads_per_group: int | None = None,
-                       fp8_device: torch.device | None = None) -> str | None:
+                       fp8_device: torch.device | None = None, suffix: bool = False) -> str | None:
     """Why the Triton kernels cannot take this shape, or None if they can.
 
-    ``fp8_device``: the device of a call that ranks with FP8 index products (:mod:`msa.fp8`).
+    ``fp8_device``: the device of a call that ranks with FP8 index products (:mod:`msa.fp8`); ``suffix``: the
+    queries are the suffix of longer key sequences.
     """
+    if suffix:
+        return "queries that are the suffix of longer key sequences (not yet in the training kernels)"
     widest = max(head_dim or 0, index_dim or 0)
     if dtype == torch.float32 and widest * block_size >= 128 * 128:
         return f"float32 tiles of {block_size} x {widest} (shared memory; use bf16/fp16 or smaller blocks)"

@@ -305,11 +305,14 @@ def _head_logits(tiles: Tiles, q_rows, k_rows, first: int, count: int, slots: sl
     return tiles.hide(logits.view(count, -1, heads, block_size), first)
 
 
-def support_lse(index_q, index_k, block_indices, cu_seqlens, block_size: int, scale: float) -> torch.Tensor:
-    """LSE ``[T, G]`` of the index logits over the visible keys of each row's listed blocks."""
+def support_lse(index_q, index_k, block_indices, cu_seqlens, block_size: int, scale: float,
+                cu_seqlens_k=None) -> torch.Tensor:
+    """LSE ``[T, G]`` of the index logits over the visible keys of each row's listed blocks (``cu_seqlens_k``: as
+    in :func:`plan`)."""
     iq_rows, ik_rows = index_q.view(-1, index_q.shape[-1]), index_k.view(-1, index_k.shape[-1])
     lse = index_q.new_empty(iq_rows.shape[0], 1)
-    for rows, tiles in tiles_of(plan(block_indices, cu_seqlens, block_size, 1)):
+    for rows, tiles in tiles_of(plan(block_indices, cu_seqlens, block_size, 1, cu_seqlens_k=cu_seqlens_k,
+                                     n_keys=index_k.shape[0])):
         slot_lse = tiles.lse_buffer(index_q, 1)
         for first, count, slots in tiles.batches(tiles.pairs_per_tile * block_size):
             logits = _index_logits(tiles, iq_rows, ik_rows, first, count, slots, scale)[2]

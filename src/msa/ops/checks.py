@@ -124,6 +124,47 @@ def make_layout(name: str, x, cu_seqlens, max_seqlen=None, tail=("H", "D"), dtyp
     return Layout((total,), cu_seqlens, cu_seqlens, max_seqlen)
 
 
+def resolve_varlen(cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """flash-attn's two spellings of packed layouts: ``cu_seqlens`` (queries and keys alike) or ``cu_seqlens_q``
+    with ``cu_seqlens_k``. Returns ``(cu_seqlens_q, max_seqlen_q, cu_seqlens_k, max_seqlen_k)``."""
+    if cu_seqlens_q is None and cu_seqlens_k is None and max_seqlen_q is None and max_seqlen_k is None:
+        return cu_seqlens, max_seqlen, cu_seqlens, max_seqlen
+    if cu_seqlens is not None or max_seqlen is not None:
+        raise ValueError("give cu_seqlens / max_seqlen (queries and keys alike) or cu_seqlens_q / cu_seqlens_k, "
+                         "not both")
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError("cu_seqlens_q and cu_seqlens_k go together")
+    return cu_seqlens_q, max_seqlen_q, cu_seqlens_k, max_seqlen_k
+
+
+def make_key_layout(query_layout: Layout, name: str, x, cu_seqlens_k, max_seqlen_k=None,
+                    tail=("G", "D")) -> Layout:
+    """The layout of the keys ``x`` (``[B, Sk, *tail]``, or ``[T_k, *tail]`` with ``cu_seqlens_k``) of queries laid
+    out as ``query_layout``: each sequence's queries are its last keys (flash-attn's bottom-right alignment), so no
+    sequence may have fewer keys than queries. Returns ``query_layout`` itself when the keys are the queries'."""
+    if cu_seqlens_k is None:
+        check_tensor(name, x, 4, f"[B, Sk, {', '.join(tail)}] (or [T_k, {', '.join(tail)}] with cu_seqlens_k)")
+        (batch, n_queries), (n_batch, n_keys) = query_layout.lead, x.shape[:2]
+        if n_batch != batch or n_keys < n_queries:
+            raise ValueError(f"{name} must have shape [B={batch}, Sk >= S={n_queries}, {', '.join(tail)}] (the "
+                             f"queries are the last S of the Sk keys), got {tuple(x.shape)}")
+        if n_keys == n_queries:
+            return query_layout
+        packed = torch.arange(batch + 1, dtype=torch.int32, device=x.device) * n_keys
+        return Layout((batch, n_keys), None, packed, n_keys)
+    if cu_seqlens_k is query_layout.cu_seqlens:
+        check_tensor(name, x, 3, f"[T, {', '.join(tail)}]")
+        return query_layout
+    layout = make_layout(name, x, cu_seqlens_k, max_seqlen_k, tail)
+    if cu_seqlens_k.shape != query_layout.cu_seqlens.shape:
+        raise ValueError(f"cu_seqlens_k must have the shape of cu_seqlens_q {tuple(query_layout.cu_seqlens.shape)}, "
+                         f"got {tuple(cu_seqlens_k.shape)}")
+    if not _capturing() and bool((cu_seqlens_k.diff() < query_layout.cu_seqlens.diff()).any()):
+        raise ValueError("every sequence needs at least as many keys (cu_seqlens_k) as queries (cu_seqlens_q): "
+                         "the queries are the last keys of their sequence")
+    return layout
+
+
 def check_like(layout: Layout, name: str, x, heads, dim, reference: torch.Tensor, head_name: str,
                dim_name: str) -> None:
     """``x`` must be ``layout`` + ``[heads, dim]`` (None = any) on the device and dtype of ``reference``."""
@@ -139,13 +180,15 @@ def check_like(layout: Layout, name: str, x, heads, dim, reference: torch.Tensor
         raise TypeError(f"{name} must have dtype {reference.dtype} like the other inputs, got {x.dtype}")
 
 
-def check_qkv(layout: Layout, q, k, v) -> tuple[int, int]:
-    """Returns ``(Hq, G)`` after checking GQA shapes."""
+def check_qkv(layout: Layout, q, k, v, key_layout: Layout | None = None) -> tuple[int, int]:
+    """Returns ``(Hq, G)`` after checking GQA shapes (``k``, ``v`` laid out as ``key_layout``, default the
+    queries' ``layout``)."""
+    key_layout = layout if key_layout is None else key_layout
     n_heads, head_dim = q.shape[-2:]
-    check_like(layout, "k", k, None, head_dim, q, "G", "D")
+    check_like(key_layout, "k", k, None, head_dim, q, "G", "D")
     n_groups = k.shape[-2]
     if v is not None:
-        check_like(layout, "v", v, n_groups, head_dim, q, "G", "D")
+        check_like(key_layout, "v", v, n_groups, head_dim, q, "G", "D")
     if n_heads % n_groups:
         raise ValueError(f"the number of query heads ({n_heads}) must be a multiple of the number of "
                          f"KV heads G ({n_groups})")
@@ -153,8 +196,10 @@ def check_qkv(layout: Layout, q, k, v) -> tuple[int, int]:
 
 
 def check_block_indices(layout: Layout, block_indices, n_groups: int, block_size: int,
-                        device: torch.device) -> torch.Tensor:
-    """Checks shape, dtype, device and values; returns ``block_indices`` as int32."""
+                        device: torch.device, key_layout: Layout | None = None) -> torch.Tensor:
+    """Checks shape, dtype, device and values (block ids count the blocks of ``key_layout``, default ``layout``);
+    returns ``block_indices`` as int32."""
+    key_layout = layout if key_layout is None else key_layout
     expected = layout.describe("G", "topk")
     check_tensor("block_indices", block_indices, len(layout.lead) + 2, expected, dtypes=INDEX_DTYPES)
     if tuple(block_indices.shape[:-1]) != layout.lead + (n_groups,):
@@ -164,14 +209,14 @@ def check_block_indices(layout: Layout, block_indices, n_groups: int, block_size
         raise ValueError(f"block_indices must be on {device}, got {block_indices.device}")
     block_indices = block_indices.to(torch.int32)
     if not _capturing() and block_indices.numel():
-        n_blocks = math.ceil(layout.max_seqlen / block_size)
+        n_blocks = math.ceil(key_layout.max_seqlen / block_size)
         ordered = block_indices.sort(dim=-1).values
         repeated = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()
         # one synchronisation with the host for the three checks
         low, high, repeated = torch.stack([ordered[..., 0].min(), ordered[..., -1].max(), repeated.int()]).tolist()
         if low < -1 or high >= n_blocks:
             raise ValueError(f"block_indices must lie in [-1, {n_blocks - 1}] (-1 = unused, else a block of "
-                             f"{block_size} tokens of a {layout.max_seqlen}-token sequence), got {low} .. {high}")
+                             f"{block_size} tokens of a {key_layout.max_seqlen}-token sequence), got {low} .. {high}")
         if repeated:
             raise ValueError("block_indices must list distinct blocks per (token, group); -1 may repeat")
     return block_indices

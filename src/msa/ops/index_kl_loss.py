@@ -7,7 +7,7 @@ import torch
 from msa.ops import library
 from msa.ops.backend import compute_dtype, unsupported_reason, use_triton
 from msa.ops.checks import check_like, check_lse, check_qkv, check_scale
-from msa.ops.selection import Selection, layout_of, selection_of
+from msa.ops.selection import Selection, layouts_of, selection_of
 
 
 def index_kl_loss(
@@ -22,6 +22,10 @@ def index_kl_loss(
     index_softmax_scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
     main_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(teacher || student) on each (query, group)'s selected support, averaged over rows.
@@ -39,7 +43,10 @@ def index_kl_loss(
         softmax_scale: Main Branch scale, default ``D ** -0.5``.
         index_softmax_scale: index logit scale, default ``Di ** -0.5``.
         cu_seqlens, max_seqlen: packed varlen layout, as in flash-attn (None
-            with a Selection).
+            with a Selection); or ``cu_seqlens_q``, ``cu_seqlens_k``,
+            ``max_seqlen_q``, ``max_seqlen_k`` for queries that are the
+            suffix of longer key sequences (``k`` and ``index_k`` then hold
+            the keys, as in :func:`sparse_attention`).
         main_lse: optional float32 ``[B, S, Hq]``, the LSE that
             ``sparse_attention(q, k, v, block_indices, return_lse=True)``
             returned for these same inputs; the Triton path then skips
@@ -52,13 +59,14 @@ def index_kl_loss(
         visible keys of the selected blocks, ``p`` is the mean over the group's
         query heads of their softmax and ``r`` the softmax of the index logits.
     """
-    layout = layout_of(block_indices, block_size, "q", q, cu_seqlens, max_seqlen)
-    n_heads, n_groups = check_qkv(layout, q, k, None)
+    layout, key_layout = layouts_of(block_indices, block_size, "q", q, "k", k, dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cu_seqlens_q=cu_seqlens_q,
+                                     cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k))
+    n_heads, n_groups = check_qkv(layout, q, k, None, key_layout)
     check_like(layout, "index_q", index_q, n_groups, None, q, "G", "Di")
-    check_like(layout, "index_k", index_k, 1, index_q.shape[-1], q, "1", "Di")
+    check_like(key_layout, "index_k", index_k, 1, index_q.shape[-1], q, "1", "Di")
     check_scale("softmax_scale", softmax_scale)
     check_scale("index_softmax_scale", index_softmax_scale)
-    selection = selection_of(block_indices, block_size, layout, n_groups, q.device)
+    selection = selection_of(block_indices, block_size, layout, key_layout, n_groups, q.device)
     if main_lse is not None:
         check_lse(layout, "main_lse", main_lse, n_heads, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
@@ -66,11 +74,13 @@ def index_kl_loss(
     n_rows = max(1, selection.block_indices.shape[:-1].numel())
     reason = unsupported_reason(dtype=q.dtype, head_dim=q.shape[-1], index_dim=index_q.shape[-1],
                                 block_size=selection.block_size, topk=selection.topk,
-                                heads_per_group=n_heads // n_groups)
+                                heads_per_group=n_heads // n_groups, suffix=selection.suffix)
     with_grads = torch.is_grad_enabled() and (index_q.requires_grad or index_k.requires_grad)
     triton = use_triton("index_kl_loss", q.device, reason)
     dtype = q.dtype if triton else compute_dtype(q.dtype)
-    packed = [layout.pack(x).to(dtype).contiguous() for x in (q.detach(), k.detach(), index_q, index_k)]
+    packed = [input_layout.pack(x).to(dtype).contiguous()
+              for input_layout, x in ((layout, q.detach()), (key_layout, k.detach()), (layout, index_q),
+                                      (key_layout, index_k))]
     if triton:
         if main_lse is not None:
             main_lse = layout.pack(main_lse).contiguous()

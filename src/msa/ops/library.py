@@ -33,14 +33,16 @@ def _deterministic() -> bool:
 # --------------------------------------------------------------------------- the PyTorch path
 
 @custom_op("msa::tile_plan", mutates_args=())
-def tile_plan(block_indices: Tensor, cu_seqlens: Tensor, block_size: int, heads_per_group: int,
-              pairs_per_chunk: int) -> list[Tensor]:
-    """The tensors of :func:`msa.ops.block_outer.plan`'s :class:`~msa.ops.block_outer.TilePlan`."""
-    return list(block_outer.plan(block_indices, cu_seqlens, block_size, heads_per_group, pairs_per_chunk))
+def tile_plan(block_indices: Tensor, cu_seqlens: Tensor, cu_seqlens_k: Tensor, n_keys: int, block_size: int,
+              heads_per_group: int, pairs_per_chunk: int) -> list[Tensor]:
+    """The tensors of :func:`msa.ops.block_outer.plan`'s :class:`~msa.ops.block_outer.TilePlan` (queries of
+    ``cu_seqlens``, the last of their sequences' ``n_keys`` keys of ``cu_seqlens_k``)."""
+    return list(block_outer.plan(block_indices, cu_seqlens, block_size, heads_per_group, pairs_per_chunk,
+                                 cu_seqlens_k=cu_seqlens_k, n_keys=n_keys))
 
 
 @tile_plan.register_fake
-def _(block_indices, cu_seqlens, block_size, heads_per_group, pairs_per_chunk):
+def _(block_indices, cu_seqlens, cu_seqlens_k, n_keys, block_size, heads_per_group, pairs_per_chunk):
     n_tokens, n_groups, topk = block_indices.shape
     n_tiles, n_masked = get_ctx().new_dynamic_size(), get_ctx().new_dynamic_size()
     pairs_per_tile = max(1, block_outer._TILE_ROWS // heads_per_group)
@@ -131,24 +133,24 @@ torch_index_kl.register_autograd(_index_kl_backward, setup_context=_save_index_k
 
 
 @custom_op("msa::torch_select_blocks", mutates_args=())
-def torch_select_blocks(index_q: Tensor, index_k: Tensor, cu_seqlens: Tensor, block_size: int, topk: int,
-                        scale: float, fp8: bool) -> Tensor:
-    return block_select.select_blocks(index_q, index_k, cu_seqlens, block_size, topk, scale, fp8)
+def torch_select_blocks(index_q: Tensor, index_k: Tensor, cu_seqlens: Tensor, cu_seqlens_k: Tensor, block_size: int,
+                        topk: int, scale: float, fp8: bool) -> Tensor:
+    return block_select.select_blocks(index_q, index_k, cu_seqlens, block_size, topk, scale, fp8, cu_seqlens_k)
 
 
 @torch_select_blocks.register_fake
-def _(index_q, index_k, cu_seqlens, block_size, topk, scale, fp8):
+def _(index_q, index_k, cu_seqlens, cu_seqlens_k, block_size, topk, scale, fp8):
     return index_q.new_empty(*index_q.shape[:2], topk, dtype=torch.int32)
 
 
 @custom_op("msa::torch_support_lse", mutates_args=())
-def torch_support_lse(index_q: Tensor, index_k: Tensor, block_indices: Tensor, cu_seqlens: Tensor, block_size: int,
-                      scale: float) -> Tensor:
-    return block_outer.support_lse(index_q, index_k, block_indices, cu_seqlens, block_size, scale)
+def torch_support_lse(index_q: Tensor, index_k: Tensor, block_indices: Tensor, cu_seqlens: Tensor,
+                      cu_seqlens_k: Tensor, block_size: int, scale: float) -> Tensor:
+    return block_outer.support_lse(index_q, index_k, block_indices, cu_seqlens, block_size, scale, cu_seqlens_k)
 
 
 @torch_support_lse.register_fake
-def _(index_q, index_k, block_indices, cu_seqlens, block_size, scale):
+def _(index_q, index_k, block_indices, cu_seqlens, cu_seqlens_k, block_size, scale):
     return index_q.new_empty(index_q.shape[:2])
 
 

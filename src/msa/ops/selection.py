@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 
 from msa.ops import block_outer, library
-from msa.ops.checks import INDEX_DTYPES, Layout, check_block_indices, check_block_size, check_tensor, make_layout
+from msa.ops.checks import (
+    INDEX_DTYPES, Layout, check_block_indices, check_block_size, check_tensor, make_key_layout, make_layout,
+    resolve_varlen,
+)
 from msa.varlen import token_positions
 
 DEFAULT_BLOCK_SIZE = 128
@@ -17,7 +20,9 @@ class Selection:
     ``block_indices``: int32 ``[B, S, G, topk]`` (``[T, G, topk]`` packed),
     distinct block numbers relative to the sequence start, ``-1`` in unused
     slots; ``layout``: the batched or packed layout of the tokens
-    (``cu_seqlens``, ``max_seqlen``). :func:`msa.sparse_attention` and
+    (``cu_seqlens``, ``max_seqlen``); ``key_layout``: that of the keys when
+    the queries are the suffix of longer key sequences (block ids count key
+    blocks), else ``layout`` itself. :func:`msa.sparse_attention` and
     :func:`msa.index_kl_loss` take a Selection in place of ``block_indices``
     and do not check it again, and the structures the backends derive from
     it (the PyTorch path's tiles, the kernels' token offsets) are built on
@@ -28,8 +33,9 @@ class Selection:
     :meth:`from_indices`; the constructor trusts its arguments.
     """
 
-    def __init__(self, block_indices: torch.Tensor, block_size: int, layout: Layout):
+    def __init__(self, block_indices: torch.Tensor, block_size: int, layout: Layout, key_layout: Layout | None = None):
         self.block_indices, self.block_size, self.layout = block_indices, block_size, layout
+        self.key_layout = layout if key_layout is None else key_layout
         self._derived: dict = {}
 
     @classmethod
@@ -51,6 +57,11 @@ class Selection:
     @property
     def max_seqlen(self) -> int:
         return self.layout.max_seqlen
+
+    @property
+    def suffix(self) -> bool:
+        """Whether the queries are the suffix of longer key sequences."""
+        return self.key_layout is not self.layout
 
     @property
     def n_groups(self) -> int:
@@ -79,35 +90,44 @@ class Selection:
         groups of ``heads_per_group``: the attention, its backward pass and the KL loss take the same."""
         pairs_per_chunk = block_outer.forward_chunk_pairs(heads_per_group, head_dim)
         return self._derive(("tile_plan", heads_per_group, pairs_per_chunk), lambda: library.tile_plan(
-            self.packed(), self.layout.packed_cu_seqlens, self.block_size, heads_per_group, pairs_per_chunk))
+            self.packed(), self.layout.packed_cu_seqlens, self.key_layout.packed_cu_seqlens,
+            self.key_layout.total_tokens, self.block_size, heads_per_group, pairs_per_chunk))
 
 
-def layout_of(block_indices, block_size, name: str, x, cu_seqlens, max_seqlen) -> Layout:
-    """The layout of an op's inputs, ``x`` its first (named ``name``): the Selection's, if ``block_indices`` is one
-    (``x`` must be of its tokens, the other arguments None or its own), else read from ``x``."""
+def layouts_of(block_indices, block_size, q_name: str, q, k_name: str, k, varlen: dict) -> tuple[Layout, Layout]:
+    """The layouts of an op's queries ``q`` and keys ``k``: the Selection's, if ``block_indices`` is one (``q``
+    and ``k`` must be of its tokens, the other arguments None or its own), else read from them. ``varlen``: the
+    op's ``cu_seqlens``, ``max_seqlen``, ``cu_seqlens_q``, ``cu_seqlens_k``, ``max_seqlen_q``, ``max_seqlen_k``."""
     if not isinstance(block_indices, Selection):
         check_block_size(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
-        return make_layout(name, x, cu_seqlens, max_seqlen)
+        cu_q, max_q, cu_k, max_k = resolve_varlen(**varlen)
+        layout = make_layout(q_name, q, cu_q, max_q)
+        return layout, make_key_layout(layout, k_name, k, cu_k, max_k)
     if block_size is not None and block_size != block_indices.block_size:
         raise ValueError(f"block_size={block_size} differs from the Selection's block_size={block_indices.block_size} "
                          "(leave it None)")
-    if (cu_seqlens is not None and cu_seqlens is not block_indices.cu_seqlens) or \
-            (max_seqlen is not None and max_seqlen != block_indices.max_seqlen):
-        raise ValueError("cu_seqlens and max_seqlen come with the Selection: leave them None")
-    layout = block_indices.layout
-    check_tensor(name, x, len(layout.lead) + 2, layout.describe("H", "D"))
-    if tuple(x.shape[:-2]) != layout.lead:
-        raise ValueError(f"{name} must have shape {layout.describe('H', 'D')} with the Selection's "
-                         f"{list(layout.lead)}, got {tuple(x.shape)}")
-    return layout
+    layout, key_layout = block_indices.layout, block_indices.key_layout
+    own = dict(cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen, cu_seqlens_q=layout.cu_seqlens,
+               max_seqlen_q=layout.max_seqlen, cu_seqlens_k=key_layout.cu_seqlens, max_seqlen_k=key_layout.max_seqlen)
+    for name, value in varlen.items():
+        if value is not None and value is not own[name] and not (isinstance(value, int) and value == own[name]):
+            raise ValueError(f"{name} comes with the Selection: leave it None")
+    for name, x, layout in ((q_name, q, block_indices.layout), (k_name, k, block_indices.key_layout)):
+        check_tensor(name, x, len(layout.lead) + 2, layout.describe("H", "D"))
+        if tuple(x.shape[:-2]) != layout.lead:
+            raise ValueError(f"{name} must have shape {layout.describe('H', 'D')} with the Selection's "
+                             f"{list(layout.lead)}, got {tuple(x.shape)}")
+    return block_indices.layout, block_indices.key_layout
 
 
-def selection_of(block_indices, block_size, layout: Layout, n_groups: int, device: torch.device) -> Selection:
+def selection_of(block_indices, block_size, layout: Layout, key_layout: Layout, n_groups: int,
+                 device: torch.device) -> Selection:
     """``block_indices`` as a :class:`Selection` of ``n_groups`` groups on ``device``: a Selection as it is, raw
     indices checked once (see :func:`~msa.ops.checks.check_block_indices`)."""
     if not isinstance(block_indices, Selection):
         block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-        return Selection(check_block_indices(layout, block_indices, n_groups, block_size, device), block_size, layout)
+        return Selection(check_block_indices(layout, block_indices, n_groups, block_size, device, key_layout),
+                         block_size, layout, key_layout)
     if block_indices.n_groups != n_groups:
         raise ValueError(f"block_indices (a Selection) must have shape {layout.describe('G', 'topk')} with "
                          f"G={n_groups}, got {tuple(block_indices.block_indices.shape)}")

@@ -7,7 +7,7 @@ import torch
 from msa.ops import library
 from msa.ops.backend import compute_dtype, unsupported_reason, use_triton
 from msa.ops.checks import check_qkv, check_scale
-from msa.ops.selection import Selection, layout_of, selection_of
+from msa.ops.selection import Selection, layouts_of, selection_of
 
 
 def sparse_attention(
@@ -20,6 +20,10 @@ def sparse_attention(
     softmax_scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
     max_seqlen: int | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
     return_lse: bool = False,
 ):
     """Block-sparse causal GQA attention.
@@ -27,7 +31,11 @@ def sparse_attention(
     Args:
         q: ``[B, S, Hq, D]`` queries (``[T, Hq, D]`` with ``cu_seqlens``).
         k, v: ``[B, S, G, D]`` keys and values; ``Hq % G == 0`` and query head
-            ``h`` reads KV head ``h // (Hq // G)``.
+            ``h`` reads KV head ``h // (Hq // G)``. With ``Sk >= S`` keys
+            (``[B, Sk, G, D]``, or packed with ``cu_seqlens_q`` /
+            ``cu_seqlens_k``) the queries are the last ``S`` positions of each
+            sequence: query ``i`` sits at ``Sk - S + i`` (flash-attn's
+            bottom-right causal alignment) and block ids count key blocks.
         block_indices: int32 ``[B, S, G, topk]`` from :func:`select_blocks`
             (distinct blocks, ``-1`` for unused slots), checked on every call;
             or a :class:`~msa.ops.selection.Selection`, checked once when it
@@ -37,7 +45,9 @@ def sparse_attention(
             Selection's.
         softmax_scale: default ``D ** -0.5``.
         cu_seqlens, max_seqlen: packed varlen layout, as in flash-attn (None
-            with a Selection).
+            with a Selection); or ``cu_seqlens_q``, ``cu_seqlens_k``,
+            ``max_seqlen_q``, ``max_seqlen_k`` for queries that are the
+            suffix of longer key sequences.
         return_lse: also return the float32 natural-log LSE ``[B, S, Hq]``
             (``-inf`` for a query whose listed blocks hold no visible key).
 
@@ -46,16 +56,17 @@ def sparse_attention(
         to exactly the keys ``t <= i`` of the blocks listed for (i, group of h).
         Differentiable in q, k and v.
     """
-    layout = layout_of(block_indices, block_size, "q", q, cu_seqlens, max_seqlen)
-    n_heads, n_groups = check_qkv(layout, q, k, v)
+    layout, key_layout = layouts_of(block_indices, block_size, "q", q, "k", k, dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cu_seqlens_q=cu_seqlens_q,
+                                     cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k))
+    n_heads, n_groups = check_qkv(layout, q, k, v, key_layout)
     check_scale("softmax_scale", softmax_scale)
-    selection = selection_of(block_indices, block_size, layout, n_groups, q.device)
+    selection = selection_of(block_indices, block_size, layout, key_layout, n_groups, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     reason = unsupported_reason(dtype=q.dtype, head_dim=q.shape[-1], block_size=selection.block_size,
-                                topk=selection.topk, heads_per_group=n_heads // n_groups)
+                                topk=selection.topk, heads_per_group=n_heads // n_groups, suffix=selection.suffix)
     triton = use_triton("sparse_attention", q.device, reason)
     dtype = q.dtype if triton else compute_dtype(q.dtype)
-    packed = [layout.pack(x).to(dtype).contiguous() for x in (q, k, v)]
+    packed = [layout.pack(q).to(dtype).contiguous()] + [key_layout.pack(x).to(dtype).contiguous() for x in (k, v)]
     if triton:
         out, lse = library.triton_sparse_attention(*packed, selection.packed(), selection.token_starts(),
                                                    layout.packed_cu_seqlens, layout.max_seqlen, selection.block_size,
