@@ -11,7 +11,7 @@ TRITON ?= triton==3.6.0
 CONSTRAINTS ?= constraints.txt
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 
-.PHONY: bench test install lock clean
+.PHONY: bench test test-fast install lock clean
 
 $(VENV)/.installed: pyproject.toml Makefile $(CONSTRAINTS)
 	python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ bench: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest -q $(ARGS)
+
+# the edit loop: the tests not marked slow (a small case of each kernel family and layer, under a minute on a CPU)
+test-fast: $(VENV)/.installed
+	$(PYTHON) -m pytest -q -m "not slow" $(ARGS)
 
 # after `make test` passed on upgraded packages: write their versions into constraints.txt
 lock: $(VENV)/.installed

@@ -1,9 +1,10 @@
-"""Shared helpers of the test suite: random MSA inputs and error measures."""
+"""Shared helpers of the test suite: random MSA inputs, error measures, parameters marked slow."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 import msa
@@ -36,6 +37,13 @@ def pack(x: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
 
 def cu_seqlens_of(seqlens: list[int], device="cpu") -> torch.Tensor:
     return torch.tensor([0] + seqlens, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+
+
+def slow_except(values: list, keep: int) -> list:
+    """``values`` for ``pytest.mark.parametrize``, all but ``values[keep]`` marked slow: the fast subset
+    (``make test-fast``) runs that one case, ``make test`` all of them."""
+    kept = keep % len(values)
+    return [value if i == kept else pytest.param(value, marks=pytest.mark.slow) for i, value in enumerate(values)]
 
 
 def poison_allocations(monkeypatch) -> None:

@@ -70,6 +70,7 @@ def test_bench_rejects_bad_arguments_before_running(capsys, options, message):
     assert printed.out == ""  # nothing ran
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [[], ["--fp8-index"]])
 def test_generate_matches_the_recompute(tmp_path, capsys, options):
     path = tmp_path / "generate.json"
@@ -121,7 +122,7 @@ def hf_checkpoint(tmp_path):
     return tiny_llama_checkpoint(tmp_path / "dense", corpus_texts(text)), text
 
 
-@pytest.mark.parametrize("options", [[], ["--fp8-index"]])
+@pytest.mark.parametrize("options", [[], pytest.param(["--fp8-index"], marks=pytest.mark.slow)])
 def test_train_runs_the_recipe_and_generate_loads_the_model(tmp_path, capsys, options):
     out = tmp_path / "run"
     assert main(["train", "--steps", "4", "--warmup-steps", "2", "--eval-every", "2", "--seq-len", "128",
@@ -159,6 +160,7 @@ def test_the_default_corpus_is_the_package_python_source(tmp_path, monkeypatch):
     assert tokenized == [p.read_text() for p in sources]  # the .py files alone, in path order
 
 
+@pytest.mark.slow
 def test_train_converts_a_hugging_face_checkpoint_and_trains_it_on_its_tokenizer(
         hf_checkpoint, recorded_batches, tmp_path, capsys):
     from msa.integrations import hf
@@ -187,6 +189,7 @@ def test_train_converts_a_hugging_face_checkpoint_and_trains_it_on_its_tokenizer
     assert record["model"]["msa"]["block_size"] == 16 and record["text"] in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_train_from_a_converted_checkpoint_keeps_its_index_branch(hf_checkpoint, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -213,6 +216,7 @@ def test_train_from_a_converted_checkpoint_keeps_its_index_branch(hf_checkpoint,
     assert all(torch.equal(started_from[name], trained[name]) for name in trained)
 
 
+@pytest.mark.slow
 def test_dense_and_msa_runs_see_the_same_lm_batches(hf_checkpoint, recorded_batches, tmp_path):
     dense, text = hf_checkpoint
     common = ["--init", str(dense), "--data", str(text)]
@@ -231,6 +235,7 @@ def test_dense_and_msa_runs_see_the_same_lm_batches(hf_checkpoint, recorded_batc
     assert [r["lm_steps"] for r in read_log(tmp_path / "dense")] == [2, 4]
 
 
+@pytest.mark.slow
 def test_train_refuses_to_reuse_out_and_resumes_after_a_crash(tmp_path, capsys, monkeypatch):
     from msa.training.data import TokenBatches
 
@@ -372,6 +377,7 @@ def write_tiny_llama_gguf(path, tokenizer_json):
     return path
 
 
+@pytest.mark.slow
 def test_train_from_gguf_takes_model_and_tokenizer_from_the_file(hf_checkpoint, recorded_batches, tmp_path):
     pytest.importorskip("gguf")
     from msa.integrations import hf
@@ -430,6 +436,7 @@ def test_generate_refuses_a_prompt_for_a_model_without_a_tokenizer(hf_checkpoint
     assert main(["generate", "--model", str(bare), "--prompt-len", "20", "--new-tokens", "3"]) == 0  # dense HF
 
 
+@pytest.mark.slow
 def test_a_warm_up_only_run_saves_the_converted_model_for_a_continuation(tmp_path):
     """--steps 0: the indexer warm-up alone (the training-free conversion); --init of its model continues it."""
     warmup = tmp_path / "warmup"

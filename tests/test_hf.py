@@ -75,9 +75,10 @@ def greedy_by_full_forwards(model, ids, new_tokens):
     return ids
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")  # the old keyword, on purpose
 @pytest.mark.parametrize("argument", CACHE_ARGUMENTS)
 @pytest.mark.parametrize("cache_class", ["dynamic", "msa"])
-@pytest.mark.parametrize("index_dtype", [None, torch.float8_e4m3fn])
+@pytest.mark.parametrize("index_dtype", [None, pytest.param(torch.float8_e4m3fn, marks=pytest.mark.slow)])
 def test_a_kv_cache_under_either_argument_matches_a_full_recompute(argument, cache_class, index_dtype):
     """Prefill, a chunk of 15 tokens after the prefix, then one token at a time; layer 0 stays dense (its queries
     after a prefix align bottom-right). Also with FP8 ranking: on the same rounded vectors as the full pass."""
@@ -93,7 +94,7 @@ def test_a_kv_cache_under_either_argument_matches_a_full_recompute(argument, cac
     assert torch.allclose(torch.cat(logits, dim=1), full, atol=TOL)
 
 
-@pytest.mark.parametrize("layers", [None, [1]])
+@pytest.mark.parametrize("layers", [None, pytest.param([1], marks=pytest.mark.slow)])
 def test_generate_runs_on_the_msa_cache_and_equals_greedy_full_forwards(monkeypatch, layers):
     model = hf.convert(small_model(), block_size=16, topk=2, layers=layers)
     attended, paths = [], set()
@@ -167,6 +168,7 @@ else:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trust", [True, False])
 def test_auto_loading_without_importing_msa_needs_trust_remote_code(tmp_path, trust):
     """Without ``import msa.integrations.hf``, transformers never loads the folder as a dense model."""

@@ -32,6 +32,7 @@ def arithmetic_task(batch, seqlen, vocab=16, seed=0):
     return (start + stride * torch.arange(seqlen)) % vocab
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["dense", "sparse"])
 def test_module_trains_both_losses_down(mode):
     """25 steps of LM loss alone (the teacher settles), then 25 with LM + KL: both losses fall."""

@@ -15,7 +15,9 @@ def selection(index_q, index_k, block_size=16, topk=4, **kw):
     return msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=block_size, topk=topk, **kw)
 
 
-@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-5),
+                                          pytest.param(torch.bfloat16, 1e-2, marks=pytest.mark.slow),
+                                          pytest.param(torch.float16, 2e-3, marks=pytest.mark.slow)])
 def test_ops_match_reference(dtype, bound):
     inputs = rand_inputs(**SHAPE, dtype=dtype, seed=11)
     q, k, v, index_q, index_k = inputs
@@ -50,6 +52,7 @@ def test_sparse_attention_gradients_match_reference():
         assert rel_err(grad, ref) < 1e-12
 
 
+@pytest.mark.slow
 def test_gradcheck_sparse_attention():
     q, k, v, index_q, index_k = rand_inputs(1, 21, 4, 2, 3, 3, seed=14)
     blocks = selection(index_q, index_k, block_size=4, topk=3)
@@ -57,6 +60,7 @@ def test_gradcheck_sparse_attention():
     assert torch.autograd.gradcheck(lambda q, k, v: msa.sparse_attention(q, k, v, blocks, block_size=4), inputs)
 
 
+@pytest.mark.slow
 def test_gradcheck_index_kl_loss_and_teacher_is_detached():
     q, k, _, index_q, index_k = rand_inputs(1, 21, 4, 2, 3, 3, seed=15)
     blocks = selection(index_q, index_k, block_size=4, topk=3)
@@ -164,7 +168,7 @@ def test_index_kl_loss_rejects_mismatched_index_heads():
 
 # --------------------------------------------------------------------------- the PyTorch path (CPU): every boundary
 
-@pytest.fixture(params=["default", "tiny"])
+@pytest.fixture(params=["default", pytest.param("tiny", marks=pytest.mark.slow)])
 def cpu_chunking(request, monkeypatch):
     """The CPU path as shipped, and with chunks of a few queries, batches of one or two tiles and tiles of a few
     pairs, so that the merges across chunks, batches, tiles and key chunks of the selection are all exercised."""
@@ -241,6 +245,7 @@ def test_cpu_selection_equals_reference_rows_and_order(cpu_chunking, index_dtype
     assert rel_err(lse, ref_lse) < 1e-6
 
 
+@pytest.mark.slow
 def test_cpu_path_gradcheck_varlen(cpu_chunking):
     seqlens = [9, 0, 6]
     q, k, v, index_q, index_k = (x[0] for x in rand_inputs(1, sum(seqlens), 4, 2, 2, 2, seed=24))

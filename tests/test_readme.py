@@ -41,12 +41,14 @@ def namespace(tmp_path_factory):
     return dict(checkpoint=str(checkpoint), __working_directory__=tmp_path_factory.mktemp("work"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(namespace, index, monkeypatch):
     monkeypatch.chdir(namespace["__working_directory__"])
     exec(compile(BLOCKS[index], f"README.md python block {index + 1}", "exec"), namespace)
 
 
+@pytest.mark.slow
 def test_readme_commands_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for command in COMMANDS:

@@ -127,6 +127,7 @@ def test_the_kl_loss_never_shrinks_an_lm_update(tmp_path):
     assert all(torch.equal(weights[0.0][n], weights[1e6][n]) for n in weights[0.0])
 
 
+@pytest.mark.slow
 def test_a_run_cut_off_resumes_where_its_checkpoint_is_and_its_log_has_no_duplicates(tmp_path):
     whole = trainer(tmp_path, steps=6, warmup_steps=2, name="whole")
     whole.run()
