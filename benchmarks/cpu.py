@@ -10,7 +10,12 @@ block 64, topk 8, float32, B=1, random inputs) and in the same process:
 - dense: ``scaled_dot_product_attention`` causal (``msa.dense_attention``),
   forward, and forward + backward;
 - the parts of the MSA step (selection, attention forward, attention forward +
-  backward, KL loss + gradients), to show where the time goes.
+  backward, KL loss + gradients), to show where the time goes;
+- one decode step of the layer (one new token after ``S`` cached ones):
+  ``PagedSparseAttention`` over a ``PagedKVCache`` (the PyTorch path: the
+  index scan, Top-k and attention over the selected pages) against
+  ``DenseKVAttention`` (SDPA over a contiguous cache), as ``msa generate``
+  serves a model.
 
 Each time is the median of ``--repeats`` runs after ``--warmup``. Writes
 ``cpu.json`` under ``--out``: the machine (``platform``,
@@ -37,6 +42,7 @@ from rich.table import Table
 import msa
 from msa.cli.bench import CPU_DEFAULTS, attended_fraction, git_commit
 from msa.cli.timing import median_ms
+from msa.inference import DenseKVAttention, PagedKVCache, PagedSparseAttention
 
 CPU = torch.device("cpu")
 
@@ -102,9 +108,50 @@ def bench_seqlen(layer: dict, seqlen: int, warmup: int, repeats: int) -> dict:
     with torch.no_grad():
         main_lse = msa.sparse_attention(q, k, v, blocks, return_lse=True, **size)[1]
     row["kl_fwd_bwd_ms"] = time_ms(lambda: kl_step(blocks, main_lse))
+    row["msa_decode_ms"], row["dense_decode_ms"] = decode_step_ms(layer, seqlen, warmup, repeats)
     row["fwd_speedup"] = row["dense_fwd_ms"] / row["msa_fwd_ms"]
     row["train_speedup"] = row["dense_train_ms"] / row["msa_train_ms"]
+    row["decode_speedup"] = row["dense_decode_ms"] / row["msa_decode_ms"]
     return row
+
+
+def decode_step_ms(layer: dict, seqlen: int, warmup: int, repeats: int) -> tuple[float, float]:
+    """One-token decode steps after ``seqlen`` cached tokens (random keys): MSA's and dense attention's, ms."""
+    heads, groups, head_dim, index_dim = layer["heads"], layer["kv_heads"], layer["head_dim"], layer["index_head_dim"]
+    block_size, n_steps = layer["block_size"], warmup + repeats
+    capacity = seqlen + n_steps
+    generator = torch.Generator().manual_seed(seqlen + 1)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    pages = -(-capacity // block_size)
+    cache = PagedKVCache(num_layers=1, num_pages=pages, block_size=block_size, num_kv_heads=groups,
+                         head_dim=head_dim, index_head_dim=index_dim, max_requests=1, max_pages_per_request=pages,
+                         dtype=torch.float32)
+    sparse = PagedSparseAttention(cache, num_heads=heads, topk=layer["topk"])
+    dense = DenseKVAttention(num_layers=1, num_heads=heads, num_kv_heads=groups, head_dim=head_dim, max_requests=1,
+                             max_seq_len=capacity, dtype=torch.float32)
+    sparse_request, dense_request = cache.add_request(), dense.add_request()
+    prefix_k, prefix_v = randn(seqlen, groups, head_dim), randn(seqlen, groups, head_dim)
+    cache.reserve(sparse_request, seqlen)  # the prompt's keys, written straight into the pools
+    slots = cache.slots(sparse_request, 0, seqlen)
+    cache.k[0].view(-1, groups, head_dim).index_copy_(0, slots, prefix_k)
+    cache.v[0].view(-1, groups, head_dim).index_copy_(0, slots, prefix_v)
+    cache.write_index_keys(0, slots, randn(seqlen, index_dim))
+    dense.plan([dense_request], [seqlen])
+    dense.k[0, dense_request, :, :seqlen], dense.v[0, dense_request, :, :seqlen] = (
+        prefix_k.transpose(0, 1), prefix_v.transpose(0, 1))
+
+    def step(attention, request):
+        def run():
+            attention.plan([request], [1])
+            attention.run(0, randn(1, heads, head_dim), randn(1, groups, head_dim), randn(1, groups, head_dim),
+                          randn(1, groups, index_dim), randn(1, index_dim))
+        return median_ms(run, CPU, warmup=warmup, repeats=repeats)
+
+    with torch.no_grad():
+        return step(sparse, sparse_request), step(dense, dense_request)
 
 
 def _cell(key: str, value) -> str:
@@ -112,7 +159,9 @@ def _cell(key: str, value) -> str:
         return str(value)
     if key == "attended_fraction":
         return f"{100 * value:.1f}%"
-    return f"{value:.2f}x" if key.endswith("speedup") else f"{value:.0f}"
+    if key.endswith("speedup"):
+        return f"{value:.2f}x"
+    return f"{value:.2f}" if key.endswith("decode_ms") else f"{value:.0f}"
 
 
 def print_tables(console: Console, rows: list[dict], machine: str) -> None:
@@ -121,6 +170,9 @@ def print_tables(console: Console, rows: list[dict], machine: str) -> None:
         f"MSA (PyTorch CPU path) vs dense SDPA, ms ({machine})": {
             "seq len": "seqlen", "dense fwd": "dense_fwd_ms", "MSA fwd": "msa_fwd_ms", "speed-up": "fwd_speedup",
             "dense train": "dense_train_ms", "MSA train": "msa_train_ms", "speed-up ": "train_speedup"},
+        "One decode step of the layer after S cached tokens, ms": {
+            "S": "seqlen", "dense (contiguous cache)": "dense_decode_ms", "MSA (paged cache)": "msa_decode_ms",
+            "speed-up": "decode_speedup"},
         "MSA's parts, ms": {
             "seq len": "seqlen", "keys attended": "attended_fraction", "select": "select_ms",
             "attention fwd": "attention_fwd_ms", "attention fwd+bwd": "attention_fwd_bwd_ms",
