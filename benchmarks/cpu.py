@@ -22,6 +22,7 @@ Each time is the median of ``--repeats`` runs after ``--warmup``. Writes
 ``torch.__config__.parallel_info()``), date, commit, command and rows.
 
     PYTHONPATH=src python benchmarks/cpu.py --out benchmarks/results/<run>
+    PYTHONPATH=src python benchmarks/cpu.py --out benchmarks/results/<run> --report   # cpu.md from cpu.json
 """
 
 from __future__ import annotations
@@ -187,13 +188,27 @@ def print_tables(console: Console, rows: list[dict], machine: str) -> None:
         console.print(table)
 
 
+def markdown_table(record: dict) -> str:
+    """The speed-ups of a stored ``cpu.json`` as the README's markdown table."""
+    lines = ["| tokens | forward (select + attention) | training step (+ KL loss) | one decode step |",
+             "| ---: | ---: | ---: | ---: |"]
+    lines += [f"| {row['seqlen'] // 1024}K | {row['fwd_speedup']:.2f}x | {row['train_speedup']:.2f}x | "
+              f"{row['decode_speedup']:.2f}x |" for row in record["rows"]]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for cpu.json")
+    parser.add_argument("--report", action="store_true",
+                        help="write cpu.md (the README's table) from the cpu.json in --out, without measuring")
     parser.add_argument("--seqlens", default="4096,8192,16384,32768")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    if args.report:
+        (args.out / "cpu.md").write_text(markdown_table(json.loads((args.out / "cpu.json").read_text())))
+        return
     layer = {name: CPU_DEFAULTS[name] for name in ("heads", "kv_heads", "head_dim", "index_head_dim", "block_size",
                                                     "topk", "dtype")}
     console = Console()
