@@ -70,21 +70,25 @@ def block_scores(index_q, index_k, block_size):
 
 
 def assert_selection_matches(blocks, index_q, index_k, block_size, topk, tol):
-    """Same structure as the reference selection; where sets differ, only by near-ties (scores within tol)."""
+    """The float64 reference selection (``msa.reference.select_blocks``), layout included: exactly with ``tol``
+    0 (inputs without near-ties, rounded alike: the CPU runs); with ``tol`` > 0 (GPU runs: bf16, TF32 and their
+    accumulation orders) the local block and the -1s in the same slots, distinct blocks, and in under 1% of rows
+    other blocks than the reference's, each scored within ``tol`` of the reference's block in its slot."""
     ref = msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=block_size, topk=topk)
     assert blocks.dtype == torch.int32 and blocks.shape == ref.shape
-    assert torch.equal((blocks >= 0).sum(-1), (ref >= 0).sum(-1))
+    if tol == 0:
+        assert torch.equal(blocks, ref)
+        return
     local = (torch.arange(blocks.shape[1], device=blocks.device) // block_size)[None, :, None, None]
-    assert (blocks == local).any(-1).all() and (blocks <= local).all() and (blocks >= -1).all()
+    assert torch.equal(blocks == local, ref == local) and torch.equal(blocks < 0, ref < 0)
+    ordered = blocks.sort(-1).values
+    assert ((ordered[..., 1:] != ordered[..., :-1]) | (ordered[..., :-1] < 0)).all(), "blocks repeat"
     scores = torch.nn.functional.pad(block_scores(index_q, index_k, block_size), (0, 1), value=-math.inf)
-    scores.scatter_(-1, local.expand(*blocks.shape[:-1], 1), math.inf)
 
     def picked(b):
-        return torch.gather(scores, -1, b.long().masked_fill(b < 0, scores.shape[-1] - 1)).sort(-1).values
+        return torch.gather(scores, -1, b.long().masked_fill(b < 0, scores.shape[-1] - 1))
 
-    mine, theirs = picked(blocks), picked(ref)
-    finite = torch.isfinite(theirs)
-    assert torch.equal(torch.isfinite(mine), finite)
-    assert ((mine - theirs).abs()[finite] <= tol).all()
-    differing = (blocks.sort(-1).values != ref.sort(-1).values).any(-1).double().mean().item()
+    ranked = (ref >= 0) & (ref != local)
+    assert ((picked(blocks) - picked(ref)).abs()[ranked] <= tol).all()
+    differing = (blocks != ref).any(-1).double().mean().item()
     assert differing < 0.01, f"{differing:.2%} of rows select other blocks"

@@ -9,18 +9,31 @@ paper's kernels), restated here in plain loops:
 - Queries may be the last Sq of Sk positions (bottom-right alignment): query i
   sits at position Sk - Sq + i and block ids count key blocks.
 
-Backends held to the contract here: the float64 reference and the PyTorch
-path of the public ops, compared as tensors (not as sets).
+Backends held to the contract here, compared as tensors (not as sets): the
+float64 reference, the public ops' PyTorch path and Triton kernels (plain and
+narrowed Top-k; fp32, fp16 and FP8 index vectors), and both paths of
+PagedSparseAttention (prefill chunks and decode steps over a paged cache).
 """
 
+import functools
 import math
 
 import pytest
 import torch
 
 import msa
-from helpers import cu_seqlens_of, pack, rand_inputs, rel_err
+from helpers import cu_seqlens_of, pack, poison_allocations, rand_inputs, rel_err, slow_except
 from msa import reference
+from msa.fp8 import FP8_DTYPE, rounded
+from msa.inference import PagedKVCache, PagedSparseAttention
+
+KINDS = ["random", "zeros", "repeated"]
+INDEX_DIM = 16
+# (seqlen, block_size, topk): shapes the Triton kernels take; the last has rows of up to 18 earlier blocks, which the
+# Triton Top-k narrows to their candidates (from 16 blocks on, as the Triton tests set it)
+SHAPES = [(70, 16, 4), (100, 16, 9), (45, 32, 3), (300, 16, 5)]
+# (dtype of the index vectors, index_dtype of the ranking)
+RANKINGS = [(torch.float32, None), (torch.float16, None), (torch.float16, FP8_DTYPE)]
 
 
 def official_selection(index_q, index_k, block_size, topk, scale, offset=0):
@@ -40,26 +53,90 @@ def official_selection(index_q, index_k, block_size, topk, scale, offset=0):
 
 
 def index_vectors(kind, seqlen, groups, index_dim, seed):
-    """Index queries ``[1, S, G, Di]`` and keys ``[1, S, 1, Di]``: random, all zero (every score ties), or small
-    integers with every key block a copy of the first (scores repeat from block to block)."""
+    """Index queries ``[1, S, G, Di]`` and keys ``[1, S, 1, Di]``: random, all zero (every score ties), or
+    integers in -2 .. 2 with keys that repeat every 24 positions (blocks of 16 or 32 tokens: every third block
+    scores the same) and 2 first in every row (one FP8 scale for all rows, so that FP8 ranking keeps the ties)."""
     *_, index_q, index_k = rand_inputs(1, seqlen, 2, groups, 2, index_dim, seed=seed)
     if kind == "zeros":
         return torch.zeros_like(index_q), torch.zeros_like(index_k)
     if kind == "repeated":
-        block = index_k[:, :8].round()
-        return index_q.round(), block.repeat(1, math.ceil(seqlen / 8), 1, 1)[:, :seqlen]
+        index_q, index_k = (x.round().clamp(-2, 2) for x in (index_q, index_k[:, :24]))
+        index_q[..., 0] = index_k[..., 0] = 2
+        return index_q, index_k.repeat(1, math.ceil(seqlen / 24), 1, 1)[:, :seqlen]
     return index_q, index_k
 
 
-@pytest.mark.parametrize("kind", ["random", "zeros", "repeated"])
-@pytest.mark.parametrize("seqlen, block_size, topk", [(70, 8, 4), (45, 4, 16), (33, 16, 3)])
-def test_selection_is_the_official_layout(kind, seqlen, block_size, topk, monkeypatch):
-    index_q, index_k = index_vectors(kind, seqlen, 2, 8, seed=1)
-    expected = official_selection(index_q[0], index_k[0, :, 0], block_size, topk, 8**-0.5)
-    assert torch.equal(reference.select_blocks(index_q, index_k, block_size=block_size, topk=topk)[0].long(),
-                       expected)
+def ranked(x, index_dtype):
+    """float64 ``x`` as the selection ranks it: FP8-rounded with ``index_dtype`` FP8 (:mod:`msa.fp8`)."""
+    return (rounded(x) if index_dtype == FP8_DTYPE else x).double()
+
+
+def narrow_from_16_blocks(monkeypatch):
+    """The Triton Top-k narrows rows of 16 blocks and more (by default 128) to their candidates."""
+    from msa.kernels import indexer
+
+    monkeypatch.setattr(indexer, "top_blocks_config", functools.partial(indexer.top_blocks_config, narrow_from=16))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("seqlen, block_size, topk", SHAPES)
+@pytest.mark.parametrize("index_dtype", [None, FP8_DTYPE])
+def test_selection_is_the_official_layout(kind, seqlen, block_size, topk, index_dtype, monkeypatch):
+    index_q, index_k = index_vectors(kind, seqlen, 2, INDEX_DIM, seed=1)
+    expected = official_selection(ranked(index_q, index_dtype)[0], ranked(index_k, index_dtype)[0, :, 0], block_size,
+                                  topk, INDEX_DIM**-0.5)
+    options = dict(block_size=block_size, topk=topk, index_dtype=index_dtype)
+    assert torch.equal(reference.select_blocks(index_q, index_k, **options)[0].long(), expected)
     monkeypatch.setenv("MSA_BACKEND", "torch")
-    assert torch.equal(msa.select_blocks(index_q, index_k, block_size=block_size, topk=topk)[0].long(), expected)
+    assert torch.equal(msa.select_blocks(index_q, index_k, **options)[0].long(), expected)
+
+
+@pytest.mark.filterwarnings("error:.*using the PyTorch path")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", slow_except(SHAPES, -1))
+@pytest.mark.parametrize("dtype, index_dtype", RANKINGS)
+def test_triton_selection_is_the_official_layout(kind, shape, dtype, index_dtype, monkeypatch):
+    """The Triton kernels (under the interpreter without a GPU), outputs poisoned: the official selection of
+    the vectors they rank (the fp16 ones, or their FP8 rounding)."""
+    seqlen, block_size, topk = shape
+    monkeypatch.setenv("MSA_BACKEND", "triton")
+    poison_allocations(monkeypatch)
+    narrow_from_16_blocks(monkeypatch)
+    index_q, index_k = (x.to(dtype) for x in index_vectors(kind, seqlen, 2, INDEX_DIM, seed=1))
+    expected = official_selection(ranked(index_q, index_dtype)[0], ranked(index_k, index_dtype)[0, :, 0], block_size,
+                                  topk, INDEX_DIM**-0.5)
+    blocks = msa.select_blocks(index_q, index_k, block_size=block_size, topk=topk, index_dtype=index_dtype)
+    assert torch.equal(blocks[0].long(), expected)
+
+
+@pytest.mark.filterwarnings("error:.*using the PyTorch path")
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype, index_dtype", RANKINGS)
+@pytest.mark.parametrize("topk", [3, 16])
+def test_paged_selection_is_the_reference_layout(backend, kind, dtype, index_dtype, topk, monkeypatch):
+    """PagedSparseAttention's selection of two prefill chunks, then decode steps of 1, 3, 1 and 6 tokens, over
+    a cache of 4 pages per request (topk 16: 4 slots): the reference selection of each step's queries as the
+    suffix of the keys so far, outputs poisoned."""
+    monkeypatch.setenv("MSA_BACKEND", backend)
+    poison_allocations(monkeypatch)
+    seqlen, block_size, groups, bounds = 56, 16, 2, [0, 20, 45, 46, 49, 50, 56]
+    q, k, v, *_ = (x[0].to(dtype) for x in rand_inputs(1, seqlen, 4, groups, 16, INDEX_DIM, seed=5))
+    index_q, index_k = (x.to(dtype) for x in index_vectors(kind, seqlen, groups, INDEX_DIM, seed=5))
+    pages = math.ceil(seqlen / block_size)
+    cache = PagedKVCache(num_layers=1, num_pages=pages, block_size=block_size, num_kv_heads=groups, head_dim=16,
+                         index_head_dim=INDEX_DIM, max_requests=1, dtype=dtype, index_dtype=index_dtype)
+    attention = PagedSparseAttention(cache, num_heads=4, topk=topk)
+    request = cache.add_request()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        attention.plan([request], [end - start])
+        assert attention.triton_path == (backend == "triton")
+        _, blocks = attention.run(0, q[start:end], k[start:end], v[start:end], index_q[0, start:end],
+                                  index_k[0, start:end], return_block_indices=True)
+        expected = reference.select_blocks(ranked(index_q[:, start:end], index_dtype),
+                                           ranked(index_k[:, :end], index_dtype), block_size=block_size, topk=topk)
+        assert blocks.dtype == torch.int64 and torch.equal(blocks, expected[0, :, :, :pages].long())
+        assert (expected[..., pages:] == -1).all()
 
 
 @pytest.mark.parametrize("kind", ["random", "zeros"])
@@ -71,19 +148,19 @@ def test_suffix_selection_is_the_official_layout(kind):
     assert torch.equal(blocks[0].long(), expected)
 
 
-def chunked_run(q, k, v, index_q, index_k, bounds, block_size, topk):
+def chunked_run(api, q, k, v, index_q, index_k, bounds, block_size, topk):
     """The sequence as consecutive query chunks ``bounds`` against the growing key prefix: the selection, output,
-    LSE and the KL loss summed over rows, each chunk run with queries as the suffix of its keys."""
+    LSE and the KL loss summed over rows, each chunk run with queries as the suffix of its keys (``api``: the
+    reference or the public ops)."""
     blocks, outs, lses, kl_sum = [], [], [], 0.0
     for start, end in zip(bounds[:-1], bounds[1:]):
         keys = slice(0, end)
         queries = slice(start, end)
-        chunk_blocks = reference.select_blocks(index_q[:, queries], index_k[:, keys], block_size=block_size,
-                                               topk=topk)
-        out, lse = reference.sparse_attention(q[:, queries], k[:, keys], v[:, keys], chunk_blocks,
-                                              block_size=block_size, return_lse=True)
-        kl = reference.index_kl_loss(q[:, queries], k[:, keys], index_q[:, queries], index_k[:, keys], chunk_blocks,
-                                     block_size=block_size)
+        chunk_blocks = api.select_blocks(index_q[:, queries], index_k[:, keys], block_size=block_size, topk=topk)
+        out, lse = api.sparse_attention(q[:, queries], k[:, keys], v[:, keys], chunk_blocks, block_size=block_size,
+                                        return_lse=True)
+        kl = api.index_kl_loss(q[:, queries], k[:, keys], index_q[:, queries], index_k[:, keys], chunk_blocks,
+                               block_size=block_size)
         blocks.append(chunk_blocks)
         outs.append(out)
         lses.append(lse)
@@ -91,10 +168,12 @@ def chunked_run(q, k, v, index_q, index_k, bounds, block_size, topk):
     return torch.cat(blocks, 1), torch.cat(outs, 1), torch.cat(lses, 1), kl_sum
 
 
-def test_query_chunks_against_the_key_prefix_equal_the_whole_sequence():
+@pytest.mark.parametrize("api", [reference, msa], ids=["reference", "ops"])
+def test_query_chunks_against_the_key_prefix_equal_the_whole_sequence(api, monkeypatch):
+    monkeypatch.setenv("MSA_BACKEND", "torch")
     seqlen, block_size, topk = 61, 8, 3
     leaves = [x.requires_grad_() for x in rand_inputs(2, seqlen, 4, 2, 8, 8, seed=3)]
-    blocks, out, lse, kl_sum = chunked_run(*leaves, [0, 1, 17, 40, 41, seqlen], block_size, topk)
+    blocks, out, lse, kl_sum = chunked_run(api, *leaves, [0, 1, 17, 40, 41, seqlen], block_size, topk)
 
     whole_leaves = [x.detach().clone().requires_grad_() for x in leaves]
     whole_blocks = reference.select_blocks(*whole_leaves[3:], block_size=block_size, topk=topk)
@@ -102,7 +181,7 @@ def test_query_chunks_against_the_key_prefix_equal_the_whole_sequence():
                                                       return_lse=True)
     whole_kl = reference.index_kl_loss(*whole_leaves[:2], *whole_leaves[3:], whole_blocks, block_size=block_size)
     assert torch.equal(blocks, whole_blocks)
-    assert rel_err(out, whole_out) < 1e-13 and rel_err(lse, whole_lse) < 1e-13
+    assert rel_err(out, whole_out) < 1e-13 and rel_err(lse, whole_lse) < 1e-7  # the ops return a float32 LSE
     assert rel_err(kl_sum, whole_kl * whole_blocks.shape[:-1].numel()) < 1e-13
 
     grad_out = torch.randn_like(out)
@@ -113,17 +192,19 @@ def test_query_chunks_against_the_key_prefix_equal_the_whole_sequence():
         assert rel_err(grad, whole_grad) < 1e-12
 
 
-def test_packed_suffix_queries_equal_batched():
+@pytest.mark.parametrize("api", [reference, msa], ids=["reference", "ops"])
+def test_packed_suffix_queries_equal_batched(api, monkeypatch):
     """cu_seqlens_q / cu_seqlens_k: each sequence's queries are the suffix of its keys."""
+    monkeypatch.setenv("MSA_BACKEND", "torch")
     key_lens, query_lens = [30, 19, 7], [5, 19, 1]
     q, k, v, index_q, index_k = rand_inputs(3, 30, 4, 2, 8, 8, seed=4)
     suffix = [slice(n - m, n) for n, m in zip(key_lens, query_lens)]
     packed_q = [torch.cat([x[b, rows] for b, rows in enumerate(suffix)]) for x in (q, index_q)]
     packed_k = [pack(x, key_lens) for x in (k, v, index_k)]
     varlen = dict(cu_seqlens_q=cu_seqlens_of(query_lens), cu_seqlens_k=cu_seqlens_of(key_lens), block_size=8)
-    blocks = reference.select_blocks(packed_q[1], packed_k[2], topk=2, **varlen)
-    out = reference.sparse_attention(packed_q[0], *packed_k[:2], blocks, **varlen)
-    kl = reference.index_kl_loss(packed_q[0], packed_k[0], packed_q[1], packed_k[2], blocks, **varlen)
+    blocks = api.select_blocks(packed_q[1], packed_k[2], topk=2, **varlen)
+    out = api.sparse_attention(packed_q[0], *packed_k[:2], blocks, **varlen)
+    kl = api.index_kl_loss(packed_q[0], packed_k[0], packed_q[1], packed_k[2], blocks, **varlen)
     kl_sum = 0.0
     for b, rows in enumerate(suffix):
         keys = slice(0, key_lens[b])
@@ -135,3 +216,25 @@ def test_packed_suffix_queries_equal_batched():
         kl_sum += reference.index_kl_loss(q[b:b + 1, rows], k[b:b + 1, keys], index_q[b:b + 1, rows],
                                           index_k[b:b + 1, keys], one, block_size=8) * one[0].shape[:-1].numel()
     assert rel_err(kl * blocks.shape[:-1].numel(), kl_sum) < 1e-13
+
+
+def test_dense_attention_of_suffix_queries_is_bottom_right_causal():
+    q, k, v, _, _ = rand_inputs(2, 30, 4, 2, 8, 8, seed=5)
+    whole = reference.dense_attention(q, k, v)
+    assert rel_err(msa.dense_attention(q[:, 21:], k, v), whole[:, 21:]) < 1e-13
+    packed = msa.dense_attention(torch.cat([q[0, 21:], q[1, 10:]]), torch.cat([k[0], k[1]]), torch.cat([v[0], v[1]]),
+                                 cu_seqlens_q=cu_seqlens_of([9, 20]), cu_seqlens_k=cu_seqlens_of([30, 30]))
+    assert rel_err(packed, torch.cat([whole[0, 21:], whole[1, 10:]])) < 1e-13
+
+
+def test_suffix_layouts_get_clear_errors():
+    q, k, v, index_q, index_k = rand_inputs(1, 20, 4, 2, 8, 8, seed=6)
+    cu = cu_seqlens_of([20])
+    with pytest.raises(ValueError, match=r"k must have shape \[B=1, Sk >= S=20"):
+        msa.sparse_attention(q, k[:, :10], v[:, :10], torch.zeros(1, 20, 2, 1, dtype=torch.int32), block_size=8)
+    with pytest.raises(ValueError, match="cu_seqlens_q and cu_seqlens_k go together"):
+        msa.select_blocks(index_q[0], index_k[0], block_size=8, cu_seqlens_q=cu)
+    with pytest.raises(ValueError, match="not both"):
+        msa.select_blocks(index_q[0], index_k[0], block_size=8, cu_seqlens=cu, cu_seqlens_k=cu)
+    with pytest.raises(ValueError, match="at least as many keys"):
+        msa.select_blocks(index_q[0], index_k[0, :12], block_size=8, cu_seqlens_q=cu, cu_seqlens_k=cu_seqlens_of([12]))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import msa
-from helpers import assert_selection_matches, poison_allocations, rand_inputs, rel_err
+from helpers import assert_selection_matches, poison_allocations, rand_inputs, rel_err, slow_except
 from msa.inference import DenseKVAttention, PagedKVCache, PagedSparseAttention
 from msa.inference.generate import Generator
 from msa.nn import MSAConfig, MSATransformer
@@ -21,6 +21,8 @@ from msa.nn import MSAConfig, MSATransformer
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 BOUNDS = {torch.float32: 2e-3 if ON_GPU else 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+# Near-ties of block scores that GPU runs may rank otherwise than the float64 reference; CPU runs match it exactly.
+SELECTION_TOL = 1e-2 if ON_GPU else 0.0
 
 # (heads, groups, head_dim, index_dim, block_size, topk), request lengths, prefill chunk, decode tokens per step
 if ON_GPU:
@@ -87,14 +89,14 @@ def serve(shape, dtype, lengths, chunk, decode, seed, index_dtype=None, **attent
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", slow_except(DTYPES, 0))
 @pytest.mark.parametrize("kv_splits", [None, 3])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)], indirect=True)
 def test_chunked_prefill_and_decode_match_the_whole_sequence(backend, shape, dtype, kv_splits):
     block_size, topk = shape[4], shape[5]
     sequences, outs, blocks, _ = serve(shape, dtype, LENGTHS, CHUNK, DECODE, seed=40, kv_splits=kv_splits)
     for (q, k, v, index_q, index_k), out, selected in zip(sequences, outs, blocks):
-        tol = 1e-4 if dtype == torch.float32 and not ON_GPU else 1e-2
-        assert_selection_matches(selected[None].int(), index_q, index_k, block_size, topk, tol=tol)
+        assert_selection_matches(selected[None].int(), index_q, index_k, block_size, topk, tol=SELECTION_TOL)
         ref = msa.reference.sparse_attention(q.double(), k.double(), v.double(), selected[None], block_size=block_size)
         assert rel_err(out[None], ref) < BOUNDS[dtype]
         # the public ops on the whole sequence at once
@@ -103,6 +105,7 @@ def test_chunked_prefill_and_decode_match_the_whole_sequence(backend, shape, dty
         assert rel_err(out[None], whole) < 2 * BOUNDS[dtype]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", SHAPES)
 def test_attention_tiles_match_the_whole_sequence(shape, monkeypatch):
     """Tiles of 8 tokens walking the distinct blocks of their union, with split-KV: the same results."""
@@ -148,7 +151,7 @@ def test_index_scan_takes_fewer_pages_per_program_when_few_programs_would_run():
     assert _scan_pages(16, 1, n_tiles=8, max_pages=1024, min_programs=264) == 16  # 512 programs: as configured
 
 
-@pytest.mark.parametrize("config", [(1, 1, 4, 1), (2, 1, 4, 2), (4, 2, 4, 2), (8, 2, 4, 3)])
+@pytest.mark.parametrize("config", slow_except([(1, 1, 4, 1), (2, 1, 4, 2), (4, 2, 4, 2), (8, 2, 4, 3)], -1))
 def test_index_scan_launch_shapes_give_the_same_scores(config):
     """Pages per program and per product only change the work split: every page's score is the same."""
     from msa import kernels
@@ -207,6 +210,7 @@ def test_append_writes_strided_rows_at_their_slots(index_dtype):
         assert torch.equal(cache.index_scale, expected.index_scale)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)], indirect=True)
 def test_long_chunks_run_in_bounded_score_parts(backend):
     """A score workspace of a few rows splits each prefill chunk into parts: same result."""
     shape, dtype = SHAPES[0], DTYPES[0]
@@ -230,6 +234,7 @@ def test_torch_path_runs_long_chunks_in_query_parts(monkeypatch):
 
 
 @pytest.mark.parametrize("shape", SHAPES[:2])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)], indirect=True)
 def test_fp8_index_keys_select_exactly_on_the_rounded_vectors(backend, shape):
     """An FP8 index-key cache holds the FP8 rounding of the keys (msa.fp8); the selection is the exact one for
     the rounded keys and queries, and the attention the exact one over that selection."""
@@ -241,7 +246,7 @@ def test_fp8_index_keys_select_exactly_on_the_rounded_vectors(backend, shape):
         assert rel_err(stored_keys, msa.fp8.rounded(index_k[0, :, 0])) < 1e-6
         assert 0 < rel_err(stored_keys, index_k[0, :, 0]) < 0.06
         assert_selection_matches(selected[None].int(), msa.fp8.rounded(index_q), stored_keys[None, :, None],
-                                 block_size, topk, tol=1e-4 if dtype == torch.float32 and not ON_GPU else 1e-2)
+                                 block_size, topk, tol=SELECTION_TOL)
         ref = msa.reference.sparse_attention(q.double(), k.double(), v.double(), selected[None], block_size=block_size)
         assert rel_err(out[None], ref) < BOUNDS[dtype]
 
@@ -279,6 +284,7 @@ def test_cache_pages_are_reused_after_free():
         cache.reserve(first + 5, 1)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)], indirect=True)
 def test_plan_that_does_not_fit_changes_nothing(backend):
     """A plan whose later request finds no free pages, passes max_pages_per_request or is not active raises
     before reserving any: lengths, pages, free pages and page table as they were, no step planned; the next
@@ -327,8 +333,7 @@ def test_plan_that_does_not_fit_changes_nothing(backend):
     step(steps[1])
     assert cache.free_pages == 0 and cache.seq_lens[:3] == lengths
     for (q, k, v, index_q, index_k), out, selected in zip(sequences, outs, blocks):
-        tol = 1e-4 if dtype == torch.float32 and not ON_GPU else 1e-2
-        assert_selection_matches(selected[None].int(), index_q, index_k, block_size, topk, tol=tol)
+        assert_selection_matches(selected[None].int(), index_q, index_k, block_size, topk, tol=SELECTION_TOL)
         ref = msa.reference.sparse_attention(q.double(), k.double(), v.double(), selected[None], block_size=block_size)
         assert rel_err(out[None], ref) < BOUNDS[dtype]
 
@@ -416,8 +421,8 @@ def test_decode_step_replays_as_a_cuda_graph():
     assert torch.equal(replayed, eager)
 
 
-@pytest.mark.parametrize("index_dtype", [None, "float8_e4m3fn"])
-@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+@pytest.mark.parametrize("index_dtype", [None, pytest.param("float8_e4m3fn", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend_name", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
 def test_generator_logits_match_a_full_recompute(backend_name, index_dtype, monkeypatch):
     """Also with FP8 index ranking: the cache's FP8 index keys rank as the model's own FP8 selection does."""
     monkeypatch.setenv("MSA_BACKEND", backend_name)

@@ -223,7 +223,8 @@ class PagedSparseAttention:
         Returns ``out`` ``[T, Hq, D]`` (a view of a buffer the next ``run``
         overwrites: consume or copy it first), and with
         ``return_block_indices`` also the selected blocks, int64
-        ``[T, G, topk]`` with -1 for unused slots (allocates; not for graphs).
+        ``[T, G, min(topk, max_pages_per_request)]`` in the layout of
+        :func:`msa.select_blocks` (allocates; not for graphs).
         """
         if not self._planned:
             raise RuntimeError("no step is planned: call plan(requests, q_lens) before run() (and again after a "

@@ -9,7 +9,8 @@ logits); ``top_blocks_kernel`` picks each row's Top-k from them. The
 tensor-core loop thus carries no Top-k insertion (a running Top-k in that loop
 measured slower: see benchmarks/results/2026-11-23-h100-43-indexer-schedules).
 Ranking needs no exponential and no softmax scale (max-pooling and Top-k are
-monotone), and the local block is written last.
+monotone); each row is written in the layout of :func:`msa.reference.rank_blocks`
+(the ranked earlier blocks, then the local block, then -1).
 
 With ``SCALED`` the index vectors are FP8 rows (:mod:`msa.fp8`): FP8
 products, each key's logits multiplied by its scale.
@@ -23,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from msa.kernels.tiles import INTERPRET, NARROW_FROM, WORKSPACE_BYTES, launch, narrowing_segments, pow2, write_top, \
-    write_top_narrowed
+from msa.kernels.tiles import INTERPRET, NARROW_FROM, WORKSPACE_BYTES, launch, narrowing_segments, pow2, \
+    write_selection
 
 # At most the 256 x 128 logits of the measured configurations per scoring program (registers; shared memory of the
 # max-pool), whatever the configuration.
@@ -59,7 +60,7 @@ class TopBlocksConfig:
 
 def top_blocks_config(n_blocks: int, topk: int, narrow_from: int = NARROW_FROM) -> TopBlocksConfig:
     """The Top-k launch for rows of ``n_blocks`` block scores and a selection of ``topk`` slots (the rounds pick
-    ``topk - 1`` blocks, the local block takes the last slot). Rows of many blocks are first narrowed to the
+    up to ``topk - 1`` blocks, the local block follows them). Rows of many blocks are first narrowed to the
     candidates at or above a bound (see ``write_top_narrowed``); that schedule is fastest with one warp per
     program up to 4096 scores, 64 scores per thread beyond (``benchmarks/top_blocks_sweep.py``: see
     benchmarks/results/2026-11-23-h100-59-top-blocks-narrowing and
@@ -148,8 +149,8 @@ def top_blocks_kernel(
     SEGMENTS: tl.constexpr,  # > 0: first narrow each row to its candidates (see below), a power of two >= TOPK
     CANDIDATES: tl.constexpr,  # most candidates per row kept for the rounds, a power of two
 ):
-    """Phase 2: per row, the TOPK - 1 best blocks before the local one by rounds of argmax (no sort; ties go
-    to the lower block), -1 where there are fewer, and the local block in the last slot.
+    """Phase 2: per row, the (up to) TOPK - 1 best blocks before the local one by rounds of argmax (no sort;
+    ties go to the lower block), then the local block, then -1 (:func:`write_selection`).
 
     With SEGMENTS the rounds run over a row's candidates only (:func:`write_top_narrowed`).
     """
@@ -167,12 +168,8 @@ def top_blocks_kernel(
     row_scores = tl.load(scores + workspace_row[:, None] * NBLK + blocks,
                          mask=row_ok[:, None] & (blocks < local[:, None]), other=float("-inf"))
     out = block_indices + ((start + q_pos) * G + rows % G) * TOPK
-    if SEGMENTS > 0:
-        scratch = candidates + workspace_row[:, None] * (2 * CANDIDATES)
-        write_top_narrowed(row_scores, blocks, NP, out, row_ok, TOPK - 1, scratch, SEGMENTS, CANDIDATES)
-    else:
-        write_top(row_scores, blocks, NP, out, row_ok, TOPK - 1)
-    tl.store(out + TOPK - 1, local, mask=row_ok)
+    scratch = candidates + workspace_row[:, None] * (2 * CANDIDATES)
+    write_selection(row_scores, blocks, NP, out, row_ok, local, TOPK - 1, scratch, SEGMENTS, CANDIDATES)
 
 
 @triton.jit

@@ -10,12 +10,13 @@ page ``page_table[request, b]``.
 ``paged_block_scores_kernel`` is the index scan: each program scores one
 tile's (token, group) rows against a run of pages of the index-key cache and
 writes each page's max-pooled logit (-inf for pages after a row's local block,
-+inf for the local block, which is always kept). No exponential, no softmax
-scale (it does not change the ranking): the Top-k over these scores
-(``top_pages_kernel``) is the Index Branch's selection. Splitting over pages
-keeps the GPU busy at any batch size, and the scores are ~1 byte per key read
-(the scan is memory-bound on the index keys, 2 * Di bytes per key, or Di + 4
-from an FP8 cache: ``paged_append_kernel``, which writes a step's K, V and
++inf for the local block, which marks it). No exponential, no softmax scale
+(it does not change the ranking): the Top-k over these scores
+(``top_pages_kernel``: the pages before the marked one, then it) is the Index
+Branch's selection, in the layout of :func:`msa.reference.rank_blocks`.
+Splitting over pages keeps the GPU busy at any batch size, and the scores are
+~1 byte per key read (the scan is memory-bound on the index keys, 2 * Di bytes
+per key, or Di + 4 from an FP8 cache: ``paged_append_kernel``, which writes a step's K, V and
 index keys in one launch, rounds the keys as :mod:`msa.fp8` does, and the
 scan rounds its queries the same way).
 
@@ -45,8 +46,7 @@ import triton.language as tl
 
 from msa.fp8 import INVERSE_FP8_MAX
 from msa.kernels.sparse_attention import MERGE_ROWS, merge_partials
-from msa.kernels.tiles import INTERPRET, LN2, LOG2E, narrowing_segments, pow2, sm_count, write_top, \
-    write_top_narrowed
+from msa.kernels.tiles import INTERPRET, LN2, LOG2E, narrowing_segments, pow2, sm_count, write_selection
 
 # Tokens per tile of the index scan: one read of a request's index keys serves this many of its new tokens.
 PAGED_SCAN_TOKENS = 16
@@ -231,7 +231,7 @@ def paged_block_scores_kernel(
 @triton.jit
 def top_pages_kernel(
     scores,  # float32 [rows, N]
-    top_pages,  # int64 [rows, TOPK], written: the TOPK highest-scoring pages of each row, -1 for -inf ones
+    top_pages,  # int64 [rows, TOPK], written: each row's selection (see below)
     candidates,  # float32 [rows, 2 * CANDIDATES] scratch with SEGMENTS
     N: tl.constexpr,
     NP: tl.constexpr,  # N rounded up to a power of two
@@ -239,17 +239,16 @@ def top_pages_kernel(
     SEGMENTS: tl.constexpr,  # > 0: the rounds run over the row's candidates (write_top_narrowed)
     CANDIDATES: tl.constexpr,
 ):
-    """Top-k of one row of page scores by TOPK rounds of argmax (no sort; ties go to the lower page)."""
+    """The selection of one row of page scores whose local page is the one scored +inf: the (up to) TOPK - 1
+    best pages before it by rounds of argmax (no sort; ties go to the lower page), then it, then -1."""
     row = tl.program_id(0).to(tl.int64)
     pages = tl.arange(0, NP)[None, :]
     row_scores = tl.load(scores + row * N + pages, mask=pages < N, other=float("-inf"))
+    local = tl.min(tl.where(row_scores == float("inf"), pages, NP), axis=1)
     out = top_pages + row * TOPK + tl.arange(0, 1)
     row_ok = tl.full((1,), True, tl.int1)
-    if SEGMENTS > 0:
-        scratch = candidates + row * (2 * CANDIDATES) + tl.arange(0, 1)[:, None]
-        write_top_narrowed(row_scores, pages, NP, out, row_ok, TOPK, scratch, SEGMENTS, CANDIDATES)
-    else:
-        write_top(row_scores, pages, NP, out, row_ok, TOPK)
+    scratch = candidates + row * (2 * CANDIDATES) + tl.arange(0, 1)[:, None]
+    write_selection(row_scores, pages, NP, out, row_ok, local, TOPK - 1, scratch, SEGMENTS, CANDIDATES)
 
 
 @triton.jit
@@ -400,7 +399,8 @@ def paged_scan_config(fp8: bool, n_tiles: int, max_pages: int, device: torch.dev
 
 def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset: int, tokens_per_tile: int,
                        index_scale=None, config: PagedScanConfig | None = None):
-    """Index scan of ``tiles`` into ``scores`` ``[rows, max_pages]`` (float32, rows = tokens x groups).
+    """Index scan of ``tiles`` into ``scores`` ``[rows, max_pages]`` (float32, rows = tokens x groups): each page's
+    max-pooled index logit, +inf for a row's local page, -inf after it (:func:`top_pages` ranks them).
 
     ``index_q`` ``[T, G, Di]``, ``index_k`` ``[P, block_size, Di]`` (one layer's pages; FP8 with
     their scales ``index_scale`` ``[P, block_size]``). ``config``: default :func:`paged_scan_config`.
@@ -418,26 +418,29 @@ def paged_block_scores(index_q, index_k, page_table, tiles, scores, token_offset
 
 
 def top_pages_candidates_numel(rows: int, n_pages: int, k: int) -> int:
-    """float32 elements of :func:`top_pages`'s candidates scratch."""
-    return rows * 4 * narrowing_segments(n_pages, k)
+    """float32 elements of :func:`top_pages`'s candidates scratch for selections of ``k`` pages."""
+    return rows * 4 * narrowing_segments(n_pages, k - 1)
 
 
 def top_pages_config(rows: int, n_pages: int, k: int, device: torch.device, scratch: bool,
                      narrow_rows_per_sm: int = TOP_PAGES_NARROW_ROWS_PER_SM) -> TopPagesConfig:
-    """The Top-k launch for ``rows`` rows of ``n_pages`` scores: with a candidates ``scratch`` and at least
+    """The Top-k launch for ``rows`` rows of ``n_pages`` scores and selections of ``k`` pages (the rounds pick up
+    to ``k - 1``, the local page follows them): with a candidates ``scratch`` and at least
     ``narrow_rows_per_sm`` rows per SM, rows of many pages are first narrowed to their candidates and take one
     warp, as ``top_blocks`` does (faster from 1024 rows x 1600 pages on, slower at 256 rows: see
     benchmarks/results/2026-11-24-h100-86-top-pages-narrowed)."""
     many_rows = device.type != "cuda" or rows >= narrow_rows_per_sm * sm_count(device.index)
-    segments = narrowing_segments(n_pages, k) if scratch and many_rows else 0
+    segments = narrowing_segments(n_pages, k - 1) if scratch and many_rows else 0
     pages_pow2 = pow2(n_pages)
     return TopPagesConfig((1 if pages_pow2 <= 4096 else pages_pow2 // 2048) if segments else 4, segments)
 
 
 def top_pages(scores, top_pages_out, candidates=None, config: TopPagesConfig | None = None):
-    """Writes the ``k`` best pages of each row of ``scores`` ``[rows, N]`` into int64 ``top_pages_out``
-    ``[rows, k]`` (-1 for pages scored -inf), faster than ``torch.topk`` (see
-    benchmarks/results/2026-11-23-h100-35-scan-variants). ``candidates``: float32 scratch of
+    """Writes the selection of each row of ``scores`` ``[rows, N]`` (a row's local page scored +inf, as
+    :func:`paged_block_scores` writes them) into int64 ``top_pages_out`` ``[rows, k]``: the ``min(local, k - 1)``
+    best pages before the local one (descending, equal scores to the lower page), the local page, then -1 (the
+    layout of :func:`msa.reference.rank_blocks`; scores after the local page are ignored). Faster than
+    ``torch.topk`` (see benchmarks/results/2026-11-23-h100-35-scan-variants). ``candidates``: float32 scratch of
     :func:`top_pages_candidates_numel` elements, which a config that narrows needs. ``config``: default
     :func:`top_pages_config`."""
     rows, n_pages = scores.shape

@@ -26,6 +26,7 @@ NARROW_FROM = 128
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+LOWEST = tl.constexpr(-3.4028234663852886e38)  # the lowest finite float32
 
 
 def launch(kernel, grid, *args, **kwargs):
@@ -78,16 +79,18 @@ def pop_max(scores, index, N: tl.constexpr):
 
 
 @triton.jit
-def write_top(scores, index, N: tl.constexpr, out, row_ok, K: tl.constexpr):
-    """Stores the ``index`` of each row's K best ``scores`` (``pop_max`` rounds) at ``out`` + 0 .. K - 1,
-    -1 for -inf ones."""
+def write_top(scores, index, N: tl.constexpr, out, row_ok, local, K: tl.constexpr):
+    """Stores each row's selection at ``out`` + 0 .. K: the ``index`` of its ``min(local, K)`` best ``scores``
+    (``pop_max`` rounds: descending, equal scores to the lower index), then ``local`` ``[R]``, then -1.
+    ``scores``: those of the row's ``local`` blocks before the local one (none -inf), -inf for the others."""
     for slot in tl.static_range(K):
-        best, chosen, scores = pop_max(scores, index, N)
-        tl.store(out + slot, tl.where(best == float("-inf"), -1, chosen), mask=row_ok)
+        _, chosen, scores = pop_max(scores, index, N)
+        tl.store(out + slot, tl.where(slot < local, chosen, tl.where(slot == local, local, -1)), mask=row_ok)
+    tl.store(out + K, tl.where(local >= K, local, -1), mask=row_ok)
 
 
 @triton.jit
-def write_top_narrowed(scores, index, N: tl.constexpr, out, row_ok, K: tl.constexpr, scratch,
+def write_top_narrowed(scores, index, N: tl.constexpr, out, row_ok, local, K: tl.constexpr, scratch,
                        SEGMENTS: tl.constexpr, CANDIDATES: tl.constexpr):
     """:func:`write_top` over each row's candidates only. The maxima of SEGMENTS interleaved segments of a row
     are distinct elements, so their K-th best is a lower bound of the row's K-th best and the elements at or
@@ -111,9 +114,24 @@ def write_top_narrowed(scores, index, N: tl.constexpr, out, row_ok, K: tl.conste
         kept = slots < n_candidates[:, None]
         candidate_scores = tl.load(scratch + slots, mask=kept, other=float("-inf"))
         candidate_index = tl.load(scratch + CANDIDATES + slots, mask=kept, other=N).to(tl.int32)
-        write_top(candidate_scores, candidate_index, N + 1, out, row_ok, K)
+        write_top(candidate_scores, candidate_index, N + 1, out, row_ok, local, K)
     else:
-        write_top(scores, index, N, out, row_ok, K)
+        write_top(scores, index, N, out, row_ok, local, K)
+
+
+@triton.jit
+def write_selection(scores, index, N: tl.constexpr, out, row_ok, local, K: tl.constexpr, scratch,
+                    SEGMENTS: tl.constexpr, CANDIDATES: tl.constexpr):
+    """Stores each row's selection in the layout of :func:`msa.reference.rank_blocks` at ``out`` + 0 .. K: the
+    ``min(local, K)`` best of its blocks before ``local`` ``[R]`` (the ``index`` ``[1, N]`` or ``[R, N]`` of
+    ``scores`` ``[R, N]``, whose other entries are ignored) in descending score, equal scores to the lower
+    block, then ``local``, then -1. A -inf score ranks as the lowest float. With SEGMENTS > 0 the rounds run
+    over each row's candidates (:func:`write_top_narrowed`, ``scratch``), else over whole rows."""
+    earlier = tl.where(index < local[:, None], tl.maximum(scores, LOWEST), float("-inf"))
+    if SEGMENTS > 0:
+        write_top_narrowed(earlier, index, N, out, row_ok, local, K, scratch, SEGMENTS, CANDIDATES)
+    else:
+        write_top(earlier, index, N, out, row_ok, local, K)
 
 
 @triton.jit

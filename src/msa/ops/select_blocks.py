@@ -60,11 +60,13 @@ def select_blocks(
 
     Returns:
         ``block_indices``: int32 ``[B, S, G, topk]`` (``[T, G, topk]``), block
-        numbers relative to the sequence start, ``-1`` in unused slots, distinct,
-        order unspecified; the local block ``i // block_size`` is always present
-        and no block after it ever is (a Selection of them with
-        ``return_selection``). With ``return_lse``, also float32 ``lse``
-        ``[B, S, G]``.
+        numbers relative to the sequence start, in the same layout in every
+        backend (README, "Selection contract"): with ``local`` the block of the
+        query's position, ``count = min(topk, local + 1)`` valid entries first,
+        the ``count - 1`` best earlier blocks in descending score (equal scores:
+        the lower block first), then ``local``; ``-1`` in the other slots (a
+        Selection of them with ``return_selection``). With ``return_lse``,
+        also float32 ``lse`` ``[B, S, G]``.
     """
     cu_q, max_q, cu_k, max_k = resolve_varlen(cu_seqlens, max_seqlen, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                               max_seqlen_k)
