@@ -13,9 +13,9 @@ prefill into the paged KV cache, one-token decode steps, CUDA graphs on a
 GPU); its logits are compared with a recompute of the whole sequence in one
 pass. The same model then runs with dense attention over a contiguous KV
 cache (``Generator(dense=True)``, no CUDA graphs), checked the same way: the
-baseline its decode speed is quoted against. A Hugging Face model runs ``model.generate`` (greedy); its tokens are
-compared with greedy decoding by full forward passes, and its logits with
-theirs. The continuation is printed as text when there is a tokenizer.
+baseline its decode speed is quoted against. A Hugging Face model runs
+``model.generate`` (greedy); its tokens are compared with greedy decoding by
+full forward passes, and its logits with theirs. The continuation is printed as text when there is a tokenizer.
 """
 
 from __future__ import annotations
