@@ -21,6 +21,15 @@ import torch
 from msa.fp8 import FP8_DTYPE, check_index_dtype, quantize_rows
 
 
+def check_step(requests: Sequence[int], q_lens: Sequence[int]) -> None:
+    """The arguments of a step's ``plan``: as many requests as ``q_lens``, at least one, each with a new token."""
+    if len(requests) != len(q_lens) or not requests:
+        raise ValueError(f"requests and q_lens must be non-empty and of equal length, got {len(requests)} "
+                         f"and {len(q_lens)}")
+    if any(n < 1 for n in q_lens):
+        raise ValueError(f"q_lens must be >= 1, got {list(q_lens)}")
+
+
 class PagedKVCache:
     """K, V and index-key pages for ``num_layers`` layers, shared by up to ``max_requests`` requests.
 

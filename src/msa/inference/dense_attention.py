@@ -18,6 +18,8 @@ import torch
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.functional import scaled_dot_product_attention
 
+from msa.inference.cache import check_step
+
 
 class DenseKVAttention:
     """Dense attention of new tokens over a contiguous cache of ``max_requests`` x ``max_seq_len`` tokens."""
@@ -62,11 +64,7 @@ class DenseKVAttention:
     def plan(self, requests: Sequence[int], q_lens: Sequence[int]) -> None:
         """Count ``q_lens[i]`` new tokens of ``requests[i]`` (packed in this order in ``run``'s inputs)."""
         self._planned = False
-        if len(requests) != len(q_lens) or not requests:
-            raise ValueError(f"requests and q_lens must be non-empty and of equal length, got {len(requests)} "
-                             f"and {len(q_lens)}")
-        if any(n < 1 for n in q_lens):
-            raise ValueError(f"q_lens must be >= 1, got {list(q_lens)}")
+        check_step(requests, q_lens)
         for request, q_len in zip(requests, q_lens):
             self._check_active(request)
             if self.seq_lens[request] + q_len > self.max_seq_len:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from msa.inference.cache import PagedKVCache
+from msa.inference.cache import PagedKVCache, check_step
 from msa.inference.paged_torch import paged_attention_torch
 from msa.ops.backend import unsupported_reason, use_triton
 
@@ -81,11 +81,7 @@ class PagedSparseAttention:
         planned (``run`` raises until the next successful ``plan``).
         """
         self._planned = False
-        if len(requests) != len(q_lens) or not requests:
-            raise ValueError(f"requests and q_lens must be non-empty and of equal length, got {len(requests)} "
-                             f"and {len(q_lens)}")
-        if any(n < 1 for n in q_lens):
-            raise ValueError(f"q_lens must be >= 1, got {list(q_lens)}")
+        check_step(requests, q_lens)
         cache = self.cache
         self.triton_path = self.uses_kernels()
         self.prefix_lens = cache.reserve_all(requests, q_lens)
