@@ -113,7 +113,7 @@ def rank_blocks(block_scores: torch.Tensor, local: torch.Tensor, topk: int) -> t
     return torch.where(slots == n_earlier, local[:, None, None], block_indices)
 
 
-def _top_blocks(logits: torch.Tensor, positions: torch.Tensor, block_size: int, topk: int) -> torch.Tensor:
+def top_blocks_of_logits(logits: torch.Tensor, positions: torch.Tensor, block_size: int, topk: int) -> torch.Tensor:
     """:func:`rank_blocks` of queries at ``positions`` ``[C]`` from their index logits ``[C, G, N]`` over keys
     ``0 .. N - 1``: a block's score is the maximum over its keys (earlier blocks lie wholly before the query)."""
     n_keys = logits.shape[-1]
@@ -135,7 +135,7 @@ def _select_blocks_one(index_q, index_k, block_size, topk, scale, return_lse, fp
         logits = scale * torch.einsum("qgd,kd->qgk", index_q[start:end], index_k[:offset + end, 0])
         rank_logits = scale * torch.einsum("qgd,kd->qgk", rank_q[start:end], rank_k[:offset + end, 0]) \
             if fp8 else logits
-        block_indices[start:end] = _top_blocks(rank_logits, positions, block_size, topk)
+        block_indices[start:end] = top_blocks_of_logits(rank_logits, positions, block_size, topk)
         if return_lse:
             mask = support_mask(block_indices[start:end], positions, offset + end, block_size)
             lse[start:end] = masked_softmax(logits, mask)[1]
@@ -150,7 +150,7 @@ def select_blocks(index_q, index_k, *, block_size=128, topk=16, softmax_scale=No
     ``softmax_scale * <index_q[i, g], index_k[t]>``, with both vectors rounded
     to FP8 first (:mod:`msa.fp8`) when ``index_dtype`` is ``float8_e4m3fn``.
     Returns int32 ``block_indices`` ``[..., G, topk]`` in the layout of
-    :func:`_top_blocks`, and with ``return_lse`` the logsumexp of the
+    :func:`top_blocks_of_logits`, and with ``return_lse`` the logsumexp of the
     (unrounded) index logits over the selected visible keys ``[..., G]``.
     """
     scale = index_q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale

@@ -17,7 +17,7 @@ import torch
 
 from msa.fp8 import rounded
 from msa.ops.backend import compute_dtype
-from msa.reference import _top_blocks, masked_softmax
+from msa.reference import top_blocks_of_logits, masked_softmax
 
 # Elements of a chunk's [queries, G, keys] index logits, and of its gathered [queries, G, topk * block_size, D] keys.
 _CHUNK_ELEMENTS = 2**24
@@ -68,7 +68,7 @@ def paged_attention_torch(cache, layer: int, requests, prefix_lens, q_lens, q, i
             positions = torch.arange(prefix_len + start, prefix_len + start + rows.stop - rows.start, device=q.device)
             # the index scale is left out: it does not change the ranking
             logits = torch.einsum("qgd,kd->qgk", index_q[rows].to(compute), index_k)
-            block_indices[rows] = _top_blocks(logits, positions, cache.block_size, width)
+            block_indices[rows] = top_blocks_of_logits(logits, positions, cache.block_size, width)
             out[rows] = _attend_pages(cache, layer, pages, block_indices[rows], positions, q[rows].to(compute),
                                       softmax_scale)
         first += q_len
