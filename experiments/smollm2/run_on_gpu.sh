@@ -7,7 +7,9 @@
 #           RUNS=R0 SEED=0 MSA_COMMIT=<commit> bash experiments/smollm2/run_on_gpu.sh
 # Each call copies what it carries into /tmp/stage (kept while the machine stays up); later calls of the same
 # lease carry nothing. The results of every run are packed into $OUT/results.tar.gz after each run.
+# RUNS may name several runs (e.g. "A B"): together they start no new arm after MINUTES from the call's start.
 set -uo pipefail
+CALL_START=$(date +%s)
 OUT=${OUT:-/tmp/smollm2-out}
 STAGE_DIR=/tmp/stage
 mkdir -p "$STAGE_DIR" "$OUT"
@@ -28,7 +30,7 @@ status=0
 for run in ${RUNS:-R0}; do
     python3 experiments/smollm2/study.py "$run" --seed "${SEED:-0}" --data "$STAGE_DIR/data/study" \
         --base "$STAGE_DIR/model.gguf" --archive "$STAGE_DIR/study.tar.xz" --work /tmp/smollm2 --out "$RESULTS" \
-        --minutes "${MINUTES:-9}" --commit "${MSA_COMMIT:-}" ${STUDY_ARGS:-} 2>&1 | tee -a "$OUT/study.log"
+        --minutes "$(python3 -c "print(${MINUTES:-9} - ($(date +%s) - $CALL_START) / 60)")" --commit "${MSA_COMMIT:-}" ${STUDY_ARGS:-} 2>&1 | tee -a "$OUT/study.log"
     status=${PIPESTATUS[0]}
     tar -czf "$OUT/results.tar.gz" -C "$RESULTS" .
     [ "$status" = 0 ] || break
