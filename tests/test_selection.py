@@ -143,6 +143,7 @@ def test_the_kernels_take_a_selection_and_derive_token_starts_once(monkeypatch, 
     blocks = selection.block_indices
     ref_out = msa.reference.sparse_attention(q64, k64, v64, blocks, block_size=16)
     ref_kl = msa.reference.index_kl_loss(q64, k64, iq64, ik64, blocks, block_size=16)
-    assert rel_err(out, ref_out) < 1e-5 and rel_err(kl, ref_kl) < 1e-5
+    bound = 2e-3 if device == "cuda" else 1e-5  # float32 inputs meet TF32 products on GPUs
+    assert rel_err(out, ref_out) < bound and rel_err(kl, ref_kl) < bound
     for grad, ref in zip(grads, torch.autograd.grad(ref_out.square().sum() + ref_kl, (q64, k64, v64, iq64, ik64))):
-        assert rel_err(grad, ref) < 1e-4
+        assert rel_err(grad, ref) < 10 * bound
