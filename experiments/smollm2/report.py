@@ -1,24 +1,32 @@
-"""The study's tables, generated from the stored result folders only (``results/<date>_seed<S>_<arm>/eval.json``).
+"""The study's tables and plots, generated from the stored result folders only (``results/<date>_seed<S>_<arm>/``).
 
-    python experiments/smollm2/report.py            # writes results/RESULTS.md
+    python experiments/smollm2/report.py            # writes results/RESULTS.md and results/*.png
 
 Lists every stored arm: held-out loss by position bucket (all 64 windows),
 retrieval accuracy per task, attention recall and keys read, needle-block
-selection against chance, and the equivalence check. Deviations in
-PROTOCOL.md say which stored numbers are invalid; this table marks them.
+selection against chance, and the equivalence check; then the pass criteria
+of PROTOCOL.md computed on the seeds stored so far (a criterion over 3 seeds
+stays pending until they are, unless one seed already fails it). Deviations in
+PROTOCOL.md say which stored numbers are invalid; the table marks them.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import evaluate  # noqa: E402
+
 RESULTS = HERE / "results"
 TASKS = ("passkey", "multikey", "multivalue", "vartrack")
-INVALID = {("msa64x8_warmup", "loss"): "invalid: measured dense (Deviations 3)"}
+SEEDS = (0, 1, 2)
+INVALID = {("2026-12-04_seed0_msa64x8_warmup", "loss"): "invalid: measured dense (Deviations 3)"}
+LAST_BUCKET = "[4096,8192)"
 
 
 def rows() -> list[tuple[str, dict, dict]]:
@@ -30,11 +38,11 @@ def rows() -> list[tuple[str, dict, dict]]:
     return found
 
 
-def loss_cells(arm: str, record: dict) -> list[str]:
+def loss_cells(name: str, record: dict) -> list[str]:
     if "loss" not in record:
         return ["–"] * 4
-    if (arm, "loss") in INVALID:
-        return [INVALID[(arm, "loss")]] + [""] * 3
+    if (name, "loss") in INVALID:
+        return [INVALID[(name, "loss")]] + [""] * 3
     return [f"{value:.4f}" for value in record["loss"]["summary"]["all"].values()]
 
 
@@ -65,8 +73,7 @@ def main() -> None:
              + " | recall | keys/query | needle vs chance |",
              "|" + " --- |" * 14]
     for name, config, record in rows():
-        arm = config["arm"]
-        lines.append("| " + " | ".join([name, str(config.get("commit")), *loss_cells(arm, record),
+        lines.append("| " + " | ".join([name, str(config.get("commit")), *loss_cells(name, record),
                                          *retrieval_cells(record), *diagnostics_cells(record)]) + " |")
     equivalence = [(name, record) for name, config, record in rows() if config["arm"] == "equiv"]
     if equivalence:
@@ -78,8 +85,142 @@ def main() -> None:
                     for b in record["loss"]["summary"]["all"]]
             lines.append(f"- {name}: largest |loss gap| {max(map(abs, gaps)):.3f}%, top-1 agreement "
                          f"{100 * record['top1_agreement']:.2f}%, max |dlogit| {record['max_abs_logit_diff']:.2f}")
+    lines += criteria(arms_by_seed())
+    lines += plots(arms_by_seed())
     (RESULTS / "RESULTS.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def arms_by_seed() -> dict[int, dict[str, dict]]:
+    """``{seed: {arm: eval record}}`` of the valid stored arms (one folder per arm and seed; the latest if a
+    failed run left an earlier one)."""
+    found: dict[int, dict[str, dict]] = {}
+    for name, config, record in rows():
+        if (name, "loss") not in INVALID:
+            found.setdefault(config["seed"], {})[config["arm"]] = record
+    return found
+
+
+def status(verdict: bool | None, seeds: int) -> str:
+    if verdict is False:
+        return "**failed**"
+    return "passed" if verdict else f"pending ({seeds} of {len(SEEDS)} seeds)"
+
+
+def criteria(arms: dict[int, dict[str, dict]]) -> list[str]:
+    """PROTOCOL.md's C1-C4 on the seeds that have the arms each needs."""
+    lines = ["", "## Pass criteria (PROTOCOL.md) on the seeds stored so far", ""]
+    seeds = [s for s in SEEDS if {"dense", "msa64x8"} <= set(arms.get(s, {}))]
+    if not seeds:
+        return lines + ["No seed has both `dense` and `msa64x8` yet."]
+    dense, msa = ([arms[s][arm] for s in seeds] for arm in ("dense", "msa64x8"))
+    full = len(seeds) == len(SEEDS)
+    lines.append(f"Seeds with `dense` and `msa64x8`: {seeds}. Intervals: paired bootstrap, 95%.")
+    lines.append("")
+
+    gaps = evaluate.loss_gaps([d["loss"]["per_window_bucket"] for d in dense],
+                              [m["loss"]["per_window_bucket"] for m in msa], dense[0]["loss"]["domains"])
+    last = gaps["all"][LAST_BUCKET]
+    verdict = False if last["worst_seed"] > 1.5 else (last["gap_pct"] <= 1.0 if full else None)
+    lines.append(f"- **C1 loss** (`msa64x8` vs `dense`, [4K,8K), 64 windows; mean <= 1.0%, every seed <= 1.5%): "
+                 f"mean {last['gap_pct']:+.2f}% [{last['lo']:+.2f}, {last['hi']:+.2f}], worst seed "
+                 f"{last['worst_seed']:+.2f}%, per seed {fmt_list(last['per_seed'], '%')}: "
+                 f"{status(verdict, len(seeds))}.")
+    for domain in gaps:
+        cells = ", ".join(f"{b} {g['gap_pct']:+.2f}%" for b, g in gaps[domain].items())
+        lines.append(f"  - {domain}: {cells}")
+
+    diffs = evaluate.retrieval_compare([d["retrieval"]["samples"] for d in dense],
+                                       [m["retrieval"]["samples"] for m in msa])
+    entering = [t for t in TASKS if t in diffs and diffs[t]["reference"] >= 50.0]
+    verdicts = [diffs[t]["diff"] >= -2.0 and diffs[t]["lo"] >= -5.0 for t in entering]
+    c2 = (all(verdicts) and bool(entering)) if full else None
+    lines.append(f"- **C2 retrieval** (`msa64x8` - `dense` >= -2 points, lower bound >= -5, on tasks where dense "
+                 f">= 50%: {', '.join(entering) or 'none'}): {status(c2, len(seeds))}.")
+    for task in TASKS:
+        if task in diffs:
+            d = diffs[task]
+            lines.append(f"  - {task}: dense {d['reference']:.1f}%, msa64x8 {d['model']:.1f}%, difference "
+                         f"{d['diff']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}] points, per seed "
+                         f"{fmt_list(d['per_seed'], '')}")
+
+    sensitivity = []
+    for kind in ("sel_local", "sel_random"):
+        with_kind = [s for s in seeds if kind in arms[s]]
+        if not with_kind:
+            continue
+        subset = [arms[s][kind]["retrieval"]["samples"] for s in with_kind]
+        ids = {r["id"] for r in subset[0]}
+        reference = [[r for r in arms[s]["dense"]["retrieval"]["samples"] if r["id"] in ids] for s in with_kind]
+        sensitivity.append((kind, with_kind, evaluate.retrieval_compare(reference, subset)))
+    if sensitivity:
+        below = all(compared[t]["diff"] <= -20.0 for _, _, compared in sensitivity for t in entering)
+        c3 = below if full and len(sensitivity) == 2 and entering else None
+        lines.append(f"- **C3 sensitivity** (`sel_local`, `sel_random` >= 20 points below `dense` on every task "
+                     f"entering C2): {status(c3, min(len(w) for _, w, _ in sensitivity))}.")
+        for kind, with_kind, compared in sensitivity:
+            cells = ", ".join(f"{t} {compared[t]['model']:.1f}% vs {compared[t]['reference']:.1f}% "
+                              f"({compared[t]['diff']:+.1f})" for t in TASKS if t in compared)
+            lines.append(f"  - {kind} (seeds {with_kind}, n = {compared[TASKS[0]]['n']} per task): {cells}")
+
+    medians = [m["diagnostics"]["recall"]["median"] for m in msa]
+    # the pooled median of equal-sized seeds is >= 0.85 if every seed's is, and < 0.85 if none is
+    c4 = False if full and max(medians) < 0.85 else (True if full and min(medians) >= 0.85 else None)
+    lines.append(f"- **C4 recall** (median attention recall of `msa64x8` >= 0.85, 3 seeds pooled): per seed "
+                 f"{fmt_list(medians, '', 3)}: {status(c4, len(seeds))}"
+                 + (" (pooled median between the seeds' medians: undecided from the summaries)"
+                    if full and c4 is None else "") + ".")
+    return lines
+
+
+def fmt_list(values, unit: str, digits: int = 2) -> str:
+    return "[" + ", ".join(f"{v:+.{digits}f}{unit}" if unit else f"{v:.{digits}f}" for v in values) + "]"
+
+
+def plots(arms: dict[int, dict[str, dict]]) -> list[str]:
+    """Retrieval by length per task, and needle-block hits and attention recall by layer, per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["", "## Plots", ""]
+    for seed, found in sorted(arms.items()):
+        models = [arm for arm in ("base", "dense", "msa64x8_warmup", "msa64x8", "msa32x8", "sel_local",
+                                  "sel_random", "sel_oracle") if "retrieval" in found.get(arm, {})]
+        if {"dense", "msa64x8"} - set(models):
+            continue
+        figure, axes = plt.subplots(1, 5, figsize=(22, 4))
+        for axis, task in zip(axes, TASKS):
+            for arm in models:
+                table = found[arm]["retrieval"]["by_task_length"]
+                lengths = sorted(int(key.split("/")[1]) for key in table if key.startswith(task + "/"))
+                axis.plot(lengths, [table[f"{task}/{n}"]["acc"] for n in lengths], marker="o", label=arm)
+            axis.set(title=task, xlabel="context (tokens)", ylabel="% correct", ylim=(-2, 102))
+            axis.set_xscale("log", base=2)
+            axis.set_xticks([2048, 4096, 8192], ["2K", "4K", "8K"])
+            axis.minorticks_off()
+        axis = axes[-1]
+        for arm in ("msa64x8_warmup", "msa64x8"):
+            needles = found.get(arm, {}).get("retrieval", {}).get("needles")
+            if needles:
+                axis.plot(np.mean([n["by_layer_all"] for n in needles], 0) * 100, marker=".", label=f"{arm}: needle")
+            recall = found.get(arm, {}).get("diagnostics", {}).get("recall")
+            if recall:
+                axis.plot(np.asarray(recall["by_layer"]["median"]) * 100, ls="--", label=f"{arm}: recall median")
+        if "msa64x8" in found and found["msa64x8"]["retrieval"].get("needles"):
+            chance = 100 * np.mean([n["chance_all"] for n in found["msa64x8"]["retrieval"]["needles"]])
+            axis.axhline(chance, color="grey", lw=1, label="needle by chance")
+        axis.set(title="per layer", xlabel="layer", ylabel="%", ylim=(0, 102))
+        axis.legend(fontsize=7)
+        axes[0].legend(fontsize=7)
+        figure.suptitle(f"SmolLM2-135M, seed {seed}: retrieval (teacher-forced) and the Index Branch's needle blocks")
+        figure.tight_layout()
+        name = f"seed{seed}.png"
+        figure.savefig(RESULTS / name, dpi=110)
+        plt.close(figure)
+        lines.append(f"![seed {seed}]({name})")
+    return lines
 
 
 if __name__ == "__main__":

@@ -420,3 +420,41 @@ def test_run_dir_and_write_json(tmp_path):
     ev.write_json(path, {"y": 1}, overwrite=True)
     assert json.loads(path.read_text()) == {"y": 1}
     assert [p.name for p in a.iterdir()] == ["results.json"]
+
+
+# --------------------------------------------------------------------------- report
+
+
+def synthetic_arms(gaps_pct: list[float], n_windows: int = 8) -> dict:
+    """``{seed: {arm: record}}``: dense and msa64x8 whose [4K, 8K) losses differ by ``gaps_pct`` per seed, one
+    retrieval task answered alike, and recall medians of 0.9."""
+    buckets = ev.BUCKET_NAMES
+    arms = {}
+    for seed, gap in enumerate(gaps_pct):
+        windows = np.full((n_windows, len(buckets)), 2.0)
+        samples = [dict(id=i, task="passkey", length=2048, depth=0.0, correct=i % 4 != 0) for i in range(40)]
+        record = dict(loss=dict(per_window_bucket=windows.tolist(), domains=["code"] * n_windows),
+                      retrieval=dict(samples=samples))
+        msa_windows = windows.copy()
+        msa_windows[:, -1] *= 1 + gap / 100
+        arms[seed] = dict(dense=record, msa64x8=dict(loss=dict(per_window_bucket=msa_windows.tolist(),
+                                                               domains=["code"] * n_windows),
+                                                     retrieval=dict(samples=samples),
+                                                     diagnostics=dict(recall=dict(median=0.9))))
+    return arms
+
+
+def test_report_criteria_verdicts():
+    import report
+
+    def c1(lines):
+        return next(line for line in lines if "C1 loss" in line)
+
+    one_seed_fails = c1(report.criteria(synthetic_arms([2.0])))
+    assert "+2.00%" in one_seed_fails and "**failed**" in one_seed_fails  # one seed over 1.5% fails C1 at once
+    assert "pending (1 of 3 seeds)" in c1(report.criteria(synthetic_arms([0.5])))
+    assert c1(report.criteria(synthetic_arms([0.5, 0.8, 1.2]))).endswith("passed.")
+    assert "**failed**" in c1(report.criteria(synthetic_arms([1.2, 1.2, 1.2])))  # mean over 1.0%
+    lines = report.criteria(synthetic_arms([0.5, 0.8, 1.2]))
+    assert any("C2 retrieval" in line and line.endswith("passed.") for line in lines)  # equal answers: 0 points
+    assert any("C4 recall" in line and "passed" in line for line in lines)
