@@ -23,11 +23,15 @@ import copy
 import datetime
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-import transformers
+
+# run as a script, benchmarks/ is sys.path[0]: its kernels.py would shadow the `kernels` package transformers probes
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+import transformers  # noqa: E402
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table

@@ -1,0 +1,164 @@
+"""A training step of a whole model: SmolLM2-135M's shape converted to MSA against the same model dense.
+
+The model has SmolLM2-135M's shape (Llama: 30 layers, hidden 576, 9 query /
+3 KV heads of dim 64, vocab 49,152), random weights (seeded), float32
+parameters under bf16 autocast, batch one sequence; the MSA model is a copy
+converted by ``msa.integrations.hf.convert`` (64 x 8, KL support 32 blocks by
+default: the SmolLM2 study's settings) in sparse mode. One step is what
+``msa train`` runs per update (``msa.training.Trainer``): forward (logits and,
+for MSA, the KL loss), ``lm_loss + kl``, backward, gradient clipping per
+parameter group, AdamW. Dense runs SDPA (cuDNN / FlashAttention through
+transformers' default attention). Timed as whole steps (host clock after a
+device synchronisation; ``--warmup`` untimed steps first), median of
+``--repeats``. With ``--profile``, a ``torch.profiler`` trace of a few steps
+per arm at the first length: the top kernels by device time and the host's
+synchronisations (``profile_<arm>_<len>.txt``). Writes ``model_step.json``.
+
+    PYTHONPATH=src python benchmarks/model_step.py --out benchmarks/results/<run> [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# run as a script, benchmarks/ is sys.path[0]: its kernels.py would shadow the `kernels` package transformers probes
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
+import transformers  # noqa: E402
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+from torch import nn
+
+from msa.cli.bench import git_commit
+from msa.integrations import hf
+from msa.training.recipe import ModelApi, lm_loss
+
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, tie_word_embeddings=True)
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpyAsync")
+
+
+class Step:
+    """One update of ``model`` as ``msa.training.Trainer`` makes it (AdamW per group, clipping per group)."""
+
+    def __init__(self, model: nn.Module, kl_weight: float = 1.0, grad_clip: float = 1.0):
+        self.model, self.api, self.kl_weight, self.grad_clip = model, ModelApi(model), kl_weight, grad_clip
+        index_ids = {id(p) for p in self.api.index_parameters}
+        self.groups = [[p for p in model.parameters() if id(p) not in index_ids]]
+        if self.api.index_parameters:
+            self.groups.append(self.api.index_parameters)
+        self.optimizer = torch.optim.AdamW([dict(params=group) for group in self.groups], lr=1e-5,
+                                           betas=(0.9, 0.95))
+
+    def __call__(self, batch: torch.Tensor) -> None:
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=batch.device.type == "cuda"):
+            logits, kl = self.api(batch)
+        loss = lm_loss(logits, batch) + (self.kl_weight * kl if kl is not None else 0.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in self.groups:
+            nn.utils.clip_grad_norm_([p for p in group if p.grad is not None], self.grad_clip)
+        self.optimizer.step()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_steps(step: Step, batch: torch.Tensor, warmup: int, repeats: int) -> float:
+    """Median seconds of one step."""
+    for _ in range(warmup):
+        step(batch)
+    samples = []
+    for _ in range(repeats):
+        synchronize(batch.device)
+        start = time.perf_counter()
+        step(batch)
+        synchronize(batch.device)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def profile(step: Step, batch: torch.Tensor, steps: int, path: Path) -> dict:
+    """Top operators by device (or CPU) time over ``steps`` steps, and the host's synchronising calls."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if batch.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(batch)
+        synchronize(batch.device)
+    averages = prof.key_averages()
+    sort_by = "cuda_time_total" if batch.device.type == "cuda" else "cpu_time_total"
+    path.write_text(f"{steps} steps\n" + averages.table(sort_by=sort_by, row_limit=40))
+    return {name: sum(event.count for event in averages if event.key == name) / steps for name in SYNC_EVENTS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seqlens", default="8192,32768")
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--kl-topk", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=SMOLLM2_135M["num_hidden_layers"], help="fewer for a smoke run")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    seqlens = [int(s) for s in args.seqlens.split(",")]
+    device = torch.device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**(SMOLLM2_135M | dict(num_hidden_layers=args.layers)),
+                                      max_position_embeddings=max(seqlens))
+    dense = transformers.LlamaForCausalLM(config).to(device)
+    sparse = hf.convert(copy.deepcopy(dense), block_size=args.block_size, topk=args.topk, kl_topk=args.kl_topk)
+    hf.set_mode(sparse, "sparse")
+    arms = {"dense": Step(dense.train()), "msa": Step(sparse.train())}
+    rows = []
+    for seqlen in track(seqlens, description="lengths"):
+        batch = torch.randint(0, config.vocab_size, (1, seqlen), device=device,
+                              generator=torch.Generator(device).manual_seed(seqlen))
+        row = dict(seqlen=seqlen)
+        for name, step in arms.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            seconds = time_steps(step, batch, args.warmup, args.repeats)
+            row[f"{name}_step_ms"] = 1e3 * seconds
+            row[f"{name}_tokens_per_s"] = seqlen / seconds
+            if device.type == "cuda":
+                row[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if args.profile and seqlen == seqlens[0]:
+                row[f"{name}_host_syncs_per_step"] = profile(step, batch, 3, args.out / f"profile_{name}_{seqlen}.txt")
+        row["msa_speedup"] = row["dense_step_ms"] / row["msa_step_ms"]
+        rows.append(row)
+
+    table = Table(title=f"training step, SmolLM2-135M shape ({args.layers} layers), MSA {args.block_size} x "
+                        f"{args.topk} vs dense, {device}")
+    for column in ("length", "dense ms", "MSA ms", "MSA speed-up"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        length = f"{row['seqlen'] // 1024}K" if row["seqlen"] >= 1024 else str(row["seqlen"])
+        table.add_row(length, f"{row['dense_step_ms']:.1f}", f"{row['msa_step_ms']:.1f}", f"{row['msa_speedup']:.2f}x")
+    Console().print(table)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    (args.out / "model_step.json").write_text(json.dumps(dict(
+        date=datetime.date.today().isoformat(), commit=git_commit(), device=device_name, torch=torch.__version__,
+        transformers=transformers.__version__, config=vars(args) | dict(out=str(args.out)), rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
