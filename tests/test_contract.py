@@ -249,3 +249,36 @@ def test_suffix_layouts_get_clear_errors():
         msa.select_blocks(index_q[0], index_k[0], block_size=8, cu_seqlens=cu, cu_seqlens_k=cu)
     with pytest.raises(ValueError, match="at least as many keys"):
         msa.select_blocks(index_q[0], index_k[0, :12], block_size=8, cu_seqlens_q=cu, cu_seqlens_k=cu_seqlens_of([12]))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_top_of_a_wider_selection_is_the_narrower_selection(backend, kind, monkeypatch):
+    """Selection.top(k) of a ranked top-K selection equals select_blocks(topk=k): batched, packed (with an empty
+    sequence) and with queries as the suffix of the keys."""
+    monkeypatch.setenv("MSA_BACKEND", backend)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    rows = [index_vectors(kind, 300, 2, INDEX_DIM, seed=seed) for seed in (7, 8, 9)]
+    index_q, index_k = (torch.cat(x).to(device, torch.float32) for x in zip(*rows))
+    seqlens = [300, 0, 170]
+    packed_q, packed_k = pack(index_q, seqlens), pack(index_k, seqlens)
+    cu_seqlens = cu_seqlens_of(seqlens, device)
+    cases = [dict(index_q=index_q, index_k=index_k),
+             dict(index_q=packed_q, index_k=packed_k, cu_seqlens=cu_seqlens, max_seqlen=300)]
+    if backend == "torch":  # the Triton kernels take no suffix queries yet
+        cases.append(dict(index_q=index_q[:, -45:], index_k=index_k))
+    for inputs in cases:
+        wide = msa.select_blocks(**inputs, block_size=16, topk=12, return_selection=True)
+        for topk in (1, 3, 5, 12):
+            narrow = msa.select_blocks(**inputs, block_size=16, topk=topk)
+            assert torch.equal(wide.top(topk).block_indices, narrow)
+
+
+def test_top_needs_a_ranked_selection_and_a_smaller_topk():
+    index_q, index_k = index_vectors("random", 40, 2, 8, seed=8)
+    wide = msa.select_blocks(index_q, index_k, block_size=8, topk=4, return_selection=True)
+    with pytest.raises(ValueError, match="topk must be an int in \\[1, 4\\]"):
+        wide.top(5)
+    given = msa.Selection.from_indices(wide.block_indices, block_size=8)
+    with pytest.raises(ValueError, match="needs a ranked selection"):
+        given.top(2)

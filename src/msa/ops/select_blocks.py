@@ -92,7 +92,7 @@ def select_blocks(
         else:
             packed = library.torch_select_blocks(index_q, index_k, layout.packed_cu_seqlens,
                                                  key_layout.packed_cu_seqlens, block_size, topk, scale, fp8)
-        selection = Selection(layout.unpack(packed), block_size, layout, key_layout)
+        selection = Selection(layout.unpack(packed), block_size, layout, key_layout, ranked=True)
         if return_lse and triton:
             lse = library.triton_support_lse(index_q, index_k, packed, selection.token_starts(), block_size, scale)
         elif return_lse:

@@ -30,12 +30,16 @@ class Selection:
     of a training step share them.
 
     Build one with ``msa.select_blocks(..., return_selection=True)`` or
-    :meth:`from_indices`; the constructor trusts its arguments.
+    :meth:`from_indices`; the constructor trusts its arguments. ``ranked``:
+    the rows are in the selection contract's order (``select_blocks`` makes
+    them so), which :meth:`top` needs.
     """
 
-    def __init__(self, block_indices: torch.Tensor, block_size: int, layout: Layout, key_layout: Layout | None = None):
+    def __init__(self, block_indices: torch.Tensor, block_size: int, layout: Layout, key_layout: Layout | None = None,
+                 *, ranked: bool = False):
         self.block_indices, self.block_size, self.layout = block_indices, block_size, layout
         self.key_layout = layout if key_layout is None else key_layout
+        self.ranked = ranked
         self._derived: dict = {}
 
     @classmethod
@@ -70,6 +74,28 @@ class Selection:
     @property
     def topk(self) -> int:
         return self.block_indices.shape[-1]
+
+    def top(self, topk: int) -> Selection:
+        """The selection of the best ``topk`` blocks, cut from this wider ranked one without scoring again.
+
+        Under the selection contract a row holds the earlier blocks in descending score, then the local block,
+        then -1s; ``select_blocks(..., topk=topk)`` on the same inputs is therefore this row's first ``topk``
+        entries with the local block moved into slot ``topk - 1`` where the row holds more than ``topk`` blocks.
+        So one index scoring pass serves the attention's selection and a wider KL support (``kl_topk``).
+        """
+        if not self.ranked:
+            raise ValueError("Selection.top needs a ranked selection (from msa.select_blocks), not one of given "
+                             "block_indices, whose order is not known")
+        if not isinstance(topk, int) or not 1 <= topk <= self.topk:
+            raise ValueError(f"topk must be an int in [1, {self.topk}] (the Selection's topk), got {topk!r}")
+        if topk == self.topk:
+            return self
+        blocks = self.block_indices
+        count = (blocks >= 0).sum(-1, keepdim=True)
+        local = blocks.gather(-1, (count - 1).clamp_min(0))
+        head = blocks[..., :topk].clone()
+        head[..., -1:] = torch.where(count > topk, local, head[..., -1:])
+        return Selection(head, self.block_size, self.layout, self.key_layout, ranked=True)
 
     def _derive(self, key, build):
         if key not in self._derived:
