@@ -6,7 +6,7 @@ import torch
 import msa
 from helpers import cu_seqlens_of, pack, rand_inputs, rel_err
 from msa.nn import RotaryEmbedding
-from msa.ops import backend, block_outer, selection as selection_module
+from msa.ops import backend, block_outer, library, selection as selection_module
 
 BLOCK, TOPK = 16, 3
 
@@ -74,18 +74,21 @@ def test_from_indices_checks_once_and_the_ops_never_again(monkeypatch):
     assert rel_err(kl, msa.reference.index_kl_loss(q, k, index_q, index_k, blocks, block_size=8)) < 1e-12
 
 
-@pytest.mark.parametrize("mode, kl_topk, plans", [("sparse", None, 1), ("dense", None, 1), ("sparse", 3, 2)])
+@pytest.mark.parametrize("mode, kl_topk, plans", [("sparse", None, 1), ("dense", None, 1), ("sparse", 3, 2),
+                                                   ("dense", 3, 1)])
 def test_a_training_step_tiles_each_selection_once_and_checks_none(monkeypatch, mode, kl_topk, plans):
-    """Forward, KL loss and backward of one layer: one tile plan per selection (the attention, its backward and the
-    KL loss share it; a wider KL support is a second selection), no check of the layer's own selections."""
+    """Forward, KL loss and backward of one layer: one index scoring pass (a wider KL support ranks its blocks,
+    the attention's are cut from them), one tile plan per selection the layer attends over (the attention, its
+    backward and the KL loss share it), no check of the layer's own selections."""
     layer = msa.MSAAttention(32, 4, 2, 8, index_head_dim=8, block_size=8, topk=2, mode=mode, kl_topk=kl_topk).train()
     x = torch.randn(2, 40, 32)
     rope = RotaryEmbedding(8)(torch.arange(40).expand(2, -1))
     built = _count_calls(monkeypatch, block_outer, "plan")
     checks = _count_calls(monkeypatch, selection_module, "check_block_indices")
+    scored = _count_calls(monkeypatch, library, "torch_select_blocks")
     out, kl = layer(x, rope)
     (out.square().sum() + kl).backward()
-    assert len(built) == plans and not checks
+    assert len(built) == plans and not checks and len(scored) == 1
     assert all(p.grad is not None for p in layer.parameters())
 
 

@@ -96,8 +96,11 @@ def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk
         return select_blocks(index_q.detach(), index_k.detach(), block_size=block_size, topk=n_blocks,
                              index_dtype=index_dtype, return_selection=True, **varlen)
 
-    # one Selection, checked once, its derived structures shared by the attention, its backward and the KL loss
-    selection = select(topk)
+    # one Selection, checked once, its derived structures shared by the attention, its backward and the KL loss; with
+    # a wider KL support, one scoring pass ranks kl_topk blocks and the attention's top-k is cut from them
+    wide = compute_kl_loss and kl_topk is not None and kl_topk > topk
+    kl_selection = select(kl_topk if wide else topk)
+    selection = kl_selection.top(topk)
     main_lse = None  # the teacher's normalisation on the selected support, when the Main Branch computed it
     if mode == "sparse":
         out, main_lse = sparse_attention(q, k, v, selection, softmax_scale=softmax_scale, return_lse=True)
@@ -105,8 +108,6 @@ def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk
         out = dense_attention(q, k, v, softmax_scale=softmax_scale, **varlen)
     kl_loss = None
     if compute_kl_loss:
-        kl_selection = selection
-        if kl_topk is not None and kl_topk > topk:
-            kl_selection, main_lse = select(kl_topk), None
-        kl_loss = index_kl_loss(q, k, index_q, index_k, kl_selection, softmax_scale=softmax_scale, main_lse=main_lse)
+        kl_loss = index_kl_loss(q, k, index_q, index_k, kl_selection, softmax_scale=softmax_scale,
+                                main_lse=None if wide else main_lse)
     return out, kl_loss, selection.block_indices
