@@ -25,6 +25,13 @@ their own batches (another seed stream, of ``--warmup-data`` if given).
 ``checkpoint/`` (model + tokenizer + ``optimizer.pt``) and, at the end,
 ``model/`` (``msa generate --model OUT/model``). A run in ``--out`` continues
 only with ``--resume`` and the same settings.
+
+Several processes: ``torchrun --nproc-per-node N -m msa train --cp C
+...`` trains an MSATransformer on N / C data-parallel ranks, each sequence
+split over C context-parallel ranks, the model sharded with FSDP2 over all N
+(:mod:`msa.training.parallel`, docs/context_parallel.md); ``--batch-size``
+is then the global batch, and the run trains on the batches of a
+one-process run. ``--cp`` and N may change on ``--resume``.
 """
 
 from __future__ import annotations
@@ -42,14 +49,16 @@ from msa.cli import arguments
 from msa.fp8 import FP8_DTYPE, FP8_NAME
 from msa.nn import MSAConfig, MSATransformer
 from msa.training import RecipeConfig, Trainer
-from msa.training.checkpoint import load_model, replace_directory, save_model
+from msa.training.checkpoint import load_model
 from msa.training.data import TokenBatches, corpus_texts, load_corpus, tokenize
+from msa.training.parallel import Parallel
 from msa.training.tokens import ByteTokenizer, Tokenizer, load_gguf_tokenizer, load_tokenizer, require_gguf
 
 NEW_MODEL_DEFAULTS = dict(arch="msa", hidden=128, layers=2, heads=4, kv_heads=2)
 MSA_DEFAULTS = dict(block_size=32, topk=4, warmup_steps=20)
 # arguments that are not settings of the run: a resumed run may change them
-SESSION_ARGUMENTS = ("out", "resume", "device", "max_seconds", "checkpoint_every_s", "run", "error")
+SESSION_ARGUMENTS = ("out", "resume", "device", "max_seconds", "checkpoint_every_s", "cp", "run", "error")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def non_negative_float(text: str) -> float:
@@ -83,7 +92,8 @@ def add_parser(commands) -> None:
     data.add_argument("--tokenizer", type=Path, default=None,
                       help="a tokenizer.json or tokenizer directory (default: --init's own; bytes for new models)")
     data.add_argument("--seq-len", type=arguments.positive_int, default=512)
-    data.add_argument("--batch-size", type=arguments.positive_int, default=4)
+    data.add_argument("--batch-size", type=arguments.positive_int, default=4,
+                      help="sequences per update (under torchrun: in all, split over the data-parallel ranks)")
     data.add_argument("--needle-rate", type=fraction, default=0.0,
                       help="fraction of sequences with retrieval needles (byte tokens only)")
     data.add_argument("--eval-batches", type=arguments.positive_int, default=4)
@@ -127,6 +137,12 @@ def add_parser(commands) -> None:
                            help="continue the run in --out (same settings; starts one if --out has none)")
     run_group.add_argument("--device", type=arguments.device, default=None,
                            help="cpu, cuda, cuda:N (default: cuda when available)")
+    run_group.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                           help="the master weights' dtype (default: float32, under bf16 autocast on CUDA; "
+                                "float64: exactness checks)")
+    run_group.add_argument("--cp", type=arguments.positive_int, default=1,
+                           help="context-parallel size under torchrun: each sequence split over CP processes, the "
+                                "batch over the (processes / CP) data-parallel ranks (docs/context_parallel.md)")
     run_group.add_argument("--seed", type=arguments.non_negative_int, default=0)
     run_group.add_argument("--checkpoint-every-s", type=non_negative_float, default=RecipeConfig.checkpoint_every_s)
     run_group.add_argument("--max-seconds", type=arguments.positive_float, default=None,
@@ -224,9 +240,9 @@ def _new_model(args, vocab_size: int) -> torch.nn.Module:
 
 
 def _load_init(args, device: torch.device) -> tuple[torch.nn.Module, Tokenizer | None]:
-    """``--init``'s model in float32 (the master weights; CUDA runs compute under bf16 autocast) and its own
-    tokenizer (None if it has none)."""
-    dtype = torch.float32
+    """``--init``'s model in ``--dtype`` (float32 by default: the master weights; CUDA runs compute under bf16
+    autocast) and its own tokenizer (None if it has none)."""
+    dtype = DTYPES[args.dtype or "float32"]
     if args.init.suffix != ".gguf":
         return load_model(args.init, device=device, dtype=dtype)
     from transformers import AutoModelForCausalLM
@@ -265,7 +281,7 @@ def _model_and_tokenizer(args, device: torch.device) -> tuple[torch.nn.Module, T
             args.error(f"--tokenizer: {error}")
     if args.init is None:
         tokenizer = tokenizer or ByteTokenizer()
-        model = _new_model(args, tokenizer.vocab_size).to(device)
+        model = _new_model(args, tokenizer.vocab_size).to(device=device, dtype=DTYPES[args.dtype or "float32"])
     else:
         try:
             model, own_tokenizer = _load_init(args, device)
@@ -326,9 +342,19 @@ def run(args) -> int:
     _check_arguments(args)
     settings = _settings(args)
     _check_out(args, settings)
-    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(args.seed)
+    try:
+        parallel = Parallel.start(args.cp, args.device, args.batch_size, args.seq_len)
+    except ValueError as error:
+        args.error(str(error))
+    if parallel is not None:
+        device = parallel.device
+    else:
+        device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)  # the same initialization on every rank
     model, tokenizer = _model_and_tokenizer(args, device)
+    if parallel is not None and not isinstance(model, MSATransformer):
+        args.error("under torchrun msa train trains MSATransformer models only (--arch msa, or an --init msa train "
+                   f"wrote); this one is {type(model).__name__}")
     if args.needle_rate and not isinstance(tokenizer, ByteTokenizer):
         args.error(f"--needle-rate: needles are byte strings and need byte tokens, not {tokenizer}")
 
@@ -352,19 +378,24 @@ def run(args) -> int:
                           index_lr=args.index_lr, lr_warmup_steps=args.lr_warmup_steps,
                           min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                           eval_every=args.eval_every, checkpoint_every_s=args.checkpoint_every_s,
-                          max_seconds=args.max_seconds)
+                          max_seconds=args.max_seconds, bf16=args.dtype in (None, "float32"))
     trainer = Trainer(model, recipe, train_batches, [val_source(i) for i in range(args.eval_batches)], args.out,
-                      warmup_batches=warmup_batches, tokenizer=tokenizer, resume=args.resume)
+                      warmup_batches=warmup_batches, tokenizer=tokenizer, resume=args.resume, parallel=parallel)
     run_file = args.out / "run.json"
-    if not run_file.exists():
+    if trainer.is_main and not run_file.exists():
         args.out.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(settings, indent=2) + "\n")
     log = trainer.run()
+    if trainer.finished:
+        trainer.save_model(args.out / "model")
+    if parallel is not None:
+        parallel.close()
+    if not trainer.is_main:
+        return 0
     if not trainer.finished:
         print(f"stopped after {trainer.step} of {trainer.total_steps} updates (--max-seconds); continue with "
               f"--resume --out {args.out}")
         return 0
-    replace_directory(args.out / "model", lambda directory: save_model(model, directory, tokenizer))
     print(json.dumps(log[-1]))
     print(f"model saved to {args.out / 'model'} (msa generate --model {args.out / 'model'})")
     return 0

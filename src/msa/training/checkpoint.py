@@ -28,18 +28,21 @@ from msa.training.tokens import Tokenizer, load_saved_tokenizer
 MSA_TRANSFORMER_WEIGHTS = "model.safetensors"
 
 
-def save_model(model: nn.Module, directory: str | Path, tokenizer: Tokenizer | None = None) -> None:
-    """Write ``model`` (and ``tokenizer``) into ``directory`` (created if needed)."""
+def save_model(model: nn.Module, directory: str | Path, tokenizer: Tokenizer | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``model`` (and ``tokenizer``) into ``directory`` (created if needed); ``state_dict`` replaces the
+    model's own (the whole state dict of a model sharded over processes)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if isinstance(model, MSATransformer):
-        save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()},
+        state_dict = model.state_dict() if state_dict is None else state_dict
+        save_file({name: tensor.contiguous() for name, tensor in state_dict.items()},
                   directory / MSA_TRANSFORMER_WEIGHTS)
         (directory / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     else:
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, **({} if state_dict is None else dict(state_dict=state_dict)))
     if tokenizer is not None:
         tokenizer.save(directory)
 
@@ -91,9 +94,11 @@ def load_model(directory: str | Path, device: torch.device | str | None = None,
     if is_msa_transformer_config(config):
         from safetensors.torch import load_file
 
-        model = MSATransformer(MSAConfig(**config))
-        model.load_state_dict(load_file(directory / MSA_TRANSFORMER_WEIGHTS))
-        model.to(device=device, dtype=dtype)
+        state_dict = load_file(directory / MSA_TRANSFORMER_WEIGHTS)
+        saved_dtype = next((t.dtype for t in state_dict.values() if t.is_floating_point()), torch.float32)
+        # in the final dtype before loading: a float64 state dict goes through no float32 copy
+        model = MSATransformer(MSAConfig(**config)).to(device=device, dtype=dtype or saved_dtype)
+        model.load_state_dict(state_dict)
     elif "model_type" in config:
         from transformers import AutoModelForCausalLM
 
