@@ -20,7 +20,9 @@ def kernel_flops(layer: dict, seqlen: int, attended: float) -> dict:
         "sparse_fwd_query": 2 * attention,  # QK and PV
         "sparse_fwd_kv": 2 * attention,
         "sparse_bwd": 5 * attention,  # QK, P^T dO, dO V^T, dS^T Q, dS K
+        "sparse_bwd_deterministic": 5 * attention,  # the same useful work (dq's pass recomputes QK and dO V^T)
         "kl_fwd": attention + student,  # teacher QK, student logits
         "kl_bwd": attention + 3 * student,  # teacher QK, student logits, d index_k, d index_q
+        "kl_bwd_deterministic": attention + 3 * student,  # the same useful work (d index_q's pass recomputes logits)
         "kl_fused": attention + 3 * student,  # the same work in one teacher pass (the training step runs it)
     }

@@ -8,8 +8,10 @@ and achieved TFLOP/s of each kernel against the bf16 matrix ceiling measured
 in the same run (the FP8 indexer against the FP8 one). Prefill runs twice:
 with the default bf16 index ranking and with FP8 index vectors
 (``index_dtype=torch.float8_e4m3fn``, quantisation included), with the share
-of the bf16 selection that the FP8 one keeps. Writes ``kernels.json`` under
-``--out``.
+of the bf16 selection that the FP8 one keeps. With ``--deterministic`` the
+training step and the backward kernels are also timed in their deterministic
+variants (``deterministic=True``: no float32 atomics, bitwise reproducible
+gradients), beside the default ones. Writes ``kernels.json`` under ``--out``.
 
     PYTHONPATH=src python benchmarks/kernels.py --out benchmarks/results/<run>
 """
@@ -176,7 +178,9 @@ def parse_layer(text: str) -> dict:
 
 
 def bench_seqlen(c: dict, seqlen: int, warmup: int, repeats: int, with_fa2: bool, train: bool, progress,
-                 task) -> dict:
+                 task, deterministic: bool = False) -> dict:
+    """One length's row; with ``deterministic`` (and ``train``) the deterministic backward kernels
+    (``*_deterministic``) and training step (``msa_train_deterministic_ms``) too."""
     gen = torch.Generator(device="cuda").manual_seed(seqlen)
 
     def randn(*shape):
@@ -212,6 +216,9 @@ def bench_seqlen(c: dict, seqlen: int, warmup: int, repeats: int, with_fa2: bool
         dout = torch.randn_like(out)
         t["sparse_bwd"] = time_ms(lambda: kernels.sparse_attention_bwd(pq, pk, pv, out, lse, dout, blocks, starts, cu,
                                                                        seqlen, bs, scale), warmup, repeats)
+        if deterministic:
+            t["sparse_bwd_deterministic"] = time_ms(lambda: kernels.sparse_attention_bwd(
+                pq, pk, pv, out, lse, dout, blocks, starts, cu, seqlen, bs, scale, deterministic=True), warmup, repeats)
     kl_rows, index_lse, teacher_lse = kernels.index_kl_fwd(pq, pk, piq, pik, blocks, cu, seqlen, bs, scale,
                                                            index_scale, lse)
     t["kl_fwd"] = time_ms(lambda: kernels.index_kl_fwd(pq, pk, piq, pik, blocks, cu, seqlen, bs, scale, index_scale,
@@ -223,6 +230,10 @@ def bench_seqlen(c: dict, seqlen: int, warmup: int, repeats: int, with_fa2: bool
                               warmup, repeats)
         t["kl_fused"] = time_ms(lambda: kernels.index_kl_fwd_bwd(pq, pk, piq, pik, blocks, cu, seqlen, bs, scale,
                                                                  index_scale, lse), warmup, repeats)
+        if deterministic:  # the deterministic training step runs kl_fwd then this instead of kl_fused
+            t["kl_bwd_deterministic"] = time_ms(lambda: kernels.index_kl_bwd(
+                pq, pk, piq, pik, blocks, starts, cu, seqlen, teacher_lse, index_lse, grad_scale, bs, scale,
+                index_scale, deterministic=True), warmup, repeats)
     del out, kl_rows
     row["kernel_ms"] = t
     fraction = attended_fraction(blocks[None], c["block_size"])
@@ -242,16 +253,21 @@ def bench_seqlen(c: dict, seqlen: int, warmup: int, repeats: int, with_fa2: bool
     grad = torch.randn_like(q) if train else None
     q_, k_, v_, iq_, ik_ = (x.detach().requires_grad_() for x in (q, k, v, index_q, index_k))
 
-    def msa_train():
+    def msa_train(deterministic=None):
         selected = msa.select_blocks(iq_.detach(), ik_.detach(), block_size=c["block_size"], topk=c["topk"])
-        o, main_lse = msa.sparse_attention(q_, k_, v_, selected, block_size=c["block_size"], return_lse=True)
-        kl = msa.index_kl_loss(q_, k_, iq_, ik_, selected, block_size=c["block_size"], main_lse=main_lse)
+        o, main_lse = msa.sparse_attention(q_, k_, v_, selected, block_size=c["block_size"], return_lse=True,
+                                           deterministic=deterministic)
+        kl = msa.index_kl_loss(q_, k_, iq_, ik_, selected, block_size=c["block_size"], main_lse=main_lse,
+                               deterministic=deterministic)
         torch.autograd.backward((o, kl), (grad, torch.ones((), device="cuda")))
 
     row["msa_prefill_ms"] = time_ms(msa_prefill, warmup, repeats)
     row["msa_prefill_fp8_ms"] = time_ms(lambda: msa_prefill(FP8_DTYPE), warmup, repeats)
     if train:
         row["msa_train_ms"] = time_ms(msa_train, warmup, repeats)
+        if deterministic:
+            row["msa_train_deterministic_ms"] = time_ms(lambda: msa_train(deterministic=True), warmup, repeats)
+            row["deterministic_train_slowdown"] = row["msa_train_deterministic_ms"] / row["msa_train_ms"]
 
     # --- dense baselines (free what the MSA steps accumulated first)
     for x in (q_, k_, v_, iq_, ik_):
@@ -292,6 +308,8 @@ def main() -> None:
                         help="longest length for backward kernels and training steps (memory)")
     parser.add_argument("--long", type=int, default=262144, help="from this length on: 1 warm-up, 2 repeats, no FA2")
     parser.add_argument("--layer", default="", help="overrides of the paper's layer, e.g. heads=8,head_dim=64")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="also time the training step and backward kernels with deterministic=True")
     args = parser.parse_args()
     layer = parse_layer(args.layer)
     console = Console()
@@ -299,7 +317,7 @@ def main() -> None:
     record = {"benchmark": "kernels", "device": device, "torch": torch.__version__, "triton": triton.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": git_commit(),
-              "layer": layer, "dtype": "bfloat16", "batch": 1}
+              "layer": layer, "dtype": "bfloat16", "batch": 1, "deterministic": args.deterministic}
     record["matmul_ceiling_tflops"] = matmul_ceiling_tflops()
     record["fp8_matmul_ceiling_tflops"] = fp8_matmul_ceiling_tflops()
     console.print(f"{device}: bf16 matmul ceiling {record['matmul_ceiling_tflops']:.0f} TFLOP/s, FP8 "
@@ -319,7 +337,7 @@ def main() -> None:
         for seqlen in seqlens:
             long = seqlen >= args.long
             row = bench_seqlen(layer, seqlen, 1 if long else 3, 2 if long else args.repeats, not long,
-                               seqlen <= args.train_max, progress, task)
+                               seqlen <= args.train_max, progress, task, args.deterministic)
             rows.append(row)
             console.print(json.dumps(row))
             path.write_text(json.dumps(record, indent=2))  # after every length: a cut-off run keeps its rows

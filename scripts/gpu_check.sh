@@ -3,8 +3,8 @@
 #     OUT=/some/dir SEQLENS=8192,32768,131072 INFERENCE=1 bash scripts/gpu_check.sh
 # Runs the test suite on the GPU (TESTS, default all: the kernel tests then run compiled, in
 # bf16/fp16/fp32), then the kernel benchmark (SEQLENS=none skips it; TUNE=<length> sweeps the configurations
-# of TUNE_KERNELS first), with MODEL_STEP=1 the SmolLM2-shaped training step (benchmarks/model_step.py,
-# --profile; MODEL_STEP_ARGS) and, with INFERENCE=1,
+# of TUNE_KERNELS first; DETERMINISTIC=1 also times the deterministic training step), with MODEL_STEP=1
+# the SmolLM2-shaped training step (benchmarks/model_step.py, --profile; MODEL_STEP_ARGS) and, with INFERENCE=1,
 # `msa generate` (bf16 and FP8 index keys) and the inference benchmark (PARTS of
 # benchmarks/inference.py, more options in INFERENCE_ARGS, e.g. "--index-dtype fp8 --selections
 # overlapping"). Logs and JSON are written under $WORK and packed into $OUT/gpu_check.tar.gz after every
@@ -29,7 +29,8 @@ tests_rc=${PIPESTATUS[0]}
 pack
 if [ "${SEQLENS:-}" != "none" ]; then
     python3 benchmarks/kernels.py --out "$WORK" --seqlens "${SEQLENS:-8192,32768,131072}" --tune "${TUNE:-0}" \
-        --tune-kernels "${TUNE_KERNELS:-indexer,kv_outer}" 2>&1 | tee "$WORK/bench.log"
+        --tune-kernels "${TUNE_KERNELS:-indexer,kv_outer}" ${DETERMINISTIC:+--deterministic} 2>&1 \
+        | tee "$WORK/bench.log"
     pack
 fi
 if [ "${MODEL_STEP:-0}" = "1" ]; then

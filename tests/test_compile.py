@@ -77,14 +77,17 @@ def _leaves(*tensors):
 def test_opcheck_the_pytorch_path_operators(dtype):
     """Schemas, fake implementations, autograd registrations: each operator, with and without gradients."""
     q, k, v, index_q, index_k, blocks, cu_seqlens, plan = _pytorch_path_inputs(dtype)
-    out, lse = library.torch_sparse_attention(q, k, v, plan, BLOCK, 0.3)
+    out, lse = library.torch_sparse_attention(q, k, v, plan, BLOCK, 0.3, False)
     cases = [
         (library.tile_plan, (blocks, cu_seqlens, cu_seqlens, 37, BLOCK, 2, 16)),
-        (library.torch_sparse_attention, (*_leaves(q, k, v), plan, BLOCK, 0.3)),
-        (library.torch_sparse_attention, (q, k, v, plan, BLOCK, 0.3)),
-        (library.torch_sparse_attention_backward, (q, k, v, out, lse, torch.randn_like(out), plan, BLOCK, 0.3)),
-        (library.torch_index_kl, (q, k, *_leaves(index_q, index_k), plan, BLOCK, 0.3, 0.4, None, True)),
-        (library.torch_index_kl, (q, k, index_q, index_k, plan, BLOCK, 0.3, 0.4, lse.float(), False)),
+        (library.torch_sparse_attention, (*_leaves(q, k, v), plan, BLOCK, 0.3, False)),
+        (library.torch_sparse_attention, (*_leaves(q, k, v), plan, BLOCK, 0.3, True)),
+        (library.torch_sparse_attention, (q, k, v, plan, BLOCK, 0.3, False)),
+        (library.torch_sparse_attention_backward, (q, k, v, out, lse, torch.randn_like(out), plan, BLOCK, 0.3,
+                                                   False)),
+        (library.torch_index_kl, (q, k, *_leaves(index_q, index_k), plan, BLOCK, 0.3, 0.4, None, True, False)),
+        (library.torch_index_kl, (q, k, *_leaves(index_q, index_k), plan, BLOCK, 0.3, 0.4, None, True, True)),
+        (library.torch_index_kl, (q, k, index_q, index_k, plan, BLOCK, 0.3, 0.4, lse.float(), False, False)),
         (library.torch_select_blocks, (index_q, index_k, cu_seqlens, cu_seqlens, BLOCK, 3, 0.4, False)),
         (library.torch_select_blocks, (index_q, index_k, cu_seqlens, cu_seqlens, BLOCK, 3, 0.4, True)),
         (library.torch_support_lse, (index_q, index_k, blocks, cu_seqlens, cu_seqlens, BLOCK, 0.4)),
@@ -102,17 +105,18 @@ def test_opcheck_the_kernel_operators():
                                                               device=device))
     cu_seqlens, starts = cu_seqlens_of([32], device=device), torch.zeros(32, dtype=torch.int32, device=device)
     blocks = library.triton_select_blocks(index_q, index_k, cu_seqlens, 32, 16, 2, False)
-    out, lse = library.triton_sparse_attention(q, k, v, blocks, starts, cu_seqlens, 32, 16, 0.3)
+    out, lse = library.triton_sparse_attention(q, k, v, blocks, starts, cu_seqlens, 32, 16, 0.3, False)
     _, index_lse, teacher_lse = library.triton_index_kl(q, k, index_q, index_k, blocks, starts, cu_seqlens, 32, 16,
-                                                        0.3, 0.4, None)
+                                                        0.3, 0.4, None, False)
     settings = (cu_seqlens, 32, 16, 0.3, 0.4)
     cases = [
         (library.triton_select_blocks, (index_q, index_k, cu_seqlens, 32, 16, 2, False)),
         (library.triton_support_lse, (index_q, index_k, blocks, starts, 16, 0.4)),
-        (library.triton_sparse_attention, (*_leaves(q, k, v), blocks, starts, cu_seqlens, 32, 16, 0.3)),
+        (library.triton_sparse_attention, (*_leaves(q, k, v), blocks, starts, cu_seqlens, 32, 16, 0.3, False)),
+        (library.triton_sparse_attention, (*_leaves(q, k, v), blocks, starts, cu_seqlens, 32, 16, 0.3, True)),
         (library.triton_sparse_attention_backward, (q, k, v, out, lse, torch.randn_like(out), blocks, starts,
                                                     cu_seqlens, 32, 16, 0.3, False)),
-        (library.triton_index_kl, (q, k, *_leaves(index_q, index_k), blocks, starts, *settings, lse)),
+        (library.triton_index_kl, (q, k, *_leaves(index_q, index_k), blocks, starts, *settings, lse, True)),
         (library.triton_index_kl_backward, (q, k, index_q, index_k, blocks, starts, cu_seqlens, 32, teacher_lse,
                                             index_lse, torch.ones((), device=device), 16, 0.3, 0.4, False)),
         (library.triton_index_kl_fused, (q, k, *_leaves(index_q, index_k), blocks, *settings, None)),

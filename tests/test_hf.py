@@ -251,3 +251,44 @@ def test_a_selector_replaces_the_index_branch_selection():
     assert torch.equal(branch.block_indices, local) and not torch.allclose(local_logits, reference, atol=TOL)
     with pytest.raises(ValueError, match="whole sequences"):
         model.generate(ids[:, :40], max_new_tokens=2, do_sample=False)
+
+
+BAD_HF_INPUTS = [
+    ("padding attention_mask", lambda model, ids: model(ids, attention_mask=torch.ones_like(ids).index_fill_(
+        1, torch.tensor([0], device=DEVICE), 0)), ValueError, "padding attention_mask"),
+    ("packed position_ids", lambda model, ids: model(ids, position_ids=torch.cat(
+        [torch.arange(10), torch.arange(10)]).to(DEVICE)[None]), ValueError, "position_ids must count up by one"),
+    ("position_ids shape", lambda model, ids: model(ids, position_ids=torch.arange(19, device=DEVICE)[None]),
+     ValueError, r"position_ids must have shape \[B, S\] = \[2, 20\]"),
+    ("position_ids dtype", lambda model, ids: model(ids, position_ids=torch.zeros(2, 20, device=DEVICE)), TypeError,
+     "position_ids must have dtype"),
+    ("packed flash-attn arguments", lambda model, ids: model(ids, cu_seq_lens_q=torch.tensor(
+        [0, 20], device=DEVICE), cu_seq_lens_k=torch.tensor([0, 20], device=DEVICE), max_length_q=20, max_length_k=20),
+     ValueError, "got cu_seq_lens_q"),
+    ("hidden_states dtype", lambda model, ids: model(inputs_embeds=torch.randn(2, 20, 64, device=DEVICE).double()),
+     TypeError, "hidden_states must have dtype torch.float32"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", [case[1:] for case in BAD_HF_INPUTS],
+                         ids=[case[0] for case in BAD_HF_INPUTS])
+def test_the_msa_attention_module_rejects_bad_input_naming_the_argument(call, error, message):
+    model = hf.convert(small_model(), block_size=16, topk=2)
+    with pytest.raises(error, match=message):
+        call(model, torch.randint(0, 64, (2, 20), device=DEVICE))
+
+
+def test_a_layers_deterministic_setting_reaches_the_ops(monkeypatch):
+    from msa.nn import index_branch
+
+    seen = []
+    real = index_branch.sparse_attention
+    monkeypatch.setattr(index_branch, "sparse_attention",
+                        lambda *args, **kwargs: seen.append(kwargs["deterministic"]) or real(*args, **kwargs))
+    model = hf.convert(small_model(), block_size=16, topk=2)
+    ids = torch.randint(0, 64, (1, 40), device=DEVICE)
+    model(ids)
+    for branch in hf.msa_layers(model):
+        branch.deterministic = True
+    model(ids)
+    assert seen == [None, None, True, True]

@@ -480,3 +480,85 @@ def test_bad_backend_name(monkeypatch):
     *_, index_q, index_k = rand_inputs(1, 16, 2, 1, 16, 16, dtype=torch.float32, device=DEVICE)
     with pytest.raises(ValueError, match="MSA_BACKEND must be one of"):
         msa.select_blocks(index_q, index_k, block_size=16)
+
+
+# --------------------------------------------------------------------------- deterministic=
+
+
+def _spy_backward_launchers(monkeypatch) -> list:
+    """Records ``(launcher, deterministic)`` for each call the ops make of the backward launchers (the fused KL pass,
+    ``index_kl_fwd_bwd``, accumulates with atomics: False)."""
+    from msa import kernels
+
+    calls = []
+    for name in ("sparse_attention_bwd", "index_kl_bwd", "index_kl_fwd_bwd"):
+        def spy(*args, _name=name, _launcher=getattr(kernels, name), **kwargs):
+            calls.append((_name, kwargs.get("deterministic", False)))
+            return _launcher(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, spy)
+    return calls
+
+
+def _step_gradients(inputs, selection, grad_out, deterministic):
+    """The gradients of a training step's sparse attention (upstream ``grad_out``) and KL loss through the public
+    ops, in q, k, v, index_q, index_k."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out, lse = msa.sparse_attention(*leaves[:3], selection, return_lse=True, deterministic=deterministic)
+    kl = msa.index_kl_loss(*leaves[:2], *leaves[3:], selection, main_lse=lse, deterministic=deterministic)
+    return torch.autograd.grad((out, kl), leaves, (grad_out, torch.ones((), device=out.device)))
+
+
+@pytest.mark.parametrize("global_flag, argument, expected", [
+    (False, True, True),  # the argument overrides torch's setting, both ways
+    (True, False, False),
+    pytest.param(True, None, True, marks=pytest.mark.slow),  # None follows it
+    pytest.param(False, None, False, marks=pytest.mark.slow),
+])
+def test_the_deterministic_argument_picks_the_backward_variant(monkeypatch, global_flag, argument, expected):
+    """``deterministic=True`` launches the backward passes without atomics (and no fused KL pass) whatever
+    ``torch.use_deterministic_algorithms`` says, False the fast ones; the gradients match the float64 reference, and
+    the deterministic ones are bitwise the same from run to run (the interpreter here; on a GPU see
+    test_deterministic_gradients_are_bitwise_identical_run_to_run)."""
+    inputs = rand_inputs(1, 32, 2, 1, 16, 16, dtype=torch.float32, seed=28, device=DEVICE)
+    selection = msa.select_blocks(*inputs[3:], block_size=16, topk=2, return_selection=True)
+    grad_out = torch.randn(inputs[0].shape, generator=torch.Generator(DEVICE).manual_seed(29), device=DEVICE)
+    calls = _spy_backward_launchers(monkeypatch)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(global_flag)
+    try:
+        grads = _step_gradients(inputs, selection, grad_out, argument)
+        kl_launcher = "index_kl_bwd" if expected else "index_kl_fwd_bwd"
+        assert sorted(calls) == sorted([("sparse_attention_bwd", expected), (kl_launcher, expected)])
+        if expected:
+            again = _step_gradients(inputs, selection, grad_out, argument)
+            assert all(torch.equal(a, b) for a, b in zip(grads, again))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    leaves = [x.detach().double().requires_grad_() for x in inputs]
+    ref_out = msa.reference.sparse_attention(*leaves[:3], selection.block_indices, block_size=16)
+    ref_kl = msa.reference.index_kl_loss(*leaves[:2], *leaves[3:], selection.block_indices, block_size=16)
+    ref_grads = torch.autograd.grad((ref_out, ref_kl), leaves, (grad_out.double(), torch.ones((), device=DEVICE)))
+    bound = BOUNDS[torch.float32]
+    for name, grad, ref in zip(("q", "k", "v", "index_q", "index_k"), grads, ref_grads):
+        assert rel_err(grad, ref) < 3 * bound, f"d{name}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="run-to-run determinism of the GPU kernels needs a GPU")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_deterministic_gradients_are_bitwise_identical_run_to_run(monkeypatch, backend):
+    """On a GPU, in bf16 at a moderate shape, with torch's deterministic algorithms off: the gradients of a training
+    step with ``deterministic=True`` are bitwise the same in every run (the Triton kernels without atomics; the
+    PyTorch path accumulating rows in sorted order)."""
+    monkeypatch.setenv("MSA_BACKEND", backend)
+    assert not torch.are_deterministic_algorithms_enabled()
+    inputs = rand_inputs(2, 4096, 16, 2, 128, 64, dtype=torch.bfloat16, seed=30, device=DEVICE)
+    selection = msa.select_blocks(*inputs[3:], block_size=64, topk=16, return_selection=True)
+    grad_out = torch.randn(inputs[0].shape, generator=torch.Generator(DEVICE).manual_seed(31), device=DEVICE,
+                           dtype=torch.bfloat16)
+    first = _step_gradients(inputs, selection, grad_out, True)
+    for _ in range(3):
+        again = _step_gradients(inputs, selection, grad_out, True)
+        for name, a, b in zip(("q", "k", "v", "index_q", "index_k"), first, again):
+            assert torch.equal(a, b), f"d{name} differs from run to run"

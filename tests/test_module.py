@@ -184,3 +184,159 @@ def test_a_selector_replaces_the_selection_and_the_kl_loss():
     assert kl is None and rel_err(out, layer.o_proj(ref.float().flatten(-2))) < 1e-5
     layer.index_branch.selector = None
     assert rel_err(layer(x, rope)[0], out) > 1e-2  # the Index Branch's own selection is another one
+
+
+# --------------------------------------------------------------------------- deterministic=, input validation
+
+
+@pytest.mark.parametrize("deterministic", [None, True, False])
+def test_the_layer_passes_its_deterministic_setting_to_the_ops(monkeypatch, deterministic):
+    from msa.nn import index_branch
+
+    seen = []
+    for name in ("sparse_attention", "index_kl_loss"):
+        def spy(*args, _op=getattr(index_branch, name), _name=name, **kwargs):
+            seen.append((_name, kwargs["deterministic"]))
+            return _op(*args, **kwargs)
+
+        monkeypatch.setattr(index_branch, name, spy)
+    layer = msa.MSAAttention(64, 4, 2, 16, index_head_dim=8, block_size=8, topk=2,
+                             deterministic=deterministic).train()
+    assert layer.deterministic is deterministic
+    out, kl = layer(*_layer_inputs())
+    (out.square().mean() + kl).backward()
+    assert seen == [("sparse_attention", deterministic), ("index_kl_loss", deterministic)]
+    with pytest.raises(TypeError, match="deterministic must be None or a bool"):
+        msa.MSAAttention(64, 4, 2, 16, index_head_dim=8, deterministic="yes")
+
+
+def _packed_inputs():
+    x, (cos, sin) = _layer_inputs()
+    return dict(x=x.flatten(0, 1), rope=(cos.flatten(0, 1), sin.flatten(0, 1)), cu_seqlens=cu_seqlens_of([50, 50]))
+
+
+def _bad(*, x=None, rope=None, packed=False, **kwargs):
+    """A call of the layer with the valid inputs (batched, or packed with ``cu_seqlens``) but what ``x``, ``rope``
+    (functions of the valid ones) and ``kwargs`` replace."""
+    def call(layer):
+        inputs = _packed_inputs() if packed else dict(zip(("x", "rope"), _layer_inputs()))
+        hidden = inputs["x"] if x is None else x(inputs["x"])
+        embeddings = inputs["rope"] if rope is None else rope(inputs["rope"])
+        extra = dict(cu_seqlens=inputs["cu_seqlens"]) if packed else {}
+        return layer(hidden, embeddings, **{**extra, **kwargs})
+
+    return call
+
+
+def _cu(*bounds, dtype=torch.int32):
+    return torch.tensor(bounds, dtype=dtype)
+
+
+BAD_LAYER_INPUTS = [
+    ("hidden_states list", _bad(x=lambda x: x.tolist()), TypeError, "hidden_states must be a torch.Tensor"),
+    ("hidden_states rank", _bad(x=lambda x: x[None]), ValueError, r"hidden_states must have shape \[B, S, hidden\]"),
+    ("hidden_states packed without cu_seqlens", _bad(x=lambda x: x[0]), ValueError,
+     r"hidden_states must have shape \[B, S, hidden\] \(or \[T, hidden\] with cu_seqlens\)"),
+    ("hidden_states width", _bad(x=lambda x: x[..., :32]), ValueError, "hidden_states must have shape .* hidden=64"),
+    ("hidden_states int", _bad(x=lambda x: x.int()), TypeError, "hidden_states must have dtype in"),
+    ("hidden_states dtype", _bad(x=lambda x: x.double()), TypeError,
+     "hidden_states must have dtype torch.float32 like the layer's parameters"),
+    ("hidden_states device", _bad(x=lambda x: x.to("meta")), ValueError, "hidden_states must be on cpu"),
+    ("position_embeddings one table", _bad(rope=lambda rope: rope[:1]), TypeError,
+     r"position_embeddings must be a \(cos, sin\) pair"),
+    ("position_embeddings None", _bad(rope=lambda rope: None), TypeError,
+     r"position_embeddings must be a \(cos, sin\)"),
+    ("position_embeddings head dim", _bad(rope=lambda rope: (rope[0][..., :8], rope[1])), ValueError,
+     r"position_embeddings \(cos\) must have shape \[2, 50, 16\]"),
+    ("position_embeddings length", _bad(rope=lambda rope: (rope[0], rope[1][:, :49])), ValueError,
+     r"position_embeddings \(sin\) must have shape"),
+    ("position_embeddings dtype", _bad(rope=lambda rope: (rope[0].long(), rope[1])), TypeError,
+     r"position_embeddings \(cos\) must have dtype in"),
+    ("position_embeddings device", _bad(rope=lambda rope: (rope[0], rope[1].to("meta"))), ValueError,
+     r"position_embeddings \(sin\) must be on cpu"),
+    ("hidden_states batched with cu_seqlens", _bad(cu_seqlens=_cu(0, 50, 100)), ValueError,
+     r"hidden_states must have shape \[T, hidden\] when cu_seqlens is given"),
+    ("cu_seqlens list", _bad(packed=True, cu_seqlens=[0, 50, 100]), TypeError,
+     "cu_seqlens must be an int32 or int64 torch.Tensor"),
+    ("cu_seqlens float", _bad(packed=True, cu_seqlens=_cu(0, 50, 100, dtype=torch.float32)), TypeError,
+     "cu_seqlens must have dtype int32 or int64"),
+    ("cu_seqlens rank", _bad(packed=True, cu_seqlens=_cu(0, 50, 100)[None]), ValueError,
+     r"cu_seqlens must have shape \[n \+ 1\]"),
+    ("cu_seqlens start", _bad(packed=True, cu_seqlens=_cu(1, 50, 100)), ValueError,
+     "cu_seqlens must start at 0 and end at T=100 .the tokens of hidden_states"),
+    ("cu_seqlens end", _bad(packed=True, cu_seqlens=_cu(0, 50, 90)), ValueError, "cu_seqlens must start at 0 and end"),
+    ("cu_seqlens order", _bad(packed=True, cu_seqlens=_cu(0, 60, 40, 100)), ValueError,
+     "cu_seqlens must be non-decreasing"),
+    ("cu_seqlens device", _bad(packed=True, cu_seqlens=_cu(0, 50, 100).to("meta")), ValueError,
+     "cu_seqlens must be on cpu like hidden_states"),
+    ("compute_kl_loss", _bad(compute_kl_loss="yes"), TypeError, "compute_kl_loss must be None or a bool"),
+    ("attend", _bad(attend=1), TypeError, "attend must be callable"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", [case[1:] for case in BAD_LAYER_INPUTS],
+                         ids=[case[0] for case in BAD_LAYER_INPUTS])
+def test_the_layer_rejects_bad_input_naming_the_argument(call, error, message):
+    layer = msa.MSAAttention(64, 4, 2, 16, index_head_dim=8, block_size=8, topk=2).train()
+    with pytest.raises(error, match=message):
+        call(layer)
+
+
+def test_the_layer_takes_int64_cu_seqlens_and_broadcast_rotary_tables():
+    layer = msa.MSAAttention(64, 4, 2, 16, index_head_dim=8, block_size=8, topk=2).train()
+    inputs = _packed_inputs()
+    out, kl = layer(inputs["x"], inputs["rope"], cu_seqlens=inputs["cu_seqlens"])
+    out64, kl64 = layer(inputs["x"], inputs["rope"], cu_seqlens=inputs["cu_seqlens"].long())
+    assert torch.equal(out, out64) and torch.equal(kl, kl64)
+    x, (cos, sin) = _layer_inputs()
+    assert torch.equal(layer(x, (cos[:1], sin[:1]))[0], layer(x, (cos, sin))[0])  # [1, S, D] broadcasts over B
+
+
+BAD_INDEX_BRANCH_INPUTS = [
+    ("hidden_states width", lambda x, rope: (x[..., :32], rope), ValueError, "hidden_states must have shape"),
+    ("hidden_states dtype", lambda x, rope: (x.double(), rope), TypeError, "hidden_states must have dtype"),
+    ("position_embeddings", lambda x, rope: (x, None), TypeError, r"position_embeddings must be a \(cos, sin\)"),
+]
+
+
+@pytest.mark.parametrize("corrupt, error, message", [case[1:] for case in BAD_INDEX_BRANCH_INPUTS],
+                         ids=[case[0] for case in BAD_INDEX_BRANCH_INPUTS])
+def test_the_index_branch_rejects_bad_input_naming_the_argument(corrupt, error, message):
+    branch = msa.nn.IndexBranch(64, 2, 8, head_dim=16, block_size=8, topk=2)
+    with pytest.raises(error, match=message):
+        branch(*corrupt(*_layer_inputs()))
+
+
+def _model_call(ids=None, **kwargs):
+    def call(model):
+        tokens = torch.randint(0, 32, (2, 20)) if ids is None else ids
+        return model(tokens, **kwargs)
+
+    return call
+
+
+BAD_MODEL_INPUTS = [
+    ("input_ids float", _model_call(torch.zeros(2, 20)), TypeError, r"input_ids must have dtype in \(int32, int64\)"),
+    ("input_ids rank", _model_call(torch.zeros(2, 20, 1, dtype=torch.long)), ValueError,
+     r"input_ids must have shape \[B, S\]"),
+    ("input_ids packed without cu_seqlens", _model_call(torch.zeros(20, dtype=torch.long)), ValueError,
+     r"input_ids must have shape \[B, S\] \(or \[T\] with cu_seqlens\)"),
+    ("input_ids device", _model_call(torch.zeros(2, 20, dtype=torch.long, device="meta")), ValueError,
+     "input_ids must be on cpu"),
+    ("position_ids shape", _model_call(position_ids=torch.arange(20)), ValueError,
+     r"position_ids must have shape \[2, 20\] like input_ids"),
+    ("position_ids dtype", _model_call(position_ids=torch.zeros(2, 20)), TypeError, "position_ids must have dtype"),
+    ("cu_seqlens end", _model_call(torch.zeros(40, dtype=torch.long), cu_seqlens=_cu(0, 20, 30)), ValueError,
+     r"cu_seqlens must start at 0 and end at T=40 \(the tokens of input_ids\)"),
+    ("cu_seqlens dtype", _model_call(torch.zeros(40, dtype=torch.long), cu_seqlens=_cu(0, 20, 40, dtype=torch.int16)),
+     TypeError, "cu_seqlens must have dtype int32 or int64"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", [case[1:] for case in BAD_MODEL_INPUTS],
+                         ids=[case[0] for case in BAD_MODEL_INPUTS])
+def test_the_transformer_rejects_bad_input_naming_the_argument(call, error, message):
+    config = msa.nn.MSAConfig(vocab_size=32, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                              intermediate_size=64, index_head_dim=8, block_size=8, topk=2)
+    with pytest.raises(error, match=message):
+        call(msa.nn.MSATransformer(config))

@@ -281,3 +281,48 @@ def test_cpu_path_is_deterministic():
         return torch.autograd.grad(out.square().sum() + kl, leaves)
 
     assert all(torch.equal(a, b) for a, b in zip(grads(), grads()))
+
+
+@pytest.mark.parametrize("global_flag, argument, expected", [(False, True, True), (True, False, False),
+                                                             (True, None, True), (False, None, False)])
+def test_the_pytorch_path_takes_the_deterministic_argument(monkeypatch, global_flag, argument, expected):
+    """``deterministic`` reaches the PyTorch path's row accumulations, forward and backward, through the custom
+    operators and their autograd (None: torch's setting). On CPUs they are deterministic either way (index_add_
+    adds in order); on GPUs, see test_kernels.test_deterministic_gradients_are_bitwise_identical_run_to_run."""
+    from msa.ops import block_outer
+
+    q, k, v, index_q, index_k = rand_inputs(1, 100, 4, 2, 16, 8, dtype=torch.float32, seed=32)
+    blocks = selection(index_q, index_k)
+    flags = []
+    add_rows = block_outer._add_rows
+    monkeypatch.setattr(block_outer, "_add_rows", lambda *args: flags.append(args[-1]) or add_rows(*args))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(global_flag)
+    try:
+        def grads():
+            leaves = [x.clone().requires_grad_() for x in (q, k, v, index_q, index_k)]
+            out, lse = msa.sparse_attention(*leaves[:3], blocks, block_size=16, return_lse=True,
+                                            deterministic=argument)
+            kl = msa.index_kl_loss(*leaves[:2], *leaves[3:], blocks, block_size=16, main_lse=lse,
+                                   deterministic=argument)
+            return torch.autograd.grad(out.square().sum() + kl, leaves)
+
+        first = grads()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert flags and set(flags) == {expected}
+    flags.clear()
+    # again under torch's setting as it was: the same gradients, bitwise
+    assert all(torch.equal(a, b) for a, b in zip(first, grads()))
+    assert set(flags) == {previous if argument is None else argument}
+
+
+@pytest.mark.parametrize("op", ["sparse_attention", "index_kl_loss"])
+def test_the_deterministic_argument_must_be_a_bool_or_none(op):
+    t = _valid()
+    call = dict(sparse_attention=lambda: msa.sparse_attention(t["q"], t["k"], t["v"], t["blocks"], block_size=4,
+                                                              deterministic=1),
+                index_kl_loss=lambda: msa.index_kl_loss(t["q"], t["k"], t["index_q"], t["index_k"], t["blocks"],
+                                                        block_size=4, deterministic="yes"))[op]
+    with pytest.raises(TypeError, match="deterministic must be None or a bool"):
+        call()

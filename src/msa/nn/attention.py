@@ -6,12 +6,15 @@ import functools
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from msa.distributed import context_parallel_attention
+from msa.nn.checks import check_hidden_states, check_packed_offsets, check_position_embeddings
 from msa.nn.index_branch import MODES, IndexBranch
 from msa.nn.rotary import apply_rotary
+from msa.ops.checks import check_flag
 
 
 class MSAAttention(nn.Module):
@@ -41,13 +44,26 @@ class MSAAttention(nn.Module):
     ranks (:mod:`msa.distributed`): each rank passes its zig-zag shard of the
     hidden states and of the rotary embeddings (``msa.distributed.shard``),
     and gets its shard of the output and the KL loss of the whole batch.
+
+    ``deterministic`` (flash-attn's argument) is passed to the sparse
+    attention and the KL loss: True for gradients bitwise the same from run to
+    run (backward passes without atomics, slower), False for the fast ones,
+    None (default) to follow ``torch.use_deterministic_algorithms`` (see
+    :func:`msa.sparse_attention`). The dense mode's attention (SDPA) follows
+    torch's setting.
+
+    Bad input to :meth:`forward` (shapes, dtypes, devices, ``cu_seqlens``)
+    raises a ``ValueError`` / ``TypeError`` naming the argument, as the ops do.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None, *,
                  index_head_dim: int = 128, block_size: int = 128, topk: int = 16, mode: str = "sparse",
                  index_rope: bool = True, bias: bool = False, kl_topk: int | None = None,
-                 index_dtype: torch.dtype | None = None, context_parallel_group=None):
+                 index_dtype: torch.dtype | None = None, context_parallel_group=None,
+                 deterministic: bool | None = None):
         super().__init__()
+        check_flag("deterministic", deterministic)
+        self.deterministic = deterministic
         head_dim = head_dim or hidden_size // num_heads
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
@@ -81,7 +97,9 @@ class MSAAttention(nn.Module):
         attend: Callable[..., torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Args:
-            hidden_states: ``[B, S, hidden]``, or packed ``[T, hidden]`` with ``cu_seqlens``.
+            hidden_states: ``[B, S, hidden]``, or packed ``[T, hidden]`` with ``cu_seqlens`` (int32 or int64
+                ``[n + 1]``; with ``context_parallel_group``, the offsets of the whole sequences) or ``attend``;
+                in the dtype of the parameters (any under autocast).
             position_embeddings: ``(cos, sin)`` of shape ``[B, S, head_dim]``
                 (``[T, head_dim]`` packed), as Hugging Face rotary modules return.
             compute_kl_loss: default ``self.training``.
@@ -94,6 +112,7 @@ class MSAAttention(nn.Module):
             ``(output, kl_loss)``: output like ``hidden_states``; ``kl_loss`` a
             scalar to add to the LM loss with a weight, or None when not computed.
         """
+        cu_seqlens = self._check_inputs(hidden_states, position_embeddings, cu_seqlens, compute_kl_loss, attend)
         lead = hidden_states.shape[:-1]
         cos, sin = position_embeddings
         q = apply_rotary(self.q_proj(hidden_states).unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)
@@ -106,13 +125,34 @@ class MSAAttention(nn.Module):
             return self.o_proj(out.reshape(*lead, -1)), None
 
         compute_kl_loss = self.training if compute_kl_loss is None else compute_kl_loss
-        attention = functools.partial(self.index_branch.attend, mode=self.mode, compute_kl_loss=compute_kl_loss)
+        attention = functools.partial(self.index_branch.attend, mode=self.mode, compute_kl_loss=compute_kl_loss,
+                                      deterministic=self.deterministic)
         if self.context_parallel_group is not None:
             out, kl_loss, _ = context_parallel_attention(attention, q, k, v, index_q, index_k,
                                                          group=self.context_parallel_group, cu_seqlens=cu_seqlens)
         else:
             out, kl_loss, _ = attention(q, k, v, index_q, index_k, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return self.o_proj(out.reshape(*lead, -1)), kl_loss
+
+    def _check_inputs(self, hidden_states, position_embeddings, cu_seqlens, compute_kl_loss, attend):
+        """The checks of :meth:`forward`'s arguments; returns ``cu_seqlens`` as int32 (None stays None)."""
+        if cu_seqlens is not None:
+            ranks, expected = (2,), "[T, hidden] when cu_seqlens is given"
+        elif attend is not None:
+            ranks, expected = (3, 2), "[B, S, hidden] or [T, hidden]"
+        else:
+            ranks, expected = (3,), "[B, S, hidden] (or [T, hidden] with cu_seqlens)"
+        check_hidden_states(hidden_states, self.q_proj.in_features, self.q_proj.weight, ranks, expected)
+        check_position_embeddings(position_embeddings, hidden_states, self.head_dim)
+        check_flag("compute_kl_loss", compute_kl_loss)
+        if attend is not None and not callable(attend):
+            raise TypeError(f"attend must be callable or None, got {type(attend).__name__}")
+        if cu_seqlens is None:
+            return None
+        world_size = 1 if self.context_parallel_group is None else dist.get_world_size(self.context_parallel_group)
+        # with context parallelism hidden_states is this rank's shard of the sequences that cu_seqlens describes
+        return check_packed_offsets(cu_seqlens, hidden_states.shape[0] * world_size, hidden_states.device,
+                                    "hidden_states" if world_size == 1 else f"hidden_states on all {world_size} ranks")
 
 
 def _move_index_projections(module, state_dict, prefix, *_) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from msa.nn.checks import check_hidden_states, check_position_embeddings
 from msa.nn.rotary import apply_rotary
 from msa.ops import dense_attention, index_kl_loss, select_blocks, sparse_attention
 
@@ -46,6 +47,7 @@ class IndexBranch(nn.Module):
         if index_rope and (index_head_dim > head_dim or index_head_dim % 2):
             raise ValueError(f"index_rope needs an even index_head_dim <= head_dim ({head_dim}), got {index_head_dim}")
         self.num_kv_heads, self.index_head_dim, self.index_rope = num_kv_heads, index_head_dim, index_rope
+        self.hidden_size, self.head_dim = hidden_size, head_dim
         self.block_size, self.topk, self.kl_topk, self.index_dtype = block_size, topk, kl_topk, index_dtype
         self.selector: Callable[..., torch.Tensor] | None = None
         self.index_q_proj = nn.Linear(hidden_size, num_kv_heads * index_head_dim, bias=False)
@@ -53,7 +55,12 @@ class IndexBranch(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
         """``hidden_states`` ``[..., hidden]`` and its ``(cos, sin)`` ``[..., head_dim]`` -> index queries
-        ``[..., G, Di]`` and index keys ``[..., 1, Di]`` of the detached hidden states."""
+        ``[..., G, Di]`` and index keys ``[..., 1, Di]`` of the detached hidden states (``...``: ``B, S`` or
+        ``T``)."""
+        check_hidden_states(hidden_states, self.hidden_size, self.index_k_proj.weight, (3, 2),
+                            "[B, S, hidden] or [T, hidden]")
+        if self.index_rope:
+            check_position_embeddings(position_embeddings, hidden_states, self.head_dim)
         detached = hidden_states.detach()
         index_q = self.index_q_proj(detached).unflatten(-1, (self.num_kv_heads, self.index_head_dim))
         index_k = self.index_k_proj(detached).unsqueeze(-2)
@@ -62,21 +69,24 @@ class IndexBranch(nn.Module):
             index_q, index_k = apply_rotary(index_q, cos, sin), apply_rotary(index_k, cos, sin)
         return index_q, index_k
 
-    def attend(self, q, k, v, index_q, index_k, *, mode: str, compute_kl_loss: bool, softmax_scale=None, **varlen):
+    def attend(self, q, k, v, index_q, index_k, *, mode: str, compute_kl_loss: bool, softmax_scale=None,
+               deterministic: bool | None = None, **varlen):
         """:func:`msa_attention` with this branch's settings, or sparse attention over the ``selector``'s blocks
-        (``varlen``: the ops' packed layouts). Returns ``(out, kl_loss or None, block_indices)``."""
+        (``varlen``: the ops' packed layouts; ``deterministic``: the ops'). Returns ``(out, kl_loss or None,
+        block_indices)``."""
         if self.selector is None:
             return msa_attention(q, k, v, index_q, index_k, mode=mode, block_size=self.block_size, topk=self.topk,
                                  compute_kl_loss=compute_kl_loss, kl_topk=self.kl_topk, softmax_scale=softmax_scale,
-                                 index_dtype=self.index_dtype, **varlen)
+                                 index_dtype=self.index_dtype, deterministic=deterministic, **varlen)
         block_indices = self.selector(q, k, index_q, index_k)
         out = sparse_attention(q, k, v, block_indices, block_size=self.block_size, softmax_scale=softmax_scale,
-                               **varlen)
+                               deterministic=deterministic, **varlen)
         return out, None, block_indices
 
 
 def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk: int, compute_kl_loss: bool,
-                  kl_topk: int | None = None, softmax_scale=None, index_dtype=None, **varlen):
+                  kl_topk: int | None = None, softmax_scale=None, index_dtype=None, deterministic: bool | None = None,
+                  **varlen):
     """Both branches of an MSA layer on projected, rotated inputs (the layouts of :mod:`msa.ops`).
 
     ``mode="sparse"``: attention over the Index Branch's blocks; ``"dense"``:
@@ -90,7 +100,8 @@ def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk
     dtype (:func:`msa.select_blocks`). ``varlen``: the ops' packed layouts
     (``cu_seqlens``, ``max_seqlen``, or ``cu_seqlens_q``, ``cu_seqlens_k``,
     ``max_seqlen_q``, ``max_seqlen_k`` for queries that are the suffix of
-    longer key sequences). Returns ``(out, kl_loss or None, block_indices)``.
+    longer key sequences). ``deterministic``: the backward passes' (:func:`msa.sparse_attention`; None follows
+    ``torch.use_deterministic_algorithms``). Returns ``(out, kl_loss or None, block_indices)``.
     """
     def select(n_blocks):
         return select_blocks(index_q.detach(), index_k.detach(), block_size=block_size, topk=n_blocks,
@@ -103,11 +114,12 @@ def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk
     selection = kl_selection.top(topk)
     main_lse = None  # the teacher's normalisation on the selected support, when the Main Branch computed it
     if mode == "sparse":
-        out, main_lse = sparse_attention(q, k, v, selection, softmax_scale=softmax_scale, return_lse=True)
+        out, main_lse = sparse_attention(q, k, v, selection, softmax_scale=softmax_scale, return_lse=True,
+                                         deterministic=deterministic)
     else:
         out = dense_attention(q, k, v, softmax_scale=softmax_scale, **varlen)
     kl_loss = None
     if compute_kl_loss:
         kl_loss = index_kl_loss(q, k, index_q, index_k, kl_selection, softmax_scale=softmax_scale,
-                                main_lse=None if wide else main_lse)
+                                main_lse=None if wide else main_lse, deterministic=deterministic)
     return out, kl_loss, selection.block_indices

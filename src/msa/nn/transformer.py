@@ -15,6 +15,7 @@ from torch import nn
 
 from msa.fp8 import index_dtype_from_name
 from msa.nn.attention import MSAAttention
+from msa.nn.checks import check_packed_offsets, check_token_ids
 from msa.nn.rotary import RotaryEmbedding
 from msa.varlen import token_positions
 
@@ -71,8 +72,10 @@ class MSATransformer(nn.Module):
     """Decoder-only LM on MSA attention.
 
     ``forward(input_ids)`` with ``input_ids`` ``[B, S]``, or packed ``[T]``
-    with ``cu_seqlens``; returns ``(logits, kl_loss)``, ``kl_loss`` the mean of
-    the layers' KL losses (None when not computed).
+    with ``cu_seqlens`` (int32 or int64 ``[n + 1]``); returns ``(logits,
+    kl_loss)``, ``kl_loss`` the mean of the layers' KL losses (None when not
+    computed). Bad input raises a ``ValueError`` / ``TypeError`` naming the
+    argument, as the ops do.
     """
 
     def __init__(self, config: MSAConfig):
@@ -102,6 +105,7 @@ class MSATransformer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``attend(layer_index, q, k, v, index_q, index_k)``, when given, replaces attention
         (see :meth:`MSAAttention.forward`); ``position_ids`` then gives each token's position."""
+        cu_seqlens = self._check_inputs(input_ids, position_ids, cu_seqlens, attend)
         if position_ids is None:
             if cu_seqlens is not None:
                 position_ids = token_positions(cu_seqlens, input_ids.shape[0])[1]
@@ -118,3 +122,22 @@ class MSATransformer(nn.Module):
                 kl_losses.append(kl_loss)
         logits = self.lm_head(self.norm(x))
         return logits, (torch.stack(kl_losses).mean() if kl_losses else None)
+
+    def _check_inputs(self, input_ids, position_ids, cu_seqlens, attend):
+        """The checks of :meth:`forward`'s token arguments; returns ``cu_seqlens`` as int32 (None stays None)."""
+        if cu_seqlens is not None:
+            ranks, expected = (1,), "[T] when cu_seqlens is given"
+        elif attend is not None:
+            ranks, expected = (2, 1), "[B, S] or [T]"
+        else:
+            ranks, expected = (2,), "[B, S] (or [T] with cu_seqlens)"
+        device = self.embed.weight.device
+        check_token_ids("input_ids", input_ids, ranks, expected, device)
+        if position_ids is not None:
+            shape = list(input_ids.shape)
+            check_token_ids("position_ids", position_ids, (input_ids.dim(),), f"{shape} like input_ids", device)
+            if position_ids.shape != input_ids.shape:
+                raise ValueError(f"position_ids must have shape {shape} like input_ids, got "
+                                 f"{tuple(position_ids.shape)}")
+        return None if cu_seqlens is None else check_packed_offsets(cu_seqlens, input_ids.shape[0], device,
+                                                                    "input_ids")

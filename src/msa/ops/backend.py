@@ -14,6 +14,8 @@ import warnings
 
 import torch
 
+from msa.ops.checks import check_flag
+
 BACKENDS = ("auto", "triton", "torch")
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _warned: set[str] = set()
@@ -73,6 +75,13 @@ def use_triton(op: str, device: torch.device, reason: str | None) -> bool:
                           stacklevel=3)
         return False
     return True
+
+
+def resolve_deterministic(deterministic: bool | None) -> bool:
+    """An op's ``deterministic`` argument (checked): None follows ``torch.use_deterministic_algorithms``, a bool
+    overrides it for the call."""
+    check_flag("deterministic", deterministic)
+    return torch.are_deterministic_algorithms_enabled() if deterministic is None else deterministic
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -228,8 +228,19 @@ def _finite(lse: torch.Tensor) -> torch.Tensor:
     return lse.masked_fill(lse == -math.inf, 0.0)
 
 
-def attention_forward(q, k, v, chunks, block_size: int, scale: float):
-    """Returns ``out`` ``[T, Hq, D]`` and ``lse`` ``[T, Hq]`` (``-inf``, with ``out`` 0, where no key is seen)."""
+def _add_rows(target: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, deterministic: bool) -> None:
+    """``target[index[i]] += rows[i]``. On CPUs ``index_add_`` adds in order; on GPUs it adds with atomics, in no
+    fixed order, unless deterministic algorithms are on (it then calls ``index_put_(accumulate=True)``, which adds
+    after a stable sort of the indices): ``deterministic`` asks for that for this call."""
+    if deterministic and target.is_cuda:
+        target.index_put_((index,), rows, accumulate=True)
+    else:
+        target.index_add_(0, index, rows)
+
+
+def attention_forward(q, k, v, chunks, block_size: int, scale: float, deterministic: bool = False):
+    """Returns ``out`` ``[T, Hq, D]`` and ``lse`` ``[T, Hq]`` (``-inf``, with ``out`` 0, where no key is seen);
+    ``deterministic``: see :func:`_add_rows`."""
     n_heads, head_dim = q.shape[1:]
     heads_per_group = n_heads // k.shape[1]
     row_width = heads_per_group * head_dim
@@ -255,13 +266,14 @@ def attention_forward(q, k, v, chunks, block_size: int, scale: float):
             slot_lse[slots] = probs.sum(-1).log_().view(-1, heads_per_group).add_(slot_max[slots])
         lse[rows] = tiles.merge_lse(slot_lse)
         weights = slot_max.sub_(tiles.per_slot(_finite(lse[rows]), slice(None), math.inf)).exp_()  # empty slots: 0
-        out.index_add_(0, tiles.query_rows, slot_out.view(-1, heads_per_group, head_dim).mul_(weights.unsqueeze(-1))
-                       .view(-1, row_width))
+        _add_rows(out, tiles.query_rows, slot_out.view(-1, heads_per_group, head_dim).mul_(weights.unsqueeze(-1))
+                  .view(-1, row_width), deterministic)
     return out.view_as(q), lse.view(q.shape[:2])
 
 
-def attention_backward(q, k, v, out, lse, dout, chunks, block_size: int, scale: float):
-    """Gradients ``dq, dk, dv`` of :func:`attention_forward`'s ``out`` for the upstream ``dout``."""
+def attention_backward(q, k, v, out, lse, dout, chunks, block_size: int, scale: float, deterministic: bool = False):
+    """Gradients ``dq, dk, dv`` of :func:`attention_forward`'s ``out`` for the upstream ``dout`` (``deterministic``:
+    see :func:`_add_rows`)."""
     n_heads, head_dim = q.shape[1:]
     heads_per_group = n_heads // k.shape[1]
     row_width = heads_per_group * head_dim
@@ -281,11 +293,12 @@ def attention_backward(q, k, v, out, lse, dout, chunks, block_size: int, scale: 
             tiles.hide(scores.view(count, -1, heads_per_group, block_size), first)
             slot_lse = tiles.per_slot(lse_rows[rows], slots, math.inf)  # empty slots: probabilities 0
             probs = scores.sub_(slot_lse.view(count, tile_rows, 1)).exp_()
-            dv_rows.index_add_(0, key_rows, torch.bmm(probs.transpose(1, 2), grad_out).view(-1, head_dim))
+            _add_rows(dv_rows, key_rows, torch.bmm(probs.transpose(1, 2), grad_out).view(-1, head_dim), deterministic)
             dscores = torch.bmm(grad_out, values.transpose(1, 2))
             dscores.sub_(tiles.per_slot(delta_rows[rows], slots, 0.0).view(count, tile_rows, 1)).mul_(probs)
-            dk_rows.index_add_(0, key_rows, torch.bmm(dscores.transpose(1, 2), queries).mul_(scale).view(-1, head_dim))
-            dq_rows.index_add_(0, tiles.query_rows[slots], torch.bmm(dscores, keys).view(-1, row_width))
+            _add_rows(dk_rows, key_rows, torch.bmm(dscores.transpose(1, 2), queries).mul_(scale).view(-1, head_dim),
+                      deterministic)
+            _add_rows(dq_rows, tiles.query_rows[slots], torch.bmm(dscores, keys).view(-1, row_width), deterministic)
     return dq_rows.view_as(q), dk_rows.view_as(k), dv_rows.view_as(v)
 
 
@@ -322,10 +335,10 @@ def support_lse(index_q, index_k, block_indices, cu_seqlens, block_size: int, sc
 
 
 def index_kl(q, k, index_q, index_k, chunks, block_size: int, scale: float, index_scale: float,
-             main_lse: torch.Tensor | None, with_grads: bool):
+             main_lse: torch.Tensor | None, with_grads: bool, deterministic: bool = False):
     """Sum over rows of KL(teacher || student) on the support that ``chunks`` (:func:`tiles_of`) tile, and its
     gradients in ``index_q`` and ``index_k`` (None without ``with_grads``). ``main_lse`` ``[T, Hq]``: the teacher's
-    LSEs, if known."""
+    LSEs, if known; ``deterministic``: see :func:`_add_rows`."""
     n_heads, head_dim = q.shape[1:]
     heads_per_group = n_heads // k.shape[1]
     q_rows, k_rows = q.view(-1, heads_per_group * head_dim), k.view(-1, head_dim)
@@ -358,9 +371,10 @@ def index_kl(q, k, index_q, index_k, chunks, block_size: int, scale: float, inde
             if with_grads:  # d KL / d index logit = student - teacher (the teacher has unit mass)
                 student = tiles.hide(logits.unsqueeze(2), first).squeeze(2).sub_(slot_index).exp_()
                 d_logits = student.sub_(teacher).mul_(index_scale)
-                d_iq_rows.index_add_(0, tiles.query_rows[slots], torch.bmm(d_logits, index_keys).flatten(0, 1))
-                d_ik_rows.index_add_(0, tiles.key_tokens[first:first + count].flatten(),
-                                     torch.bmm(d_logits.transpose(1, 2), index_queries).flatten(0, 1))
+                _add_rows(d_iq_rows, tiles.query_rows[slots], torch.bmm(d_logits, index_keys).flatten(0, 1),
+                          deterministic)
+                _add_rows(d_ik_rows, tiles.key_tokens[first:first + count].flatten(),
+                          torch.bmm(d_logits.transpose(1, 2), index_queries).flatten(0, 1), deterministic)
     if not with_grads:
         return total, None, None
     return total, d_iq_rows.view_as(index_q), d_ik_rows.view_as(index_k)

@@ -50,7 +50,7 @@ class Layout:
         return x if self.varlen else x.unflatten(0, self.lead)
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
     """Whether a CUDA graph is being captured or ``torch.compile`` traces: no reading of tensor values then."""
     return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
@@ -87,6 +87,38 @@ def check_scale(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive finite float, got {value}")
 
 
+def check_flag(name: str, value) -> None:
+    """``value`` must be None or a bool."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"{name} must be None or a bool, got {type(value).__name__}")
+
+
+def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, tokens_of: str, *, name: str = "cu_seqlens",
+                     dtypes=(torch.int32,)) -> list[int] | None:
+    """``cu_seqlens`` must be a ``[n + 1]`` (n >= 1) tensor of one of ``dtypes`` on ``device``, non-decreasing from 0
+    to ``total``, the tokens of the tensor named ``tokens_of``. Returns the sequence lengths, or None while
+    :func:`capturing` (its values unread then)."""
+    kinds = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{name} must be an {kinds} torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype {kinds}, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must have shape [n + 1] with n >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{name} must be on {device} like {tokens_of}, got {cu_seqlens.device}")
+    if capturing():
+        return None
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != total:
+        raise ValueError(f"{name} must start at 0 and end at T={total} (the tokens of {tokens_of}), "
+                         f"got {bounds[0]} .. {bounds[-1]}")
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if min(lengths) < 0:
+        raise ValueError(f"{name} must be non-decreasing")
+    return lengths
+
+
 def make_layout(name: str, x, cu_seqlens, max_seqlen=None, tail=("H", "D"), dtypes=FLOAT_DTYPES) -> Layout:
     """Infer the layout from the first tensor ``x`` (``[B, S, *tail]`` or ``[T, *tail]``, of one of ``dtypes``)."""
     if cu_seqlens is None:
@@ -95,25 +127,11 @@ def make_layout(name: str, x, cu_seqlens, max_seqlen=None, tail=("H", "D"), dtyp
         packed = torch.arange(batch + 1, dtype=torch.int32, device=x.device) * seqlen
         return Layout((batch, seqlen), None, packed, seqlen)
     check_tensor(name, x, 3, f"[T, {', '.join(tail)}] when cu_seqlens is given", dtypes)
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be an int32 torch.Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"cu_seqlens must have dtype int32, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must have shape [n + 1] with n >= 1, got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != x.device:
-        raise ValueError(f"cu_seqlens must be on {x.device} like {name}, got {cu_seqlens.device}")
     total = x.shape[0]
+    lengths = check_cu_seqlens(cu_seqlens, total, x.device, name)
     if max_seqlen is not None:
         check_int("max_seqlen", max_seqlen, minimum=0)
-    if not _capturing():
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != total:
-            raise ValueError(f"cu_seqlens must start at 0 and end at T={total} (the tokens of {name}), "
-                             f"got {bounds[0]} .. {bounds[-1]}")
-        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-        if min(lengths) < 0:
-            raise ValueError("cu_seqlens must be non-decreasing")
+    if lengths is not None:
         longest = max(lengths)
         if max_seqlen is not None and max_seqlen < longest:
             raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest})")
@@ -159,7 +177,7 @@ def make_key_layout(query_layout: Layout, name: str, x, cu_seqlens_k, max_seqlen
     if cu_seqlens_k.shape != query_layout.cu_seqlens.shape:
         raise ValueError(f"cu_seqlens_k must have the shape of cu_seqlens_q {tuple(query_layout.cu_seqlens.shape)}, "
                          f"got {tuple(cu_seqlens_k.shape)}")
-    if not _capturing() and bool((cu_seqlens_k.diff() < query_layout.cu_seqlens.diff()).any()):
+    if not capturing() and bool((cu_seqlens_k.diff() < query_layout.cu_seqlens.diff()).any()):
         raise ValueError("every sequence needs at least as many keys (cu_seqlens_k) as queries (cu_seqlens_q): "
                          "the queries are the last keys of their sequence")
     return layout
@@ -208,7 +226,7 @@ def check_block_indices(layout: Layout, block_indices, n_groups: int, block_size
     if block_indices.device != device:
         raise ValueError(f"block_indices must be on {device}, got {block_indices.device}")
     block_indices = block_indices.to(torch.int32)
-    if not _capturing() and block_indices.numel():
+    if not capturing() and block_indices.numel():
         n_blocks = math.ceil(key_layout.max_seqlen / block_size)
         ordered = block_indices.sort(dim=-1).values
         repeated = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from msa.ops import library
-from msa.ops.backend import compute_dtype, unsupported_reason, use_triton
+from msa.ops.backend import compute_dtype, resolve_deterministic, unsupported_reason, use_triton
 from msa.ops.checks import check_like, check_lse, check_qkv, check_scale
 from msa.ops.selection import Selection, layouts_of, selection_of
 
@@ -27,6 +27,7 @@ def index_kl_loss(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     main_lse: torch.Tensor | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """KL(teacher || student) on each (query, group)'s selected support, averaged over rows.
 
@@ -52,6 +53,12 @@ def index_kl_loss(
             returned for these same inputs; the Triton path then skips
             recomputing the teacher's normalisation. Passing any other LSE
             (e.g. of dense attention) gives a wrong loss.
+        deterministic: gradients bitwise the same from run to run, as in
+            :func:`sparse_attention`: the Triton path then runs a separate
+            backward pass without atomics instead of the fused pass that
+            computes the loss and its gradients at once (float32 atomics).
+            None (default) follows ``torch.use_deterministic_algorithms``;
+            True or False overrides it for this call.
 
     Returns:
         A float32 scalar (the dtype of the inputs when that is float64): the
@@ -59,13 +66,15 @@ def index_kl_loss(
         visible keys of the selected blocks, ``p`` is the mean over the group's
         query heads of their softmax and ``r`` the softmax of the index logits.
     """
-    layout, key_layout = layouts_of(block_indices, block_size, "q", q, "k", k, dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cu_seqlens_q=cu_seqlens_q,
-                                     cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k))
+    varlen = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    layout, key_layout = layouts_of(block_indices, block_size, "q", q, "k", k, varlen)
     n_heads, n_groups = check_qkv(layout, q, k, None, key_layout)
     check_like(layout, "index_q", index_q, n_groups, None, q, "G", "Di")
     check_like(key_layout, "index_k", index_k, 1, index_q.shape[-1], q, "1", "Di")
     check_scale("softmax_scale", softmax_scale)
     check_scale("index_softmax_scale", index_softmax_scale)
+    deterministic = resolve_deterministic(deterministic)
     selection = selection_of(block_indices, block_size, layout, key_layout, n_groups, q.device)
     if main_lse is not None:
         check_lse(layout, "main_lse", main_lse, n_heads, q.device)
@@ -85,13 +94,15 @@ def index_kl_loss(
         if main_lse is not None:
             main_lse = layout.pack(main_lse).contiguous()
         settings = (layout.packed_cu_seqlens, layout.max_seqlen, selection.block_size, scale, index_scale, main_lse)
-        if with_grads and not torch.are_deterministic_algorithms_enabled():
+        if with_grads and not deterministic:
             total = library.triton_index_kl_fused(*packed, selection.packed(), *settings)[0]
         else:
-            total = library.triton_index_kl(*packed, selection.packed(), selection.token_starts(), *settings)[0]
+            total = library.triton_index_kl(*packed, selection.packed(), selection.token_starts(), *settings,
+                                            deterministic)[0]
     else:
         # main_lse is float32: a float64 loss recomputes the teacher's LSE
         teacher_lse = layout.pack(main_lse).contiguous() if main_lse is not None and dtype == torch.float32 else None
         total = library.torch_index_kl(*packed, selection.tile_plan(n_heads // n_groups, q.shape[-1]),
-                                       selection.block_size, scale, index_scale, teacher_lse, with_grads)[0]
+                                       selection.block_size, scale, index_scale, teacher_lse, with_grads,
+                                       deterministic)[0]
     return total / n_rows

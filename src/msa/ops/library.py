@@ -8,7 +8,8 @@ Operators take packed contiguous tensors, ints, floats and bools; the
 validation and the :class:`msa.ops.selection.Selection` stay in the Python
 layer above them. ``torch_*`` operators run the PyTorch path
 (:mod:`msa.ops.block_select`, :mod:`msa.ops.block_outer`), ``triton_*`` ones
-the launchers of :mod:`msa.kernels`.
+the launchers of :mod:`msa.kernels`. The differentiable operators take the
+call's ``deterministic`` (resolved by the ops: a bool) for their backward.
 
 ``tile_plan`` tiles a selection for the PyTorch path once (its outputs'
 sizes depend on the selection's values, so its fake implementation gives
@@ -24,10 +25,6 @@ from torch.library import custom_op, get_ctx
 
 from msa.fp8 import quantize_rows
 from msa.ops import block_outer, block_select
-
-
-def _deterministic() -> bool:
-    return torch.are_deterministic_algorithms_enabled()
 
 
 # --------------------------------------------------------------------------- the PyTorch path
@@ -62,38 +59,39 @@ def _tiles(plan_tensors: list[Tensor]):
 
 @custom_op("msa::torch_sparse_attention", mutates_args=())
 def torch_sparse_attention(q: Tensor, k: Tensor, v: Tensor, plan_tensors: list[Tensor], block_size: int,
-                           scale: float) -> tuple[Tensor, Tensor]:
+                           scale: float, deterministic: bool) -> tuple[Tensor, Tensor]:
     """``out`` ``[T, Hq, D]`` and ``lse`` ``[T, Hq]`` over the tiles of ``plan_tensors`` (:func:`tile_plan`)."""
-    return block_outer.attention_forward(q, k, v, _tiles(plan_tensors), block_size, scale)
+    return block_outer.attention_forward(q, k, v, _tiles(plan_tensors), block_size, scale, deterministic)
 
 
 @torch_sparse_attention.register_fake
-def _(q, k, v, plan_tensors, block_size, scale):
+def _(q, k, v, plan_tensors, block_size, scale, deterministic):
     return torch.empty_like(q), q.new_empty(q.shape[:2])
 
 
 @custom_op("msa::torch_sparse_attention_backward", mutates_args=())
 def torch_sparse_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
-                                    plan_tensors: list[Tensor], block_size: int,
-                                    scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                                    plan_tensors: list[Tensor], block_size: int, scale: float,
+                                    deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     return block_outer.attention_backward(q, k, v, out, lse, dout.contiguous(), _tiles(plan_tensors), block_size,
-                                          scale)
+                                          scale, deterministic)
 
 
 @torch_sparse_attention_backward.register_fake
-def _(q, k, v, out, lse, dout, plan_tensors, block_size, scale):
+def _(q, k, v, out, lse, dout, plan_tensors, block_size, scale, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _save_sparse_attention(ctx, inputs, output):
-    q, k, v, plan_tensors, ctx.block_size, ctx.scale = inputs
+    q, k, v, plan_tensors, ctx.block_size, ctx.scale, ctx.deterministic = inputs
     ctx.save_for_backward(q, k, v, *output, *plan_tensors)
 
 
 def _sparse_attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse, *plan_tensors = ctx.saved_tensors
-    grads = torch_sparse_attention_backward(q, k, v, out, lse, dout, plan_tensors, ctx.block_size, ctx.scale)
-    return *grads, [None] * len(plan_tensors), None, None
+    grads = torch_sparse_attention_backward(q, k, v, out, lse, dout, plan_tensors, ctx.block_size, ctx.scale,
+                                            ctx.deterministic)
+    return *grads, [None] * len(plan_tensors), None, None, None
 
 
 torch_sparse_attention.register_autograd(_sparse_attention_backward, setup_context=_save_sparse_attention)
@@ -102,18 +100,18 @@ torch_sparse_attention.register_autograd(_sparse_attention_backward, setup_conte
 @custom_op("msa::torch_index_kl", mutates_args=())
 def torch_index_kl(q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, plan_tensors: list[Tensor],
                    block_size: int, scale: float, index_scale: float, main_lse: Tensor | None,
-                   with_grads: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   with_grads: bool, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The summed row KLs and, with ``with_grads``, their gradients in ``index_q`` and ``index_k`` (computed in this
     pass, the teacher evaluated once; empty without)."""
     total, d_index_q, d_index_k = block_outer.index_kl(q, k, index_q, index_k, _tiles(plan_tensors), block_size,
-                                                       scale, index_scale, main_lse, with_grads)
+                                                       scale, index_scale, main_lse, with_grads, deterministic)
     if not with_grads:
         return total, index_q.new_empty(0), index_k.new_empty(0)
     return total, d_index_q, d_index_k
 
 
 @torch_index_kl.register_fake
-def _(q, k, index_q, index_k, plan_tensors, block_size, scale, index_scale, main_lse, with_grads):
+def _(q, k, index_q, index_k, plan_tensors, block_size, scale, index_scale, main_lse, with_grads, deterministic):
     if not with_grads:
         return q.new_empty(()), index_q.new_empty(0), index_k.new_empty(0)
     return q.new_empty(()), torch.empty_like(index_q), torch.empty_like(index_k)
@@ -126,7 +124,7 @@ def _save_index_kl(ctx, inputs, output):
 
 def _index_kl_backward(ctx, grad, _d_index_q_grad, _d_index_k_grad):
     d_index_q, d_index_k = ctx.saved_tensors
-    return None, None, d_index_q * grad, d_index_k * grad, [None] * ctx.n_plan_tensors, *(None,) * 5
+    return None, None, d_index_q * grad, d_index_k * grad, [None] * ctx.n_plan_tensors, *(None,) * 6
 
 
 torch_index_kl.register_autograd(_index_kl_backward, setup_context=_save_index_kl)
@@ -188,8 +186,9 @@ def _(index_q, index_k, block_indices, token_starts, block_size, scale):
 
 @custom_op("msa::triton_sparse_attention", mutates_args=())
 def triton_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, token_starts: Tensor,
-                            cu_seqlens: Tensor, max_seqlen: int, block_size: int,
-                            scale: float) -> tuple[Tensor, Tensor]:
+                            cu_seqlens: Tensor, max_seqlen: int, block_size: int, scale: float,
+                            deterministic: bool) -> tuple[Tensor, Tensor]:
+    """``out`` and ``lse``; ``deterministic`` picks the backward's variant (the forward is deterministic)."""
     from msa import kernels
 
     return kernels.sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen, block_size,
@@ -197,7 +196,7 @@ def triton_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_indices: Tens
 
 
 @triton_sparse_attention.register_fake
-def _(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen, block_size, scale):
+def _(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen, block_size, scale, deterministic):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -218,15 +217,16 @@ def _(q, k, v, out, lse, dout, block_indices, token_starts, cu_seqlens, max_seql
 
 
 def _save_triton_sparse_attention(ctx, inputs, output):
-    q, k, v, block_indices, token_starts, cu_seqlens, ctx.max_seqlen, ctx.block_size, ctx.scale = inputs
+    q, k, v, block_indices, token_starts, cu_seqlens, ctx.max_seqlen, ctx.block_size, ctx.scale, \
+        ctx.deterministic = inputs
     ctx.save_for_backward(q, k, v, *output, block_indices, token_starts, cu_seqlens)
 
 
 def _triton_sparse_attention_backward(ctx, dout, _dlse):
     q, k, v, out, lse, block_indices, token_starts, cu_seqlens = ctx.saved_tensors
     grads = triton_sparse_attention_backward(q, k, v, out, lse, dout, block_indices, token_starts, cu_seqlens,
-                                             ctx.max_seqlen, ctx.block_size, ctx.scale, _deterministic())
-    return *grads, *(None,) * 6
+                                             ctx.max_seqlen, ctx.block_size, ctx.scale, ctx.deterministic)
+    return *grads, *(None,) * 7
 
 
 triton_sparse_attention.register_autograd(_triton_sparse_attention_backward,
@@ -236,9 +236,9 @@ triton_sparse_attention.register_autograd(_triton_sparse_attention_backward,
 @custom_op("msa::triton_index_kl", mutates_args=())
 def triton_index_kl(q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, block_indices: Tensor,
                     token_starts: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int, scale: float,
-                    index_scale: float, main_lse: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                    index_scale: float, main_lse: Tensor | None, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The summed row KLs, the student's ``index_lse`` ``[T, G]`` and the teacher's ``teacher_lse`` ``[T, Hq]``
-    (what the backward reads)."""
+    (what the backward reads; ``deterministic`` picks its variant)."""
     from msa import kernels
 
     kl_rows, index_lse, teacher_lse = kernels.index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens,
@@ -249,7 +249,7 @@ def triton_index_kl(q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, bloc
 
 @triton_index_kl.register_fake
 def _(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen, block_size, scale, index_scale,
-      main_lse):
+      main_lse, deterministic):
     return (q.new_empty((), dtype=torch.float32), q.new_empty(index_q.shape[:2], dtype=torch.float32),
             q.new_empty(q.shape[:2], dtype=torch.float32))
 
@@ -274,7 +274,7 @@ def _(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqle
 
 
 def _save_triton_index_kl(ctx, inputs, output):
-    q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, *settings, _ = inputs
+    q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, *settings, _, ctx.deterministic = inputs
     ctx.max_seqlen, ctx.block_size, ctx.scale, ctx.index_scale = settings
     _, index_lse, teacher_lse = output
     ctx.save_for_backward(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, teacher_lse, index_lse)
@@ -284,8 +284,8 @@ def _triton_index_kl_backward(ctx, grad, _d_index_lse, _d_teacher_lse):
     q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, teacher_lse, index_lse = ctx.saved_tensors
     d_index_q, d_index_k = triton_index_kl_backward(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens,
                                                     ctx.max_seqlen, teacher_lse, index_lse, grad, ctx.block_size,
-                                                    ctx.scale, ctx.index_scale, _deterministic())
-    return None, None, d_index_q, d_index_k, *(None,) * 8
+                                                    ctx.scale, ctx.index_scale, ctx.deterministic)
+    return None, None, d_index_q, d_index_k, *(None,) * 9
 
 
 triton_index_kl.register_autograd(_triton_index_kl_backward, setup_context=_save_triton_index_kl)

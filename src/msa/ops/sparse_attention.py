@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from msa.ops import library
-from msa.ops.backend import compute_dtype, unsupported_reason, use_triton
+from msa.ops.backend import compute_dtype, resolve_deterministic, unsupported_reason, use_triton
 from msa.ops.checks import check_qkv, check_scale
 from msa.ops.selection import Selection, layouts_of, selection_of
 
@@ -25,6 +25,7 @@ def sparse_attention(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     return_lse: bool = False,
+    deterministic: bool | None = None,
 ):
     """Block-sparse causal GQA attention.
 
@@ -50,16 +51,28 @@ def sparse_attention(
             suffix of longer key sequences.
         return_lse: also return the float32 natural-log LSE ``[B, S, Hq]``
             (``-inf`` for a query whose listed blocks hold no visible key).
+        deterministic: gradients bitwise the same from run to run, as
+            flash-attn's argument. The Triton path's backward then uses no
+            float32 atomics (dq from a query-outer pass, dk and dv from one
+            program per key block: slower, see ``benchmarks/kernels.py
+            --deterministic``); its forward is deterministic either way. The
+            PyTorch path is deterministic on CPUs either way; on GPUs it then
+            accumulates rows in sorted order, forward and backward (as
+            ``index_add_`` does under deterministic algorithms). None
+            (default) follows ``torch.use_deterministic_algorithms``; True or
+            False overrides it for this call.
 
     Returns:
         ``out`` ``[B, S, Hq, D]`` in the dtype of ``q``: query i, head h attends
         to exactly the keys ``t <= i`` of the blocks listed for (i, group of h).
         Differentiable in q, k and v.
     """
-    layout, key_layout = layouts_of(block_indices, block_size, "q", q, "k", k, dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cu_seqlens_q=cu_seqlens_q,
-                                     cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k))
+    varlen = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                  max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    layout, key_layout = layouts_of(block_indices, block_size, "q", q, "k", k, varlen)
     n_heads, n_groups = check_qkv(layout, q, k, v, key_layout)
     check_scale("softmax_scale", softmax_scale)
+    deterministic = resolve_deterministic(deterministic)
     selection = selection_of(block_indices, block_size, layout, key_layout, n_groups, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     reason = unsupported_reason(dtype=q.dtype, head_dim=q.shape[-1], block_size=selection.block_size,
@@ -70,10 +83,10 @@ def sparse_attention(
     if triton:
         out, lse = library.triton_sparse_attention(*packed, selection.packed(), selection.token_starts(),
                                                    layout.packed_cu_seqlens, layout.max_seqlen, selection.block_size,
-                                                   scale)
+                                                   scale, deterministic)
     else:
         out, lse = library.torch_sparse_attention(*packed, selection.tile_plan(n_heads // n_groups, q.shape[-1]),
-                                                  selection.block_size, scale)
+                                                  selection.block_size, scale, deterministic)
     out = layout.unpack(out).to(q.dtype)
     if not return_lse:
         return out

@@ -37,6 +37,7 @@ from msa.fp8 import FP8_DTYPE, FP8_NAME, index_dtype_from_name, rounded
 from msa.integrations.hf.cache import MSACache
 from msa.nn.index_branch import MODES, IndexBranch, check_kl_topk
 from msa.ops.backend import compute_dtype
+from msa.ops.checks import INDEX_DTYPES, capturing, check_tensor
 from msa.reference import msa_attention_suffix
 
 ATTENTION = "msa"
@@ -52,12 +53,15 @@ from msa.integrations.hf import msa_classes
 class HFIndexBranch(IndexBranch):
     """The Index Branch of a converted layer, with what a transformers attention module needs around it: the Main
     Branch's ``mode``, the inputs kept from the forward pre-hook for the attention call, and the last forward's KL
-    loss (and, with ``record_block_indices``, its selection)."""
+    loss (and, with ``record_block_indices``, its selection). ``deterministic``: the ops' argument for this layer's
+    sparse attention and KL loss (None, the default, follows ``torch.use_deterministic_algorithms``; see
+    :func:`msa.sparse_attention`)."""
 
     def __init__(self, hidden_size: int, num_kv_heads: int, index_head_dim: int, *, mode: str, **settings):
         super().__init__(hidden_size, num_kv_heads, index_head_dim, **settings)
         self.mode = mode
         self.compute_kl_loss: bool | None = None  # None: while training
+        self.deterministic: bool | None = None
         self.record_block_indices = False
         self.kl_loss: torch.Tensor | None = None  # the last forward's, read by :func:`kl_loss`
         self.block_indices: torch.Tensor | None = None  # the last forward's, when recorded
@@ -141,7 +145,26 @@ def _add_index_branches(model: nn.Module, *, block_size: int, topk: int, index_h
                 branch.index_k_proj.weight.copy_(module.k_proj.weight.view(n_kv, head_dim, -1).mean(0))
         module.msa_index = branch
         module.register_forward_pre_hook(_project_before_attention, with_kwargs=True)
+    getattr(model, "model", model).register_forward_pre_hook(_check_position_ids, with_kwargs=True)
     model.set_attn_implementation(ATTENTION)
+
+
+def _check_position_ids(module, args, kwargs):
+    """Before the decoder runs: ``position_ids``, when given, must be ``[B, S]`` (or ``[1, S]``) and count up by one
+    along each row. transformers reads position ids that restart within a row as sequences packed into it (its
+    FlashAttention path attends within each); MSA layers take one sequence per row and would attend across them."""
+    position_ids = kwargs.get("position_ids", args[2] if len(args) > 2 else None)
+    tokens = kwargs.get("input_ids", args[0] if args else None)
+    tokens = kwargs.get("inputs_embeds") if tokens is None else tokens
+    if position_ids is None or tokens is None or tokens.dim() < 2:
+        return
+    (batch, length), expected = tokens.shape[:2], f"[B, S] = [{tokens.shape[0]}, {tokens.shape[1]}] (or [1, S])"
+    check_tensor("position_ids", position_ids, 2, expected, dtypes=INDEX_DTYPES)
+    if position_ids.shape[0] not in (1, batch) or position_ids.shape[1] != length:
+        raise ValueError(f"position_ids must have shape {expected} like the input, got {tuple(position_ids.shape)}")
+    if length > 1 and not capturing() and bool((position_ids.diff(dim=-1) != 1).any()):
+        raise ValueError("position_ids must count up by one along each row: MSA models take one sequence per row, "
+                         "not several packed into it (position ids that restart within a row)")
 
 
 class _MSACausalLM:
@@ -307,6 +330,10 @@ def msa_attention_forward(module, query, key, value, attention_mask, dropout: fl
                          "sequences, or one sequence at a time)")
     if dropout:
         raise ValueError("MSA models have no attention dropout; set the config's attention_dropout to 0")
+    for name in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"MSA models take one sequence per row: got {name} (sequences packed into a row, "
+                             "transformers' FlashAttention varlen arguments); pass them as rows of a batch")
     branch = _index_branch(module)
     if branch is None:
         return _dense_attention(module, query, key, value, scaling, **kwargs)
@@ -333,7 +360,8 @@ def _msa_attention(branch, module, query, key, value, index_q, index_k, scaling)
     if q.shape[1] == k.shape[1]:  # the whole sequence: the fast ops (training, prefill), or the selector's blocks
         compute_kl = module.training if branch.compute_kl_loss is None else branch.compute_kl_loss
         out, branch.kl_loss, block_indices = branch.attend(q, k, v, index_q, index_k, mode=branch.mode,
-                                                           compute_kl_loss=compute_kl, softmax_scale=scaling)
+                                                           compute_kl_loss=compute_kl, softmax_scale=scaling,
+                                                           deterministic=branch.deterministic)
         return out, block_indices
     # queries after a prefix in a transformers cache: the exact PyTorch definition, one sequence at a time
     compute = compute_dtype(q.dtype)
