@@ -128,7 +128,11 @@ def main() -> None:
     sparse = hf.convert(copy.deepcopy(dense), block_size=args.block_size, topk=args.topk, kl_topk=args.kl_topk)
     hf.set_mode(sparse, "sparse")
     arms = {"dense": Step(dense.train()), "msa": Step(sparse.train())}
-    rows = []
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    record = dict(date=datetime.date.today().isoformat(), commit=git_commit(), device=device_name,
+                  torch=torch.__version__, transformers=transformers.__version__,
+                  config=vars(args) | dict(out=str(args.out)), rows=[])
+    rows = record["rows"]
     for seqlen in track(seqlens, description="lengths"):
         batch = torch.randint(0, config.vocab_size, (1, seqlen), device=device,
                               generator=torch.Generator(device).manual_seed(seqlen))
@@ -145,6 +149,7 @@ def main() -> None:
                 row[f"{name}_host_syncs_per_step"] = profile(step, batch, 3, args.out / f"profile_{name}_{seqlen}.txt")
         row["msa_speedup"] = row["dense_step_ms"] / row["msa_step_ms"]
         rows.append(row)
+        (args.out / "model_step.json").write_text(json.dumps(record, indent=1))  # a cut-off run keeps its lengths
 
     table = Table(title=f"training step, SmolLM2-135M shape ({args.layers} layers), MSA {args.block_size} x "
                         f"{args.topk} vs dense, {device}")
@@ -154,10 +159,6 @@ def main() -> None:
         length = f"{row['seqlen'] // 1024}K" if row["seqlen"] >= 1024 else str(row["seqlen"])
         table.add_row(length, f"{row['dense_step_ms']:.1f}", f"{row['msa_step_ms']:.1f}", f"{row['msa_speedup']:.2f}x")
     Console().print(table)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    (args.out / "model_step.json").write_text(json.dumps(dict(
-        date=datetime.date.today().isoformat(), commit=git_commit(), device=device_name, torch=torch.__version__,
-        transformers=transformers.__version__, config=vars(args) | dict(out=str(args.out)), rows=rows), indent=1))
 
 
 if __name__ == "__main__":
