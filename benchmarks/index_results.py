@@ -66,10 +66,16 @@ def hopper_ab_headline(record: dict) -> str:
     return "KV-outer forward with the Gluon vs the Triton partials: " + ", ".join(cells)
 
 
+def model_step_headline(record: dict) -> str:
+    cells = [f"{fmt_len(row['seqlen'])} {row['msa_speedup']:.2f}x" for row in record["rows"]]
+    return "model training step, MSA vs dense: " + ", ".join(cells)
+
+
 # data file kind (its "benchmark" field, else its file name) -> the headline of one such file
 HEADLINES = {"kernels": kernels_headline, "msa inference": inference_headline, "msa bench": msa_bench_headline,
-             "hf_generate": hf_generate_headline, "hopper_ab": hopper_ab_headline}
-STANDARD_NAMES = {"kernels", "inference", "msa_bench", "hf_generate", "hopper_ab"}  # not repeated in labels
+             "hf_generate": hf_generate_headline, "hopper_ab": hopper_ab_headline,
+             "model_step": model_step_headline}
+STANDARD_NAMES = {"kernels", "inference", "msa_bench", "hf_generate", "hopper_ab", "model_step"}  # not repeated in labels
 
 
 def headline(folder: Path) -> str:
@@ -129,7 +135,7 @@ def main() -> None:
         "`commit`: the tree the run measured (the folder's `provenance.json` says more in its `note`). A script "
         "named `path@commit` is no longer in the tree: `git show <commit>:benchmarks/results/<run>/<path>`. "
         "`headline`: computed from the folder's `kernels.json` (speed-ups over cuDNN), `inference.json` (over "
-        "dense attention), `msa_bench.json`, `hf_generate.json` or `hopper_ab.json`, and the outcome counts of "
+        "dense attention), `msa_bench.json`, `hf_generate.json`, `hopper_ab.json` or `model_step.json` (a whole model's training step against dense), and the outcome counts of "
         "the pytest logs; `-` where it has none of them (its note gives the result).\n",
         "| run | date | device | commit | measured | command | headline |",
         "|---|---|---|---|---|---|---|",
