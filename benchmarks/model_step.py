@@ -10,9 +10,12 @@ for MSA, the KL loss), ``lm_loss + kl``, backward, gradient clipping per
 parameter group, AdamW. Dense runs SDPA (cuDNN / FlashAttention through
 transformers' default attention). Timed as whole steps (host clock after a
 device synchronisation; ``--warmup`` untimed steps first), median of
-``--repeats``. With ``--profile``, a ``torch.profiler`` trace of a few steps
-per arm at the first length: the top kernels by device time and the host's
-synchronisations (``profile_<arm>_<len>.txt``). Writes ``model_step.json``.
+``--repeats``, with the host's part of a step (``enqueue_ms``) and the
+allocator's cudaMalloc/cudaFree calls per step. With ``--profile``, a
+``torch.profiler`` trace of a few steps per arm at the first length: the top
+operators by device and by host time, a Chrome trace of those steps, the device's busy time
+per step and the host's synchronisations (``profile_<arm>_<len>*``). Writes
+``model_step.json``.
 
     PYTHONPATH=src python benchmarks/model_step.py --out benchmarks/results/<run> [--profile]
 """
@@ -75,33 +78,60 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step: Step, batch: torch.Tensor, warmup: int, repeats: int) -> float:
-    """Median seconds of one step."""
+def allocator_calls(device: torch.device) -> int:
+    """cudaMalloc + cudaFree calls of the caching allocator so far (each cudaFree synchronises the device)."""
+    if device.type != "cuda":
+        return 0
+    stats = torch.cuda.memory_stats(device)
+    return stats.get("num_device_alloc", 0) + stats.get("num_device_free", 0)
+
+
+def time_steps(step: Step, batch: torch.Tensor, warmup: int, repeats: int) -> dict:
+    """Median milliseconds of one step (``step_ms``, host clock after a device synchronisation), of the host's part
+    of it (``enqueue_ms``: until ``step`` returns, the device idle at the start; close to ``step_ms`` when the host
+    bounds the step or waits on the device inside it, far below it when the device does), and the allocator's
+    cudaMalloc/cudaFree calls per timed step."""
     for _ in range(warmup):
         step(batch)
-    samples = []
+    steps, enqueues = [], []
+    allocations = allocator_calls(batch.device)
     for _ in range(repeats):
         synchronize(batch.device)
         start = time.perf_counter()
         step(batch)
+        enqueued = time.perf_counter()
         synchronize(batch.device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        steps.append(time.perf_counter() - start)
+        enqueues.append(enqueued - start)
+    return dict(step_ms=1e3 * statistics.median(steps), enqueue_ms=1e3 * statistics.median(enqueues),
+                allocator_calls_per_step=(allocator_calls(batch.device) - allocations) / repeats)
 
 
-def profile(step: Step, batch: torch.Tensor, steps: int, path: Path) -> dict:
-    """Top operators by device (or CPU) time over ``steps`` steps, and the host's synchronising calls."""
+def profile(step: Step, batch: torch.Tensor, steps: int, out: Path, name: str) -> dict:
+    """Over ``steps`` steps: the top operators by device time (``<name>.txt``) and by host time
+    (``<name>_host.txt``), a Chrome trace of the steps (``<name>.json.gz``), the device's busy time per step
+    (the sum of its kernels' time; against ``step_ms`` it shows how long the device idles), and the host's
+    synchronising calls per step."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if batch.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as prof:
+    schedule = torch.profiler.schedule(wait=0, warmup=0, active=steps)
+    with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
         for _ in range(steps):
             step(batch)
-        synchronize(batch.device)
+            synchronize(batch.device)
+            prof.step()
+    prof.export_chrome_trace(str(out / f"{name}.json.gz"))
     averages = prof.key_averages()
     sort_by = "cuda_time_total" if batch.device.type == "cuda" else "cpu_time_total"
-    path.write_text(f"{steps} steps\n" + averages.table(sort_by=sort_by, row_limit=40))
-    return {name: sum(event.count for event in averages if event.key == name) / steps for name in SYNC_EVENTS}
+    (out / f"{name}.txt").write_text(f"{steps} steps\n" + averages.table(sort_by=sort_by, row_limit=40))
+    (out / f"{name}_host.txt").write_text(f"{steps} steps\n" + averages.table(sort_by="self_cpu_time_total",
+                                                                             row_limit=60))
+    kernels = [event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
+    return dict(device_busy_ms_per_step=sum(event.time_range.elapsed_us() for event in kernels) / 1e3 / steps,
+                kernels_per_step=len(kernels) / steps,
+                host_syncs_per_step={key: sum(event.count for event in averages if event.key == key) / steps
+                                     for key in SYNC_EVENTS})
 
 
 def main() -> None:
@@ -140,13 +170,14 @@ def main() -> None:
         for name, step in arms.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            seconds = time_steps(step, batch, args.warmup, args.repeats)
-            row[f"{name}_step_ms"] = 1e3 * seconds
-            row[f"{name}_tokens_per_s"] = seqlen / seconds
+            timing = time_steps(step, batch, args.warmup, args.repeats)
+            row |= {f"{name}_{key}": value for key, value in timing.items()}
+            row[f"{name}_tokens_per_s"] = seqlen / timing["step_ms"] * 1e3
             if device.type == "cuda":
                 row[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             if args.profile and seqlen == seqlens[0]:
-                row[f"{name}_host_syncs_per_step"] = profile(step, batch, 3, args.out / f"profile_{name}_{seqlen}.txt")
+                profiled = profile(step, batch, 3, args.out, f"profile_{name}_{seqlen}")
+                row |= {f"{name}_{key}": value for key, value in profiled.items()}
         row["msa_speedup"] = row["dense_step_ms"] / row["msa_step_ms"]
         rows.append(row)
         (args.out / "model_step.json").write_text(json.dumps(record, indent=1))  # a cut-off run keeps its lengths
