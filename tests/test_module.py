@@ -271,6 +271,15 @@ BAD_LAYER_INPUTS = [
      "cu_seqlens must be on cpu like hidden_states"),
     ("compute_kl_loss", _bad(compute_kl_loss="yes"), TypeError, "compute_kl_loss must be None or a bool"),
     ("attend", _bad(attend=1), TypeError, "attend must be callable"),
+    ("prefix not a KeyPrefix", _bad(prefix=torch.zeros(2, 4, 2, 16)), TypeError, "prefix must be a KeyPrefix"),
+    ("prefix k shape", _bad(prefix=msa.nn.KeyPrefix(torch.zeros(2, 4, 3, 16), torch.zeros(2, 4, 2, 16),
+                                                    torch.zeros(2, 4, 1, 8))), ValueError,
+     r"prefix.k must have shape \[B=2, P=4, 2, 16\]"),
+    ("prefix index_k length", _bad(prefix=msa.nn.KeyPrefix(torch.zeros(2, 4, 2, 16), torch.zeros(2, 4, 2, 16),
+                                                           torch.zeros(2, 5, 1, 8))), ValueError,
+     r"prefix.index_k must have shape \[B=2, P=4, 1, 8\]"),
+    ("prefix packed", _bad(packed=True, prefix=msa.nn.KeyPrefix(*(torch.zeros(1),) * 3)), ValueError,
+     "prefix takes the dense layout"),
 ]
 
 
@@ -340,3 +349,32 @@ def test_the_transformer_rejects_bad_input_naming_the_argument(call, error, mess
                               intermediate_size=64, index_head_dim=8, block_size=8, topk=2)
     with pytest.raises(error, match=message):
         call(msa.nn.MSATransformer(config))
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_a_sequence_in_chunks_against_the_key_prefix_equals_it_whole(mode):
+    """Consecutive query chunks (not block-aligned), each attending to the keys of the chunks before it
+    (``prefix``, ``return_keys``), give the whole sequence's output, KL loss (the chunks' row-weighted mean) and
+    gradients of every parameter and of the hidden states, in float64."""
+    torch.manual_seed(0)
+    layer = msa.MSAAttention(64, 4, 2, 16, index_head_dim=8, block_size=8, topk=3, kl_topk=4, mode=mode)
+    layer = layer.double().train()
+    x, (cos, sin) = _layer_inputs(seqlen=45)
+    x, cos, sin = x.double().requires_grad_(), cos.double(), sin.double()
+    whole, whole_kl = layer(x, (cos, sin))
+    whole_grads = torch.autograd.grad(whole.square().sum() + whole_kl, [x, *layer.parameters()])
+
+    outputs, kl_total, keys = [], 0.0, None
+    for start, end in ((0, 11), (11, 12), (12, 30), (30, 45)):
+        out, kl, keys = layer(x[:, start:end], (cos[:, start:end], sin[:, start:end]), prefix=keys,
+                              return_keys=True)
+        assert keys.k.shape[1] == end
+        outputs.append(out)
+        kl_total = kl_total + kl * (end - start) / 45
+    chunked = torch.cat(outputs, dim=1)
+    chunked_grads = torch.autograd.grad(chunked.square().sum() + kl_total, [x, *layer.parameters()])
+    assert rel_err(chunked, whole) < 1e-12
+    assert abs(kl_total - whole_kl).item() < 1e-12
+    names = ["hidden_states", *(name for name, _ in layer.named_parameters())]
+    for name, grad, expected in zip(names, chunked_grads, whole_grads):
+        assert rel_err(grad, expected) < 1e-10, name

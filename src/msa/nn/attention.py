@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -11,10 +12,20 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from msa.distributed import context_parallel_attention
-from msa.nn.checks import check_hidden_states, check_packed_offsets, check_position_embeddings
+from msa.nn.checks import check_hidden_states, check_key_prefix, check_packed_offsets, check_position_embeddings
 from msa.nn.index_branch import MODES, IndexBranch
 from msa.nn.rotary import apply_rotary
 from msa.ops.checks import check_flag
+
+
+class KeyPrefix(NamedTuple):
+    """The keys of earlier tokens that a chunk of queries attends to (:meth:`MSAAttention.forward`'s ``prefix``):
+    rotated keys ``k`` ``[B, P, G, D]``, values ``v`` ``[B, P, G, D]`` and rotated index keys ``index_k``
+    ``[B, P, 1, Di]``, as the layer computed them (``return_keys=True`` returns them, grown by the chunk)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    index_k: torch.Tensor
 
 
 class MSAAttention(nn.Module):
@@ -95,7 +106,9 @@ class MSAAttention(nn.Module):
         max_seqlen: int | None = None,
         compute_kl_loss: bool | None = None,
         attend: Callable[..., torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        prefix: KeyPrefix | None = None,
+        return_keys: bool = False,
+    ):
         """Args:
             hidden_states: ``[B, S, hidden]``, or packed ``[T, hidden]`` with ``cu_seqlens`` (int32 or int64
                 ``[n + 1]``; with ``context_parallel_group``, the offsets of the whole sequences) or ``attend``;
@@ -107,12 +120,24 @@ class MSAAttention(nn.Module):
                 index_k)`` (packed ``[T, H, D]`` tensors, ``index_k`` ``[T, 1, Di]``)
                 returns ``[T, Hq, D]``. :mod:`msa.inference` passes one that
                 attends over its paged KV cache. No KL loss is computed then.
+            prefix: the keys of the ``P`` tokens before ``hidden_states`` (a
+                :class:`KeyPrefix`; dense layout only): the queries are the
+                causal suffix of the ``P + S`` keys, at positions ``P ..
+                P + S - 1`` (``position_embeddings`` are theirs). Gradients reach
+                the prefix tensors. Running a sequence in consecutive chunks, each
+                with the keys of the chunks before it, equals running it whole;
+                the KL losses then average each chunk's rows.
+            return_keys: also return the :class:`KeyPrefix` of the ``P + S``
+                keys (the prefix of the next chunk).
 
         Returns:
-            ``(output, kl_loss)``: output like ``hidden_states``; ``kl_loss`` a
-            scalar to add to the LM loss with a weight, or None when not computed.
+            ``(output, kl_loss)``, or ``(output, kl_loss, keys)`` with
+            ``return_keys``: output like ``hidden_states``; ``kl_loss`` a scalar
+            (the mean over this call's (query, group) rows) to add to the LM loss
+            with a weight, or None when not computed.
         """
-        cu_seqlens = self._check_inputs(hidden_states, position_embeddings, cu_seqlens, compute_kl_loss, attend)
+        cu_seqlens = self._check_inputs(hidden_states, position_embeddings, cu_seqlens, compute_kl_loss, attend,
+                                        prefix, return_keys)
         lead = hidden_states.shape[:-1]
         cos, sin = position_embeddings
         q = apply_rotary(self.q_proj(hidden_states).unflatten(-1, (self.num_heads, self.head_dim)), cos, sin)
@@ -120,9 +145,13 @@ class MSAAttention(nn.Module):
         v = self.v_proj(hidden_states).unflatten(-1, (self.num_kv_heads, self.head_dim))
 
         index_q, index_k = self.index_branch(hidden_states, position_embeddings)
+        if prefix is not None:  # the queries are the last S of P + S keys: the ops' suffix layout (Sq < Sk)
+            k, v, index_k = (torch.cat([before.to(now.dtype), now], dim=1)
+                             for before, now in zip(prefix, (k, v, index_k)))
+        keys = (KeyPrefix(k, v, index_k),) if return_keys else ()
         if attend is not None:
             out = attend(q, k, v, index_q, index_k)
-            return self.o_proj(out.reshape(*lead, -1)), None
+            return self.o_proj(out.reshape(*lead, -1)), None, *keys
 
         compute_kl_loss = self.training if compute_kl_loss is None else compute_kl_loss
         attention = functools.partial(self.index_branch.attend, mode=self.mode, compute_kl_loss=compute_kl_loss,
@@ -132,10 +161,18 @@ class MSAAttention(nn.Module):
                                                          group=self.context_parallel_group, cu_seqlens=cu_seqlens)
         else:
             out, kl_loss, _ = attention(q, k, v, index_q, index_k, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        return self.o_proj(out.reshape(*lead, -1)), kl_loss
+        return self.o_proj(out.reshape(*lead, -1)), kl_loss, *keys
 
-    def _check_inputs(self, hidden_states, position_embeddings, cu_seqlens, compute_kl_loss, attend):
+    def _check_inputs(self, hidden_states, position_embeddings, cu_seqlens, compute_kl_loss, attend, prefix,
+                      return_keys):
         """The checks of :meth:`forward`'s arguments; returns ``cu_seqlens`` as int32 (None stays None)."""
+        check_flag("return_keys", return_keys)
+        if prefix is not None:
+            if cu_seqlens is not None or self.context_parallel_group is not None or attend is not None:
+                raise ValueError("prefix takes the dense layout [B, S, hidden] of one process: not with cu_seqlens, "
+                                 "context_parallel_group or attend")
+            check_key_prefix(prefix, hidden_states, self.num_kv_heads, self.head_dim,
+                             self.index_branch.index_head_dim)
         if cu_seqlens is not None:
             ranks, expected = (2,), "[T, hidden] when cu_seqlens is given"
         elif attend is not None:

@@ -64,3 +64,20 @@ def check_token_ids(name: str, x, ranks: tuple[int, ...], expected: str, device:
     check_tensor(name, x, _rank_of(x, ranks), expected, dtypes=INDEX_DTYPES)
     if x.device != device:
         raise ValueError(f"{name} must be on {device} like the model's parameters, got {x.device}")
+
+
+def check_key_prefix(prefix, hidden_states: torch.Tensor, num_kv_heads: int, head_dim: int, index_head_dim: int) -> None:
+    """``prefix``: a :class:`~msa.nn.attention.KeyPrefix` ``(k, v, index_k)`` of ``[B, P, G, D]``, ``[B, P, G, D]``
+    and ``[B, P, 1, Di]`` floating tensors, ``B`` that of ``hidden_states`` ``[B, S, hidden]``, on its device."""
+    if not isinstance(prefix, tuple) or len(prefix) != 3:
+        raise TypeError(f"prefix must be a KeyPrefix (k, v, index_k), got {type(prefix).__name__}")
+    batch = hidden_states.shape[0]
+    length = prefix[0].shape[1] if isinstance(prefix[0], torch.Tensor) and prefix[0].dim() == 4 else "P"
+    for name, x, tail in (("k", prefix[0], (num_kv_heads, head_dim)), ("v", prefix[1], (num_kv_heads, head_dim)),
+                          ("index_k", prefix[2], (1, index_head_dim))):
+        expected = f"[B={batch}, P={length}, {tail[0]}, {tail[1]}]"
+        check_tensor(f"prefix.{name}", x, 4, expected)
+        if x.shape[0] != batch or x.shape[1] != length or tuple(x.shape[2:]) != tail:
+            raise ValueError(f"prefix.{name} must have shape {expected}, got {tuple(x.shape)}")
+        if x.device != hidden_states.device:
+            raise ValueError(f"prefix.{name} must be on {hidden_states.device} like hidden_states, got {x.device}")
