@@ -11,7 +11,9 @@ with ``config.json`` (provenance and settings), ``eval.json`` and, for
 trained arms, ``train_log.jsonl`` (``msa train``'s log). ``--smoke`` runs the
 same code with a few steps, windows and samples (the base may then be a
 Hugging Face folder with a tokenizer, e.g. a tiny random Llama): a check of
-the pipeline on a CPU, not a result.
+the pipeline on a CPU, not a result. ``E1 --kl-topk K`` is the exploratory
+warm-up of README.md (outside PROTOCOL.md: give it an ``--out`` of its own,
+e.g. ``results/exploratory``).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def flat_tokens(data: Path, name: str, work: Path) -> Path:
 
 def warmup_options(args, shape) -> list[str]:
     block_size, topk = shape
-    return ["--block-size", str(block_size), "--topk", str(topk), "--kl-topk", str(KL_TOPK), "--steps", "0",
+    return ["--block-size", str(block_size), "--topk", str(topk), "--kl-topk", str(args.kl_topk), "--steps", "0",
             "--warmup-steps", str(args.budget.warmup_steps)]
 
 
@@ -277,7 +279,7 @@ def record_arm(args, arm: str, record: dict, train_dir: Path | None = None) -> N
     folder = evaluate.run_dir(args.out, arm=arm, seed=args.seed)
     config = dict(arm=arm, run=args.run, seed=args.seed, date=datetime.date.today().isoformat(),
                   commit=args.commit, device=str(args.device_name), smoke=args.smoke, budget=args.budget.__dict__,
-                  recipe=RECIPE, kl_topk=KL_TOPK, base=args.base.name, base_sha256=args.base_sha256,
+                  recipe=RECIPE, kl_topk=args.kl_topk, base=args.base.name, base_sha256=args.base_sha256,
                   data_manifest_sha256=sha256(args.data / "manifest.json"), archive_sha256=args.archive_sha256,
                   versions=dict(python=platform.python_version(), torch=torch.__version__,
                                 transformers=transformers.__version__, msa=msa.__version__))
@@ -362,8 +364,21 @@ def run_b(args, evaluation: Evaluation) -> None:
                                              retrieval=evaluation.retrieval(dense, subset)))
 
 
+def run_e1(args, evaluation: Evaluation) -> None:
+    """Exploratory E1 (README, outside PROTOCOL.md): the 64 x 8 warm-up alone with KL support ``--kl-topk``,
+    evaluated as A's warm-up is."""
+    arm = f"e1_warmup_kl{args.kl_topk}"
+    warmup = train_arm(args, arm, args.base, warmup_options(args, PRIMARY))
+    if not evaluated(args, arm):
+        time_for(args, arm)
+        model = load_trained(args, arm)
+        record_arm(args, arm, dict(loss=evaluation.loss(model),
+                                   retrieval=evaluation.retrieval(model, evaluation.samples, PRIMARY),
+                                   diagnostics=evaluation.recall(model, PRIMARY)), warmup)
+
+
 RUNS = {"R0": run_r0, "A": lambda args, e: run_msa(args, e, PRIMARY), "B": run_b,
-        "C": lambda args, e: run_msa(args, e, STRESS)}
+        "C": lambda args, e: run_msa(args, e, STRESS), "E1": run_e1}
 
 
 def main() -> None:
@@ -378,7 +393,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=9.0, help="start no new arm after this long")
     parser.add_argument("--commit", default=None)
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--kl-topk", type=int, default=KL_TOPK, help="the KL support in blocks (E1 only; the "
+                        f"protocol's runs take {KL_TOPK})")
     args = parser.parse_args()
+    if args.kl_topk != KL_TOPK and args.run != "E1":
+        parser.error(f"--kl-topk: PROTOCOL.md's runs take {KL_TOPK}; other supports are the exploratory run E1's")
     args.deadline = time.monotonic() + 60 * args.minutes
     args.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.device_name = torch.cuda.get_device_name() if args.device.type == "cuda" else platform.processor() or "cpu"
