@@ -7,9 +7,10 @@ the KL loss and the gradients of all five inputs. Exits 1 on a mismatch.
 
     torchrun --standalone --nproc-per-node N tests/cp_worker.py CHECK LAYOUT REPORT_DIR
 
-CHECK: ``reference``, ``ops`` or ``ops-dense`` (the attention given to
-``context_parallel_attention``), or ``module`` (``MSAAttention`` with a
-context-parallel group; parameter gradients summed over the ranks).
+CHECK: ``reference``, ``ops`` or ``ops-dense`` (the attention and the
+selection given to ``context_parallel_attention``), or ``module``
+(``MSAAttention`` with a context-parallel group, which selects inside its
+attention; parameter gradients summed over the ranks).
 
 Each rank writes its verdict to ``REPORT_DIR/rank<r>.txt``.
 """
@@ -24,24 +25,35 @@ import torch.distributed as dist
 from msa import reference
 from msa.distributed import context_parallel_attention, shard
 from msa.nn import MSAAttention
-from msa.nn.index_branch import msa_attention
+from msa.nn.index_branch import msa_attention, msa_select
 from msa.nn.rotary import RotaryEmbedding
 
 BLOCK_SIZE, TOPK = 4, 3
 
 
-def reference_attention(q, k, v, index_q, index_k, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
-    varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, block_size=BLOCK_SIZE)
-    blocks = reference.select_blocks(index_q.detach(), index_k.detach(), topk=TOPK, **varlen)
-    out = reference.sparse_attention(q, k, v, blocks, **varlen)
-    return out, reference.index_kl_loss(q, k, index_q, index_k, blocks, **varlen), blocks
+def reference_select(index_q, index_k, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    return reference.select_blocks(index_q.detach(), index_k.detach(), topk=TOPK, cu_seqlens_q=cu_seqlens_q,
+                                   cu_seqlens_k=cu_seqlens_k, block_size=BLOCK_SIZE)
 
 
+def reference_attention(q, k, v, index_q, index_k, *, selection=None, **varlen):
+    blocks = reference_select(index_q, index_k, **varlen) if selection is None else selection
+    layout = dict(cu_seqlens_q=varlen["cu_seqlens_q"], cu_seqlens_k=varlen["cu_seqlens_k"], block_size=BLOCK_SIZE)
+    out = reference.sparse_attention(q, k, v, blocks, **layout)
+    return out, reference.index_kl_loss(q, k, index_q, index_k, blocks, **layout), blocks
+
+
+def ops(mode: str, **settings):
+    """``msa_attention`` and its ``msa_select`` with the same settings."""
+    settings = dict(block_size=BLOCK_SIZE, topk=TOPK, compute_kl_loss=True, **settings)
+    return functools.partial(msa_attention, mode=mode, **settings), functools.partial(msa_select, **settings)
+
+
+# (attention, select): context parallelism selects while K and V are gathered; one process runs the attention alone
 ATTENTIONS = {
-    "reference": reference_attention,
-    "ops": functools.partial(msa_attention, mode="sparse", block_size=BLOCK_SIZE, topk=TOPK, compute_kl_loss=True),
-    "ops-dense": functools.partial(msa_attention, mode="dense", block_size=BLOCK_SIZE, topk=TOPK,
-                                   compute_kl_loss=True),
+    "reference": (reference_attention, reference_select),
+    "ops": ops("sparse"),
+    "ops-dense": ops("dense", kl_topk=TOPK + 2),  # the warm-up, with a wider KL support cut to the attention's top-k
 }
 
 
@@ -85,7 +97,7 @@ def rel_err(a, b):
 
 def attention_check(attention_name: str, layout: str, world_size: int) -> list[str]:
     """``context_parallel_attention`` on this rank's shard against the attention of the whole sequences."""
-    attention = ATTENTIONS[attention_name]
+    attention, select = ATTENTIONS[attention_name]
     generator = torch.Generator().manual_seed(0)
     heads, groups, head_dim, index_dim = 4, 2, 8, 8
     if layout == "batched":
@@ -110,7 +122,7 @@ def attention_check(attention_name: str, layout: str, world_size: int) -> list[s
 
     # this rank's shard through context parallelism
     local = [shard(x, cu_seqlens=cu_seqlens).detach().requires_grad_() for x in inputs]
-    cp_out, cp_kl, cp_blocks = context_parallel_attention(attention, *local, cu_seqlens=cu_seqlens)
+    cp_out, cp_kl, cp_blocks = context_parallel_attention(attention, *local, cu_seqlens=cu_seqlens, select=select)
     cp_grads = torch.autograd.grad((cp_out * shard(grad_out, cu_seqlens=cu_seqlens)).sum() + cp_kl, local)
 
     failures = []

@@ -13,7 +13,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from msa.distributed import context_parallel_attention
 from msa.nn.checks import check_hidden_states, check_key_prefix, check_packed_offsets, check_position_embeddings
-from msa.nn.index_branch import MODES, IndexBranch
+from msa.nn.index_branch import MODES, IndexBranch, msa_select
 from msa.nn.rotary import apply_rotary
 from msa.ops.checks import check_flag
 
@@ -157,7 +157,11 @@ class MSAAttention(nn.Module):
         attention = functools.partial(self.index_branch.attend, mode=self.mode, compute_kl_loss=compute_kl_loss,
                                       deterministic=self.deterministic)
         if self.context_parallel_group is not None:
-            out, kl_loss, _ = context_parallel_attention(attention, q, k, v, index_q, index_k,
+            branch = self.index_branch  # its blocks are selected while K and V are still being gathered
+            select = None if branch.selector is not None else functools.partial(
+                msa_select, block_size=branch.block_size, topk=branch.topk, compute_kl_loss=compute_kl_loss,
+                kl_topk=branch.kl_topk, index_dtype=branch.index_dtype)
+            out, kl_loss, _ = context_parallel_attention(attention, q, k, v, index_q, index_k, select=select,
                                                          group=self.context_parallel_group, cu_seqlens=cu_seqlens)
         else:
             out, kl_loss, _ = attention(q, k, v, index_q, index_k, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)

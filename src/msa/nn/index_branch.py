@@ -1,4 +1,5 @@
-"""The Index Branch of an MSA layer, and :func:`msa_attention`, the two branches it drives.
+"""The Index Branch of an MSA layer, and :func:`msa_attention`, the two branches it drives (its selection alone:
+:func:`msa_select`).
 
 :class:`IndexBranch` is the one implementation behind :class:`msa.nn.MSAAttention`
 and the layers that :mod:`msa.integrations.hf` converts.
@@ -13,7 +14,7 @@ from torch import nn
 
 from msa.nn.checks import check_hidden_states, check_position_embeddings
 from msa.nn.rotary import apply_rotary
-from msa.ops import dense_attention, index_kl_loss, select_blocks, sparse_attention
+from msa.ops import Selection, dense_attention, index_kl_loss, select_blocks, sparse_attention
 
 MODES = ("dense", "sparse")
 
@@ -84,9 +85,26 @@ class IndexBranch(nn.Module):
         return out, None, block_indices
 
 
+def msa_select(index_q, index_k, *, block_size: int, topk: int, compute_kl_loss: bool, kl_topk: int | None = None,
+               index_dtype=None, **varlen) -> Selection:
+    """The Index Branch's half of :func:`msa_attention`: the blocks it selects, from the detached index tensors
+    alone (no ``q``, ``k`` or ``v``). With ``compute_kl_loss`` and ``kl_topk`` > ``topk`` the Selection ranks
+    the KL loss's ``kl_topk`` blocks, and the attention's top-k is cut from it. Give it to :func:`msa_attention`
+    (``selection=``) with the same settings and ``varlen``: context parallelism scores the blocks while the keys
+    and values are still being gathered."""
+    return select_blocks(index_q.detach(), index_k.detach(), block_size=block_size,
+                         topk=_ranked_topk(topk, compute_kl_loss, kl_topk), index_dtype=index_dtype,
+                         return_selection=True, **varlen)
+
+
+def _ranked_topk(topk: int, compute_kl_loss: bool, kl_topk: int | None) -> int:
+    """The blocks :func:`msa_select` ranks: the KL loss's wider support when it has one, else the attention's."""
+    return kl_topk if compute_kl_loss and kl_topk is not None and kl_topk > topk else topk
+
+
 def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk: int, compute_kl_loss: bool,
                   kl_topk: int | None = None, softmax_scale=None, index_dtype=None, deterministic: bool | None = None,
-                  **varlen):
+                  selection: Selection | None = None, **varlen):
     """Both branches of an MSA layer on projected, rotated inputs (the layouts of :mod:`msa.ops`).
 
     ``mode="sparse"``: attention over the Index Branch's blocks; ``"dense"``:
@@ -101,17 +119,23 @@ def msa_attention(q, k, v, index_q, index_k, *, mode: str, block_size: int, topk
     (``cu_seqlens``, ``max_seqlen``, or ``cu_seqlens_q``, ``cu_seqlens_k``,
     ``max_seqlen_q``, ``max_seqlen_k`` for queries that are the suffix of
     longer key sequences). ``deterministic``: the backward passes' (:func:`msa.sparse_attention`; None follows
-    ``torch.use_deterministic_algorithms``). Returns ``(out, kl_loss or None, block_indices)``.
+    ``torch.use_deterministic_algorithms``). ``selection``: the result of :func:`msa_select` on the same
+    index tensors with the same settings and ``varlen``, computed beforehand (default: computed here).
+    Returns ``(out, kl_loss or None, block_indices)``.
     """
-    def select(n_blocks):
-        return select_blocks(index_q.detach(), index_k.detach(), block_size=block_size, topk=n_blocks,
-                             index_dtype=index_dtype, return_selection=True, **varlen)
-
     # one Selection, checked once, its derived structures shared by the attention, its backward and the KL loss; with
     # a wider KL support, one scoring pass ranks kl_topk blocks and the attention's top-k is cut from them
-    wide = compute_kl_loss and kl_topk is not None and kl_topk > topk
-    kl_selection = select(kl_topk if wide else topk)
-    selection = kl_selection.top(topk)
+    ranked_topk = _ranked_topk(topk, compute_kl_loss, kl_topk)
+    wide = ranked_topk > topk
+    if selection is None:
+        selection = msa_select(index_q, index_k, block_size=block_size, topk=topk, compute_kl_loss=compute_kl_loss,
+                               kl_topk=kl_topk, index_dtype=index_dtype, **varlen)
+    elif not isinstance(selection, Selection):
+        raise TypeError(f"selection must be a Selection (from msa_select) or None, got {type(selection).__name__}")
+    elif (selection.block_size, selection.topk) != (block_size, ranked_topk):
+        raise ValueError(f"selection has block_size={selection.block_size}, topk={selection.topk}; these settings "
+                         f"select block_size={block_size}, topk={ranked_topk} (msa_select with them)")
+    kl_selection, selection = selection, selection.top(topk)
     main_lse = None  # the teacher's normalisation on the selected support, when the Main Branch computed it
     if mode == "sparse":
         out, main_lse = sparse_attention(q, k, v, selection, softmax_scale=softmax_scale, return_lse=True,
