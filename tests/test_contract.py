@@ -264,9 +264,8 @@ def test_top_of_a_wider_selection_is_the_narrower_selection(backend, kind, monke
     packed_q, packed_k = pack(index_q, seqlens), pack(index_k, seqlens)
     cu_seqlens = cu_seqlens_of(seqlens, device)
     cases = [dict(index_q=index_q, index_k=index_k),
-             dict(index_q=packed_q, index_k=packed_k, cu_seqlens=cu_seqlens, max_seqlen=300)]
-    if backend == "torch":  # the Triton kernels take no suffix queries yet
-        cases.append(dict(index_q=index_q[:, -45:], index_k=index_k))
+             dict(index_q=packed_q, index_k=packed_k, cu_seqlens=cu_seqlens, max_seqlen=300),
+             dict(index_q=index_q[:, -45:], index_k=index_k)]
     for inputs in cases:
         wide = msa.select_blocks(**inputs, block_size=16, topk=12, return_selection=True)
         for topk in (1, 3, 5, 12):

@@ -66,7 +66,8 @@ def build_block_csr(block_indices: torch.Tensor, sequences: torch.Tensor, n_seqs
 def invert_selection(block_indices: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, block_size: int,
                      start: int = 0, end: int | None = None, chunk_tokens: int | None = None) -> BlockCSR:
     """The selection ``block_indices`` ``[T, G, topk]`` of tokens ``start .. end - 1`` inverted into per-(group,
-    block) lists, per chunk of ``chunk_tokens`` tokens if given."""
+    block) lists, per chunk of ``chunk_tokens`` tokens if given. ``cu_seqlens``: the queries' sequences;
+    ``max_seqlen``: the longest key sequence (longer than the queries' where they are the last of its keys)."""
     sequences = token_sequences(cu_seqlens, block_indices.shape[0])[start:end]
     return build_block_csr(block_indices[start:end], sequences, cu_seqlens.numel() - 1,
                            max(1, triton.cdiv(max_seqlen, block_size)), token_offset=start, chunk_tokens=chunk_tokens)

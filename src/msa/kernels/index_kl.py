@@ -32,8 +32,8 @@ import triton.language as tl
 
 from msa.kernels.block_csr import invert_selection
 from msa.kernels.sparse_attention import LIST_PARTS, KVOuterConfig, SparseForwardConfig, sparse_attention_lse
-from msa.kernels.tiles import INTERPRET, LOG2E, entry_range, head_constants, kv_block, launch, load_block, pow2, \
-    query_outer_heads, query_program
+from msa.kernels.tiles import INTERPRET, LOG2E, entry_range, head_constants, key_layout, kv_block, launch, \
+    load_block, pow2, query_outer_heads, query_position_args, query_program
 
 KL_TOKENS = 16  # tokens per step of the KV-outer KL kernels: the student's products need 16 rows
 
@@ -53,7 +53,7 @@ class IndexKLConfig:
 @triton.jit
 def index_kl_fwd_partial_kernel(
     q, k, index_q, index_k,
-    cu_seqlens, csr_offsets, csr_entries,
+    cu_seqlens, cu_seqlens_k, csr_offsets, csr_entries,
     teacher_lse,  # float32 [T, HQ]
     stats,  # float32 [4, T, G, TOPK]: sum p log p, sum p z, sum p, student LSE of this block; written
     scale_log2, index_scale, n_block_slots, n_rows_slots,  # n_rows_slots = T * G * TOPK
@@ -67,12 +67,12 @@ def index_kl_fwd_partial_kernel(
     first, last = entry_range(csr_offsets, n_block_slots, block_slot, group, LIST_PARTS)
     if first == last:
         return
-    start, seqlen, block_start = kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
+    start, seqlen, block_start, origin = kv_block(cu_seqlens, cu_seqlens_k, block_slot, MAX_BLOCKS, BLOCK_SIZE)
     k_tile, ik_tile, k_pos, key_ok = _key_tiles(k, index_k, start, seqlen, block_start, group, G, D, DI, BLOCK_SIZE,
                                                 UPCAST)
     for entry in range(first, last, QT):
         token, slot, token_ok = _entry_tokens(csr_entries, entry, last, QT, TOPK)
-        visible = _visible(token, token_ok, start, k_pos, key_ok)
+        visible = _visible(token, token_ok, origin, k_pos, key_ok)
         z, _ = _student(index_q, token, token_ok, group, ik_tile, index_scale, G, DI, UPCAST)
         out = stats + (token * G + group) * TOPK + slot
         if TEACHER:
@@ -121,9 +121,10 @@ def _entry_tokens(csr_entries, entry, last, QT: tl.constexpr, TOPK: tl.constexpr
 
 
 @triton.jit
-def _visible(token, token_ok, start, k_pos, key_ok):
-    """``[QT, BLOCK]``: which keys of the block each token sees (causal, in its sequence)."""
-    return token_ok[:, None] & (k_pos[None, :] <= (token - start)[:, None]) & key_ok[None, :]
+def _visible(token, token_ok, origin, k_pos, key_ok):
+    """``[QT, BLOCK]``: which keys of the block each token sees (causal, in its sequence; ``origin``: the
+    sequence's query origin, :func:`~msa.kernels.tiles.kv_block`)."""
+    return token_ok[:, None] & (k_pos[None, :] <= (token - origin)[:, None]) & key_ok[None, :]
 
 
 @triton.jit
@@ -165,16 +166,19 @@ def _student(index_q, token, token_ok, group, ik_tile, index_scale, G: tl.conste
 
 @triton.jit
 def index_kl_bwd_dq_kernel(
-    q, k, index_q, index_k, block_indices, token_starts,
+    q, k, index_q, index_k, block_indices,
+    token_starts,  # int32 [T]: the packed index of each query's first key
+    token_positions,  # int32 [T] with SUFFIX: each query's position among its keys
     teacher_lse,  # float32 [T, HQ]
     index_lse,  # float32 [T, G]
     grad_scale,  # float32 [1]: upstream gradient / number of rows
     d_index_q,  # float32 [T, G, DI], written
     scale_log2, index_scale,
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, SUFFIX: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    token, group, start, pos, head_index, head_ok, q_tile = query_program(q, token_starts, HQ, R, RP, D, UPCAST)
+    token, group, start, pos, head_index, head_ok, q_tile = query_program(q, token_starts, token_positions, HQ, R, RP,
+                                                                          D, SUFFIX, UPCAST)
     dims = tl.arange(0, D)
     index_dims = tl.arange(0, DI)
     iq = tl.load(index_q + (token * G + group) * DI + index_dims).to(tl.float32)
@@ -203,12 +207,12 @@ def index_kl_bwd_dq_kernel(
 @triton.jit
 def index_kl_bwd_dk_kernel(
     q, k, index_q, index_k,
-    cu_seqlens, csr_offsets, csr_entries,
+    cu_seqlens, cu_seqlens_k, csr_offsets, csr_entries,
     teacher_lse, index_lse, grad_scale,
-    d_index_k,  # float32: [G, T, DI] per-group contributions, written; if ATOMIC [T, DI], zeroed and accumulated
+    d_index_k,  # float32: [G, Tk, DI] per-group contributions, written; if ATOMIC [Tk, DI], zeroed and accumulated
     d_index_q_accum,  # float32 [T, G, DI], zeroed: accumulated if ATOMIC (else the query-outer kernel computes it)
     stats,  # float32 [4, T, G, TOPK]: with STATS, its first three terms are written as the forward kernel does
-    scale_log2, index_scale, n_block_slots, n_tokens, n_rows_slots,
+    scale_log2, index_scale, n_block_slots, n_keys, n_rows_slots,  # n_keys = Tk
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr, DI: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, TOPK: tl.constexpr, QT: tl.constexpr, HC: tl.constexpr,
     LIST_PARTS: tl.constexpr, ATOMIC: tl.constexpr, STATS: tl.constexpr, UPCAST: tl.constexpr,
@@ -217,7 +221,7 @@ def index_kl_bwd_dk_kernel(
     and the gradients (``index_lse`` then comes from the forward kernel's student-only pass)."""
     block_slot = tl.program_id(0)
     group = tl.program_id(1)
-    start, seqlen, block_start = kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
+    start, seqlen, block_start, origin = kv_block(cu_seqlens, cu_seqlens_k, block_slot, MAX_BLOCKS, BLOCK_SIZE)
     first, last = entry_range(csr_offsets, n_block_slots, block_slot, group, LIST_PARTS)
     skip = block_start >= seqlen  # no such block in this sequence
     if ATOMIC:
@@ -231,7 +235,7 @@ def index_kl_bwd_dk_kernel(
     grad_ik = tl.zeros((BLOCK_SIZE, DI), tl.float32)
     for entry in range(first, last, QT):
         token, slot, token_ok = _entry_tokens(csr_entries, entry, last, QT, TOPK)
-        visible = _visible(token, token_ok, start, k_pos, key_ok)
+        visible = _visible(token, token_ok, origin, k_pos, key_ok)
         teacher = _teacher(q, teacher_lse, token, token_ok, group, visible, k_tile, scale_log2, HQ, G, R, D, QT, HC,
                            BLOCK_SIZE, UPCAST)
         z, iq = _student(index_q, token, token_ok, group, ik_tile, index_scale, G, DI, UPCAST)
@@ -247,7 +251,7 @@ def index_kl_bwd_dk_kernel(
         tl.atomic_add(d_index_k + (start + k_pos)[:, None] * DI + index_dims[None, :], grad_ik * grad,
                       mask=key_ok[:, None], sem="relaxed")
     else:
-        out_rows = group * n_tokens + start + k_pos
+        out_rows = group * n_keys + start + k_pos
         tl.store(d_index_k + out_rows[:, None] * DI + index_dims[None, :], grad_ik * grad, mask=key_ok[:, None])
 
 
@@ -271,99 +275,112 @@ def _kl_launch(q, k, config: KVOuterConfig) -> dict:
                 num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, stats, scale: float, index_scale: float,
-                   block_size: int, teacher: bool, config: IndexKLConfig):
+def _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, cu_seqlens_k, csr, teacher_lse, stats, scale: float,
+                   index_scale: float, block_size: int, teacher: bool, config: IndexKLConfig):
     """The KV-outer KL forward kernel; without ``teacher`` it writes only the student's block LSEs."""
     launch(index_kl_fwd_partial_kernel, (csr.n_block_slots, index_q.shape[1], config.list_parts),
-           q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, stats, scale * LOG2E.value,
-           index_scale, csr.n_block_slots, stats[0].numel(), **_kl_launch(q, k, config.forward),
+           q, k, index_q, index_k, cu_seqlens, cu_seqlens_k, csr.offsets, csr.entries, teacher_lse, stats,
+           scale * LOG2E.value, index_scale, csr.n_block_slots, stats[0].numel(), **_kl_launch(q, k, config.forward),
            DI=index_q.shape[2], BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=stats.shape[-1],
            LIST_PARTS=config.list_parts, TEACHER=teacher, UPCAST=INTERPRET)
 
 
-def _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, index_lse, grad_scale, d_index_k, d_index_q,
-                   scale: float, index_scale: float, block_size: int, topk: int, deterministic: bool,
-                   config: IndexKLConfig, stats=None):
+def _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, cu_seqlens_k, csr, teacher_lse, index_lse, grad_scale,
+                   d_index_k, d_index_q, scale: float, index_scale: float, block_size: int, topk: int,
+                   deterministic: bool, config: IndexKLConfig, stats=None):
     """The KV-outer gradient kernel; with ``stats`` it also writes the KL terms (the fused pass)."""
     parts = 1 if deterministic else config.list_parts
     fused = stats is not None
     launch(index_kl_bwd_dk_kernel, (csr.n_block_slots, index_q.shape[1], parts),
-           q, k, index_q, index_k, cu_seqlens, csr.offsets, csr.entries, teacher_lse, index_lse, grad_scale,
-           d_index_k, d_index_q, stats if fused else index_lse, scale * LOG2E.value, index_scale, csr.n_block_slots,
-           q.shape[0], stats[0].numel() if fused else 0,
+           q, k, index_q, index_k, cu_seqlens, cu_seqlens_k, csr.offsets, csr.entries, teacher_lse, index_lse,
+           grad_scale, d_index_k, d_index_q, stats if fused else index_lse, scale * LOG2E.value, index_scale,
+           csr.n_block_slots, index_k.shape[0], stats[0].numel() if fused else 0,
            **_kl_launch(q, k, config.fused if fused else config.backward), DI=index_q.shape[2],
            BLOCK_SIZE=block_size, MAX_BLOCKS=csr.max_blocks, TOPK=topk, LIST_PARTS=parts, ATOMIC=not deterministic,
            STATS=fused, UPCAST=INTERPRET)
 
 
 def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
-                 index_scale: float, teacher_lse=None, config: IndexKLConfig | None = None):
+                 index_scale: float, teacher_lse=None, config: IndexKLConfig | None = None, *, cu_seqlens_k=None,
+                 max_seqlen_k=None):
     """Returns float32 ``kl_rows`` ``[T, G]``, ``index_lse`` ``[T, G]`` and ``teacher_lse`` ``[T, Hq]``.
 
     ``q`` ``[T, Hq, D]``, ``k`` ``[T, G, D]``, ``index_q`` ``[T, G, Di]``,
     ``index_k`` ``[T, 1, Di]``, ``block_indices`` int32 ``[T, G, topk]``.
     ``teacher_lse`` (the Main Branch LSE over the same support) is computed
     by a KV-outer LSE pass when not given. ``config``: default
-    :class:`IndexKLConfig`.
+    :class:`IndexKLConfig`. Queries that are the last of longer key
+    sequences (``k`` ``[Tk, G, D]``, ``index_k`` ``[Tk, 1, Di]``) come with
+    the keys' ``cu_seqlens_k`` and ``max_seqlen_k``.
     """
     config = config or IndexKLConfig()
+    keys = dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
     if teacher_lse is None:
         teacher_lse = sparse_attention_lse(q, k, block_indices, cu_seqlens, max_seqlen, block_size, scale,
-                                           config.teacher)
+                                           config.teacher, **keys)
+    cu_seqlens_k, max_seqlen_k = key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     stats = _kl_stats(index_q, block_indices.shape[-1])
     if q.shape[0]:
-        csr = invert_selection(block_indices, cu_seqlens, max_seqlen, block_size)
-        _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, stats, scale, index_scale, block_size,
-                       teacher=True, config=config)
+        csr = invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size)
+        _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, cu_seqlens_k, csr, teacher_lse, stats, scale, index_scale,
+                       block_size, teacher=True, config=config)
     index_lse = torch.logsumexp(stats[3], dim=-1)
     return _kl_rows(stats, index_lse), index_lse, teacher_lse
 
 
 def index_kl_fwd_bwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: int, block_size: int,
-                     scale: float, index_scale: float, teacher_lse=None, config: IndexKLConfig | None = None):
+                     scale: float, index_scale: float, teacher_lse=None, config: IndexKLConfig | None = None, *,
+                     cu_seqlens_k=None, max_seqlen_k=None):
     """``kl_rows`` as :func:`index_kl_fwd` and the float32 gradients of ``sum(kl_rows)`` as
     :func:`index_kl_bwd` (unit ``grad_scale``), evaluating the teacher once (float32 atomics:
-    not deterministic)."""
+    not deterministic). Suffix queries as in :func:`index_kl_fwd`."""
     config = config or IndexKLConfig()
-    total, _, index_dim = index_q.shape
     if teacher_lse is None:
         teacher_lse = sparse_attention_lse(q, k, block_indices, cu_seqlens, max_seqlen, block_size, scale,
-                                           config.teacher)
+                                           config.teacher, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
+    cu_seqlens_k, max_seqlen_k = key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     stats = _kl_stats(index_q, block_indices.shape[-1])
     d_index_q = torch.zeros(index_q.shape, dtype=torch.float32, device=q.device)
-    d_index_k = torch.zeros(total, 1, index_dim, dtype=torch.float32, device=q.device)
-    if not total:
+    d_index_k = torch.zeros(index_k.shape, dtype=torch.float32, device=q.device)
+    if not q.shape[0]:
         return _kl_rows(stats, torch.logsumexp(stats[3], dim=-1)), d_index_q, d_index_k
-    csr = invert_selection(block_indices, cu_seqlens, max_seqlen, block_size)
-    _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, stats, scale, index_scale, block_size,
-                   teacher=False, config=config)
+    csr = invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size)
+    _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, cu_seqlens_k, csr, teacher_lse, stats, scale, index_scale,
+                   block_size, teacher=False, config=config)
     index_lse = torch.logsumexp(stats[3], dim=-1)
     grad_scale = torch.ones(1, dtype=torch.float32, device=q.device)
-    _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, index_lse, grad_scale, d_index_k, d_index_q,
-                   scale, index_scale, block_size, stats.shape[-1], deterministic=False, config=config, stats=stats)
+    _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, cu_seqlens_k, csr, teacher_lse, index_lse, grad_scale,
+                   d_index_k, d_index_q, scale, index_scale, block_size, stats.shape[-1], deterministic=False,
+                   config=config, stats=stats)
     return _kl_rows(stats, index_lse), d_index_q, d_index_k
 
 
 def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen: int,
                  teacher_lse, index_lse, grad_scale, block_size: int, scale: float, index_scale: float,
-                 deterministic: bool = False, config: IndexKLConfig | None = None):
-    """Float32 gradients ``d index_q`` ``[T, G, Di]`` and ``d index_k`` ``[T, 1, Di]`` of
-    ``grad_scale * sum(kl_rows)`` (``grad_scale`` a float32 ``[1]`` tensor)."""
+                 deterministic: bool = False, config: IndexKLConfig | None = None, *, token_positions=None,
+                 cu_seqlens_k=None, max_seqlen_k=None):
+    """Float32 gradients ``d index_q`` ``[T, G, Di]`` and ``d index_k`` ``[Tk, 1, Di]`` of
+    ``grad_scale * sum(kl_rows)`` (``grad_scale`` a float32 ``[1]`` tensor). Suffix queries as in
+    :func:`msa.kernels.sparse_attention.sparse_attention_fwd` (``token_starts``, ``token_positions``) and
+    :func:`index_kl_fwd`."""
     config = config or IndexKLConfig()
+    cu_seqlens_k, max_seqlen_k = key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     total, n_groups, index_dim = index_q.shape
+    n_keys = index_k.shape[0]
     d_index_q = torch.zeros(total, n_groups, index_dim, dtype=torch.float32, device=q.device)
+    if not total:  # keys without queries (suffix queries of none) get no gradient
+        return d_index_q, torch.zeros(index_k.shape, dtype=torch.float32, device=q.device)
     # per-group contributions summed afterwards (deterministic), or one buffer accumulated with atomics
-    d_index_k = torch.empty(n_groups, total, index_dim, dtype=torch.float32, device=q.device) if deterministic \
-        else torch.zeros(1, total, index_dim, dtype=torch.float32, device=q.device)
-    if not total:
-        return d_index_q, d_index_k.sum(0).unsqueeze(1)
+    d_index_k = torch.empty(n_groups, n_keys, index_dim, dtype=torch.float32, device=q.device) if deterministic \
+        else torch.zeros(1, n_keys, index_dim, dtype=torch.float32, device=q.device)
     topk = block_indices.shape[-1]
     if deterministic:
         index_kl_bwd_dq_kernel[(total, n_groups)](
-            q, k, index_q, index_k, block_indices, token_starts, teacher_lse, index_lse, grad_scale, d_index_q,
-            scale * LOG2E.value, index_scale, **query_outer_heads(q, k), DI=index_dim, BLOCK_SIZE=block_size,
-            TOPK=topk, UPCAST=INTERPRET, num_warps=4)
-    csr = invert_selection(block_indices, cu_seqlens, max_seqlen, block_size)
-    _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, csr, teacher_lse, index_lse, grad_scale, d_index_k, d_index_q,
-                   scale, index_scale, block_size, topk, deterministic, config)
+            q, k, index_q, index_k, block_indices, token_starts, teacher_lse=teacher_lse, index_lse=index_lse,
+            grad_scale=grad_scale, d_index_q=d_index_q, scale_log2=scale * LOG2E.value, index_scale=index_scale,
+            **query_position_args(token_starts, token_positions), **query_outer_heads(q, k), DI=index_dim,
+            BLOCK_SIZE=block_size, TOPK=topk, UPCAST=INTERPRET, num_warps=4)
+    csr = invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size)
+    _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, cu_seqlens_k, csr, teacher_lse, index_lse, grad_scale,
+                   d_index_k, d_index_q, scale, index_scale, block_size, topk, deterministic, config)
     return d_index_q, d_index_k.sum(0).unsqueeze(1)

@@ -24,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from msa.kernels.tiles import INTERPRET, NARROW_FROM, WORKSPACE_BYTES, launch, narrowing_segments, pow2, \
-    write_selection
+from msa.kernels.tiles import INTERPRET, NARROW_FROM, WORKSPACE_BYTES, key_layout, launch, narrowing_segments, pow2, \
+    query_position, query_position_args, write_selection
 
 # At most the 256 x 128 logits of the measured configurations per scoring program (registers; shared memory of the
 # max-pool), whatever the configuration.
@@ -75,15 +75,26 @@ def top_blocks_config(n_blocks: int, topk: int, narrow_from: int = NARROW_FROM) 
 
 
 @triton.jit
+def _sequence(cu_seqlens, cu_seqlens_k, seq):
+    """A sequence's query offset and count, key offset, and the key position of its first query (its queries are
+    its last keys)."""
+    start = tl.load(cu_seqlens + seq)
+    seqlen = tl.load(cu_seqlens + seq + 1) - start
+    key_start = tl.load(cu_seqlens_k + seq)
+    return start, seqlen, key_start, tl.load(cu_seqlens_k + seq + 1) - key_start - seqlen
+
+
+@triton.jit
 def block_scores_kernel(
     index_q,  # [T, G, DI]
-    index_k,  # [T, DI] (the one index-key head)
-    index_k_scale,  # float32 [T] with SCALED (FP8 keys), else unused
-    cu_seqlens,  # int32 [n + 1]
+    index_k,  # [Tk, DI] (the one index-key head)
+    index_k_scale,  # float32 [Tk] with SCALED (FP8 keys), else unused
+    cu_seqlens,  # int32 [n + 1]: the queries' sequences
+    cu_seqlens_k,  # int32 [n + 1]: the keys' (a sequence's queries are its last keys)
     scores,  # float32 [n, C, G, NBLK], written: max-pooled logits of the blocks before each row's local one
-    first_position,  # the chunk's first query position (in every sequence)
-    n_positions,  # C: query positions in the chunk
-    NBLK,  # blocks ranked per row: the chunk's last local block number
+    first_position,  # the chunk's first query (its index in every sequence's queries)
+    n_positions,  # C: queries per sequence in the chunk
+    NBLK,  # blocks ranked per row: the chunk's last local block number, or more
     G: tl.constexpr,
     GP: tl.constexpr,  # G rounded up to a power of two
     DI: tl.constexpr,
@@ -99,15 +110,14 @@ def block_scores_kernel(
     entries from its local block on are left unspecified). The longest programs (last queries) run first.
     """
     seq = tl.program_id(1)
-    start = tl.load(cu_seqlens + seq)
-    seqlen = tl.load(cu_seqlens + seq + 1) - start
+    start, seqlen, key_start, offset = _sequence(cu_seqlens, cu_seqlens_k, seq)
     end = tl.minimum(seqlen, first_position + n_positions)
     first_query = first_position + (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     if first_query >= end:
         return
     NB: tl.constexpr = BLOCK_N // BLOCK_SIZE
     ROWS: tl.constexpr = BLOCK_M * GP
-    # the tile's rows: BLOCK_M query positions x all groups (rows past `end` or G load zeros)
+    # the tile's rows: BLOCK_M queries x all groups (rows past `end` or G load zeros)
     rows = tl.arange(0, ROWS)
     q_pos = first_query + rows // GP
     group = rows % GP
@@ -117,16 +127,17 @@ def block_scores_kernel(
     if UPCAST:
         iq = iq.to(tl.float32)
     out = scores + ((seq * n_positions + q_pos - first_position) * G + group).to(tl.int64) * NBLK
-    n_blocks = (tl.minimum(first_query + BLOCK_M, end) - 1) // BLOCK_SIZE  # blocks before the last local one
+    # blocks before the last local one (the keys of these blocks all exist: no key mask)
+    n_blocks = (offset + tl.minimum(first_query + BLOCK_M, end) - 1) // BLOCK_SIZE
     for tile in range(0, tl.cdiv(n_blocks, NB)):
         k_pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        ik = tl.load(index_k + (start + k_pos)[:, None] * DI + dims[None, :], mask=(k_pos < seqlen)[:, None],
-                     other=0.0)
+        key_ok = k_pos < n_blocks * BLOCK_SIZE
+        ik = tl.load(index_k + (key_start + k_pos)[:, None] * DI + dims[None, :], mask=key_ok[:, None], other=0.0)
         if UPCAST:
             ik = ik.to(tl.float32)
         logits = tl.dot(iq, tl.trans(ik))  # no softmax scale: a positive scale changes no ranking
         if SCALED:
-            logits *= tl.load(index_k_scale + start + k_pos, mask=k_pos < seqlen, other=1.0)[None, :]
+            logits *= tl.load(index_k_scale + key_start + k_pos, mask=key_ok, other=1.0)[None, :]
         blocks = tile * NB + tl.arange(0, NB)
         tl.store(out[:, None] + blocks[None, :], tl.max(tl.reshape(logits, (ROWS, NB, BLOCK_SIZE)), axis=2),
                  mask=row_ok[:, None] & (blocks[None, :] < n_blocks))
@@ -135,7 +146,8 @@ def block_scores_kernel(
 @triton.jit
 def top_blocks_kernel(
     scores,  # float32 [n, C, G, NBLK] from block_scores_kernel
-    cu_seqlens,  # int32 [n + 1]
+    cu_seqlens,  # int32 [n + 1]: the queries' sequences
+    cu_seqlens_k,  # int32 [n + 1]: the keys'
     block_indices,  # int32 [T, G, TOPK], written for the chunk's tokens
     candidates,  # float32 [n * C * G, 2 * CANDIDATES] scratch with SEGMENTS: scores, then block numbers (< 2**24)
     first_position,
@@ -155,14 +167,13 @@ def top_blocks_kernel(
     With SEGMENTS the rounds run over a row's candidates only (:func:`write_top_narrowed`).
     """
     seq = tl.program_id(1)
-    start = tl.load(cu_seqlens + seq)
-    seqlen = tl.load(cu_seqlens + seq + 1) - start
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # position in the chunk * G + group
+    start, seqlen, _, offset = _sequence(cu_seqlens, cu_seqlens_k, seq)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # query in the chunk * G + group
     q_pos = first_position + rows // G
     if first_position + tl.program_id(0) * ROWS // G >= seqlen:
         return
     row_ok = (q_pos < seqlen) & (rows < n_positions * G)
-    local = q_pos // BLOCK_SIZE
+    local = (offset + q_pos) // BLOCK_SIZE
     blocks = tl.arange(0, NP)[None, :]
     workspace_row = (seq * n_positions * G + rows).to(tl.int64)
     row_scores = tl.load(scores + workspace_row[:, None] * NBLK + blocks,
@@ -175,8 +186,9 @@ def top_blocks_kernel(
 @triton.jit
 def support_lse_kernel(
     index_q,  # [T, G, DI]
-    index_k,  # [T, DI]
-    token_starts,  # int32 [T]: offset of each token's sequence
+    index_k,  # [Tk, DI]
+    token_starts,  # int32 [T]: the packed index of each query's first key
+    token_positions,  # int32 [T] with SUFFIX: each query's position among its keys
     block_indices,  # int32 [T, G, TOPK]
     lse,  # float32 [T, G], written
     scale,
@@ -184,12 +196,13 @@ def support_lse_kernel(
     DI: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TOPK: tl.constexpr,
+    SUFFIX: tl.constexpr,  # the queries are the last of longer key sequences
 ):
     """Logsumexp of the index logits over the visible keys of the selected blocks, per (token, group)."""
     token = tl.program_id(0).to(tl.int64)  # offsets like token * HQ * D pass 2**31
     group = tl.program_id(1)
     start = tl.load(token_starts + token)
-    pos = token - start
+    pos = query_position(token, start, token_positions, SUFFIX)
     dims = tl.arange(0, DI)
     offsets = tl.arange(0, BLOCK_SIZE)
     iq = tl.load(index_q + (token * G + group) * DI + dims).to(tl.float32)
@@ -209,18 +222,23 @@ def support_lse_kernel(
 
 
 def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int, topk: int,
-                  config: IndexerConfig | None = None, index_k_scale=None):
+                  config: IndexerConfig | None = None, index_k_scale=None, *, cu_seqlens_k=None, max_seqlen_k=None):
     """``index_q`` ``[T, G, Di]``, ``index_k`` ``[T, 1, Di]`` -> int32 ``[T, G, topk]``.
 
     FP8 rows (:mod:`msa.fp8`) come with the keys' float32 scales
-    ``index_k_scale`` ``[T]``. Two phases per chunk of query positions: the
+    ``index_k_scale`` ``[Tk]``. Two phases per chunk of query positions: the
     chunk's block scores into a workspace of at most ``config.workspace_bytes``,
     then each row's Top-k. ``config``: default :func:`indexer_config`.
+    Queries that are the last of longer key sequences (``index_k``
+    ``[Tk, 1, Di]``, bottom-right causal alignment) come with the keys'
+    ``cu_seqlens_k`` and ``max_seqlen_k``.
     """
     total, n_groups, index_dim = index_q.shape
     n_seqs = cu_seqlens.numel() - 1
     fp8 = index_k_scale is not None
     config = config or indexer_config(fp8)
+    suffix = cu_seqlens_k is not None
+    cu_seqlens_k, max_seqlen_k = key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     block_indices = torch.empty(total, n_groups, topk, dtype=torch.int32, device=index_q.device)
     max_seqlen = max(max_seqlen, 1)
     groups_pow2 = pow2(n_groups)
@@ -230,41 +248,47 @@ def select_blocks(index_q, index_k, cu_seqlens, max_seqlen: int, block_size: int
                    BLOCK_N=keys_per_tile, SCALED=fp8, UPCAST=INTERPRET,
                    num_warps=config.num_warps, num_stages=config.num_stages)
     scales = index_k_scale if fp8 else index_k
-    most_blocks = max(1, (max_seqlen - 1) // block_size)
+    most_blocks = max(1, (max(max_seqlen_k, 1) - 1) // block_size)  # the most blocks a row ranks
     per_tile = n_seqs * block_m * n_groups * most_blocks * 4  # workspace bytes per program row of queries
     chunk = min(triton.cdiv(max_seqlen, block_m), max(1, config.workspace_bytes // per_tile)) * block_m
     workspace = torch.empty(n_seqs * chunk * n_groups * most_blocks, dtype=torch.float32, device=index_q.device)
     for first in range(0, max_seqlen, chunk):
         n_positions = min(chunk, max_seqlen - first)
-        n_blocks = max(1, (first + n_positions - 1) // block_size)  # blocks before the chunk's last local one
+        # blocks before the chunk's last local one; with suffix queries the positions of the chunk's queries
+        # depend on their sequences' offsets, bounded by the longest key sequence
+        n_blocks = most_blocks if suffix else max(1, (first + n_positions - 1) // block_size)
         launch(block_scores_kernel, (triton.cdiv(n_positions, block_m), n_seqs),
-               index_q, index_k, scales, cu_seqlens, workspace, first, n_positions, n_blocks, **scoring)
-        top_blocks(workspace, cu_seqlens, block_indices, first, n_positions, n_blocks, block_size)
+               index_q, index_k, scales, cu_seqlens, cu_seqlens_k, workspace, first, n_positions, n_blocks, **scoring)
+        top_blocks(workspace, cu_seqlens, block_indices, first, n_positions, n_blocks, block_size,
+                   cu_seqlens_k=cu_seqlens_k)
     return block_indices
 
 
 def top_blocks(scores, cu_seqlens, block_indices, first_position: int, n_positions: int, n_blocks: int,
-               block_size: int, config: TopBlocksConfig | None = None):
+               block_size: int, config: TopBlocksConfig | None = None, *, cu_seqlens_k=None):
     """Phase 2 of ``select_blocks``: the Top-k of each row of a chunk's block ``scores`` (float32
     ``[n, C, G, n_blocks]``, C = ``n_positions``) into ``block_indices`` ``[T, G, topk]``. ``config``: default
-    :func:`top_blocks_config`."""
+    :func:`top_blocks_config`. ``cu_seqlens_k``: the keys' offsets of suffix queries (see :func:`select_blocks`)."""
     n_seqs, n_groups, topk = cu_seqlens.numel() - 1, block_indices.shape[1], block_indices.shape[2]
     config = config or top_blocks_config(n_blocks, topk)
     n_candidates = 2 * config.segments
     candidates = torch.empty(n_seqs * n_positions * n_groups if config.segments else 1, 2 * n_candidates,
                              dtype=torch.float32, device=scores.device)
     top_blocks_kernel[(triton.cdiv(n_positions * n_groups, config.rows), n_seqs)](
-        scores, cu_seqlens, block_indices, candidates, first_position, n_positions, n_blocks, G=n_groups,
-        BLOCK_SIZE=block_size, TOPK=topk, NP=pow2(n_blocks), ROWS=config.rows, SEGMENTS=config.segments,
-        CANDIDATES=n_candidates, num_warps=config.num_warps)
+        scores, cu_seqlens, cu_seqlens if cu_seqlens_k is None else cu_seqlens_k, block_indices, candidates,
+        first_position, n_positions, n_blocks, G=n_groups, BLOCK_SIZE=block_size, TOPK=topk, NP=pow2(n_blocks),
+        ROWS=config.rows, SEGMENTS=config.segments, CANDIDATES=n_candidates, num_warps=config.num_warps)
 
 
-def support_lse(index_q, index_k, block_indices, token_starts, block_size: int, scale: float):
-    """Float32 ``[T, G]`` logsumexp of the index logits over each row's selected support."""
+def support_lse(index_q, index_k, block_indices, token_starts, block_size: int, scale: float, *,
+                token_positions=None):
+    """Float32 ``[T, G]`` logsumexp of the index logits over each row's selected support (suffix queries as in
+    :func:`msa.kernels.sparse_attention.sparse_attention_fwd`: ``token_starts``, ``token_positions``)."""
     total, n_groups, index_dim = index_q.shape
     lse = torch.empty(total, n_groups, dtype=torch.float32, device=index_q.device)
     if total:
         support_lse_kernel[(total, n_groups)](
-            index_q, index_k, token_starts, block_indices, lse, scale,
-            G=n_groups, DI=index_dim, BLOCK_SIZE=block_size, TOPK=block_indices.shape[-1])
+            index_q, index_k, token_starts, block_indices=block_indices, lse=lse, scale=scale,
+            **query_position_args(token_starts, token_positions), G=n_groups, DI=index_dim, BLOCK_SIZE=block_size,
+            TOPK=block_indices.shape[-1])
     return lse

@@ -26,6 +26,9 @@ stored in natural log.
 The launchers take packed ``[T, H, D]`` contiguous tensors with int32
 ``cu_seqlens`` and/or the per-token sequence offsets ``token_starts`` (int32
 ``[T]``, for the query-outer kernels), allocate their outputs and launch.
+Queries may be the last of longer key sequences (flash-attn's bottom-right
+alignment): the keys then come with their own ``cu_seqlens_k`` and the
+query-outer kernels with each query's position among them.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ import triton
 import triton.language as tl
 
 from msa.kernels.block_csr import invert_selection
-from msa.kernels.tiles import INTERPRET, LN2, LOG2E, WORKSPACE_BYTES, entry_range, head_constants, kv_block, launch, \
-    load_block, pow2, query_outer_heads, query_program
+from msa.kernels.tiles import INTERPRET, LN2, LOG2E, WORKSPACE_BYTES, entry_range, head_constants, key_layout, \
+    kv_block, launch, load_block, pow2, query_outer_heads, query_position_args, query_program
 
 # Parts each KV-outer list is walked in by the passes that accumulate with atomics (the forward: at most this many).
 LIST_PARTS = 8
@@ -109,7 +112,8 @@ def sparse_attention_fwd_kernel(
     k,  # [T, G, D]
     v,  # [T, G, D]
     block_indices,  # int32 [T, G, TOPK]
-    token_starts,  # int32 [T]
+    token_starts,  # int32 [T]: the packed index of each query's first key
+    token_positions,  # int32 [T] with SUFFIX: each query's position among its keys
     out,  # [T, HQ, D], written
     lse,  # float32 [T, HQ], written (natural log)
     scale_log2,
@@ -120,9 +124,11 @@ def sparse_attention_fwd_kernel(
     D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TOPK: tl.constexpr,
+    SUFFIX: tl.constexpr,  # the queries are the last of longer key sequences
     UPCAST: tl.constexpr,
 ):
-    token, group, start, pos, head_index, head_ok, q_tile = query_program(q, token_starts, HQ, R, RP, D, UPCAST)
+    token, group, start, pos, head_index, head_ok, q_tile = query_program(q, token_starts, token_positions, HQ, R, RP,
+                                                                          D, SUFFIX, UPCAST)
     dims = tl.arange(0, D)
     rows = head_index[:, None] * D + dims[None, :]
 
@@ -165,16 +171,19 @@ def _gather_rows(ptr, token, heads, row_ok, group, dims, HQ: tl.constexpr, R: tl
 
 
 @triton.jit
-def _tile_needs_mask(token, row_ok, start, last_key):
+def _tile_needs_mask(token, row_ok, origin, last_key):
     """Whether a KV-outer tile holds a token of the block itself (which sees only part of it): only such tiles need
-    the causal mask. Keys past the end of a sequence need none: no token of the sequence sits past them."""
-    return tl.min(tl.where(row_ok, token - start, last_key)) < last_key
+    the causal mask. Keys past the end of a sequence need none: no token of the sequence sits past them. ``origin``:
+    the sequence's query origin (:func:`~msa.kernels.tiles.kv_block`)."""
+    return tl.min(tl.where(row_ok, token - origin, last_key)) < last_key
 
 
 @triton.jit
 def sparse_attention_fwd_partial_kernel(
     q, k, v,
-    cu_seqlens, csr_offsets, csr_entries,
+    cu_seqlens,  # int32 [n + 1]: the queries' sequences
+    cu_seqlens_k,  # int32 [n + 1]: the keys' (the queries are the last keys of each sequence)
+    csr_offsets, csr_entries,
     partial_out,  # [T, HQ, TOPK, D]: this block's normalised output per (token, head, slot), written
     partial_lse,  # float32 [T, HQ, TOPK]: natural-log LSE per (token, head, slot), written
     scale_log2, n_block_slots,
@@ -191,7 +200,7 @@ def sparse_attention_fwd_partial_kernel(
     first, last = entry_range(csr_offsets, n_block_slots, block_slot, group, LIST_PARTS)
     if first == last:
         return
-    start, seqlen, block_start = kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
+    start, seqlen, block_start, origin = kv_block(cu_seqlens, cu_seqlens_k, block_slot, MAX_BLOCKS, BLOCK_SIZE)
     last_key = block_start + BLOCK_SIZE - 1
     k_pos = block_start + tl.arange(0, BLOCK_SIZE)
     dims = tl.arange(0, D)
@@ -216,8 +225,8 @@ def sparse_attention_fwd_partial_kernel(
         if UPCAST:
             q_tile = q_rows.to(tl.float32)
         scores = tl.dot(q_tile, tl.trans(k_tile))
-        if _tile_needs_mask(token, row_ok, start, last_key):
-            scores = tl.where(row_ok[:, None] & (k_pos[None, :] <= (token - start)[:, None]), scores, float("-inf"))
+        if _tile_needs_mask(token, row_ok, origin, last_key):
+            scores = tl.where(row_ok[:, None] & (k_pos[None, :] <= (token - origin)[:, None]), scores, float("-inf"))
         row_max = tl.max(scores, axis=1)
         scaled_max = tl.where(row_max == float("-inf"), 0.0, row_max * scale_log2)
         probs = tl.exp2(scores * scale_log2 - scaled_max[:, None])
@@ -264,7 +273,7 @@ def merge_partials_kernel(
 
 @triton.jit
 def sparse_attention_bwd_dq_kernel(
-    q, k, v, block_indices, token_starts,
+    q, k, v, block_indices, token_starts, token_positions,
     dout,  # [T, HQ, D]
     lse,  # float32 [T, HQ]
     delta,  # float32 [T, HQ]: rowsum(out * dout)
@@ -278,9 +287,11 @@ def sparse_attention_bwd_dq_kernel(
     D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     TOPK: tl.constexpr,
+    SUFFIX: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    token, group, start, pos, head_index, head_ok, q_tile = query_program(q, token_starts, HQ, R, RP, D, UPCAST)
+    token, group, start, pos, head_index, head_ok, q_tile = query_program(q, token_starts, token_positions, HQ, R, RP,
+                                                                          D, SUFFIX, UPCAST)
     dims = tl.arange(0, D)
     rows = head_index[:, None] * D + dims[None, :]
     do_tile = tl.load(dout + rows, mask=head_ok[:, None], other=0.0)
@@ -308,9 +319,9 @@ def sparse_attention_bwd_dq_kernel(
 @triton.jit
 def sparse_attention_bwd_dkv_kernel(
     q, k, v, dout, lse, delta,
-    cu_seqlens, csr_offsets, csr_entries,
-    dk,  # [T, G, D]: written, or float32 and zeroed if ATOMIC
-    dv,  # [T, G, D]: written, or float32 and zeroed if ATOMIC
+    cu_seqlens, cu_seqlens_k, csr_offsets, csr_entries,
+    dk,  # [Tk, G, D]: written, or float32 and zeroed if ATOMIC
+    dv,  # [Tk, G, D]: written, or float32 and zeroed if ATOMIC
     dq_accum,  # float32 [T, HQ, D], zeroed: accumulated if ATOMIC (else the query-outer kernel computes dq)
     scale_log2, scale, n_block_slots,
     HQ: tl.constexpr, G: tl.constexpr, R: tl.constexpr, D: tl.constexpr,
@@ -322,7 +333,7 @@ def sparse_attention_bwd_dkv_kernel(
 ):
     block_slot = tl.program_id(0)
     group = tl.program_id(1)
-    start, seqlen, block_start = kv_block(cu_seqlens, block_slot, MAX_BLOCKS, BLOCK_SIZE)
+    start, seqlen, block_start, origin = kv_block(cu_seqlens, cu_seqlens_k, block_slot, MAX_BLOCKS, BLOCK_SIZE)
     first, last = entry_range(csr_offsets, n_block_slots, block_slot, group, LIST_PARTS)
     skip = block_start >= seqlen  # no such block in this sequence
     if ATOMIC:
@@ -359,8 +370,8 @@ def sparse_attention_bwd_dkv_kernel(
         row_delta = tl.load(delta + head_index, mask=row_ok, other=0.0)
         probs = tl.where(row_ok[:, None], tl.exp2(tl.dot(q_tile, tl.trans(k_tile)) * scale_log2 - row_lse[:, None]),
                          0.0)
-        if _tile_needs_mask(token, row_ok, start, last_key):
-            probs = tl.where(k_pos[None, :] <= (token - start)[:, None], probs, 0.0)
+        if _tile_needs_mask(token, row_ok, origin, last_key):
+            probs = tl.where(k_pos[None, :] <= (token - origin)[:, None], probs, 0.0)
         dv_acc += tl.dot(tl.trans(probs.to(do_tile.dtype)), do_tile)
         dprobs = tl.dot(do_tile, tl.trans(v_tile))
         dscores = probs * (dprobs - row_delta[:, None])
@@ -443,12 +454,16 @@ def _hopper_partials(q: torch.Tensor, k: torch.Tensor, block_size: int, config: 
 
 
 def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
-                       config: SparseForwardConfig, out=None, lse=None):
+                       config: SparseForwardConfig, out=None, lse=None, cu_seqlens_k=None, max_seqlen_k=None):
     """KV-outer forward in query chunks whose partials fit ``config.workspace_bytes``.
 
     With ``out`` (``[T, Hq, D]``) the merged output and ``lse`` are written;
     without, only ``lse`` (the LSE pass that the KL loss's teacher needs).
+    ``cu_seqlens_k``, ``max_seqlen_k``: the keys' layout of suffix queries
+    (see :func:`sparse_attention_fwd`).
     """
+    suffix = cu_seqlens_k is not None
+    cu_seqlens_k, max_seqlen_k = key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     total, n_heads, head_dim = q.shape
     topk = block_indices.shape[-1]
     per_token = n_heads * topk * (4 + (head_dim * q.element_size() if out is not None else 0))
@@ -456,31 +471,35 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
     partial_lse = torch.empty(chunk, n_heads, topk, dtype=torch.float32, device=q.device)
     partial_out = torch.empty(chunk, n_heads, topk, head_dim, dtype=q.dtype, device=q.device) if out is not None \
         else partial_lse
-    hopper = _hopper_partials(q, k, block_size, config) if out is not None else None
+    # the Gluon kernel takes queries that are their sequences' tokens only (untested on suffix queries)
+    hopper = _hopper_partials(q, k, block_size, config) if out is not None and not suffix else None
     launch_options = _kv_outer_launch(q, k, config.tile if hopper is None else _GLUON_TILE)
     n_seqs = cu_seqlens.numel() - 1
-    max_blocks = max(1, triton.cdiv(max_seqlen, block_size))
+    max_blocks = max(1, triton.cdiv(max_seqlen_k, block_size))
     # one sort builds the lists of as many chunks as max_csr_lists allows (faster than a sort per chunk: see
     # benchmarks/results/2026-11-24-h100-66-kv-outer-gather-pipeline)
     build = chunk * max(1, config.max_csr_lists // (k.shape[1] * n_seqs * max_blocks))
     for build_start in range(0, total, build):
         build_end = min(total, build_start + build)
-        csr = invert_selection(block_indices, cu_seqlens, max_seqlen, block_size, build_start, build_end,
+        csr = invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size, build_start, build_end,
                                chunk_tokens=chunk)
         for index, start in enumerate(range(build_start, build_end, chunk)):
             end = min(total, start + chunk)
-            # a query's position is at most its packed index: the chunk reaches blocks before cdiv(end, block_size)
-            parts = _list_parts(end - start, topk, n_seqs * min(max_blocks, triton.cdiv(end, block_size)), config)
+            # a query's position is at most its packed index, unless the queries are a suffix: the chunk reaches
+            # blocks before cdiv(end, block_size)
+            reached = max_blocks if suffix else min(max_blocks, triton.cdiv(end, block_size))
+            parts = _list_parts(end - start, topk, n_seqs * reached, config)
             partial_lse.fill_(float("-inf"))
             grid = (csr.n_block_slots, k.shape[1], parts)
-            args = (q, k, v, cu_seqlens, csr.chunk_offsets(index), csr.entries, partial_out, partial_lse,
-                    scale * LOG2E.value, csr.n_block_slots, start)
+            lists = (csr.chunk_offsets(index), csr.entries, partial_out, partial_lse, scale * LOG2E.value,
+                     csr.n_block_slots, start)
             constants = dict(BLOCK_SIZE=block_size, MAX_BLOCKS=max_blocks, TOPK=topk, LIST_PARTS=parts)
-            if hopper is not None and not _launch_hopper(hopper, grid, *args, **launch_options, **constants):
+            if hopper is not None and not _launch_hopper(hopper, grid, q, k, v, cu_seqlens, *lists, **launch_options,
+                                                         **constants):
                 hopper, launch_options = None, _kv_outer_launch(q, k, config.tile)
             if hopper is None:
-                launch(sparse_attention_fwd_partial_kernel, grid, *args, **launch_options, **constants,
-                       WRITE_OUT=out is not None, UPCAST=INTERPRET)
+                launch(sparse_attention_fwd_partial_kernel, grid, q, k, v, cu_seqlens, cu_seqlens_k, *lists,
+                       **launch_options, **constants, WRITE_OUT=out is not None, UPCAST=INTERPRET)
             rows = (end - start) * n_heads
             if out is None:
                 lse[start:end] = torch.logsumexp(partial_lse[: end - start], dim=-1)
@@ -489,7 +508,8 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
 
 
 def sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen: int, block_size: int,
-                         scale: float, schedule: str = "auto", config: SparseForwardConfig | None = None):
+                         scale: float, schedule: str = "auto", config: SparseForwardConfig | None = None, *,
+                         token_positions=None, cu_seqlens_k=None, max_seqlen_k=None):
     """Returns ``out`` ``[T, Hq, D]`` (dtype of q) and float32 ``lse`` ``[T, Hq]``.
 
     ``q`` ``[T, Hq, D]``, ``k``, ``v`` ``[T, G, D]``, ``block_indices`` int32
@@ -497,6 +517,12 @@ def sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_s
     (KV-outer with merged partials) or ``"auto"`` (KV-outer from
     ``config.kv_outer_min_tokens`` tokens on). ``config``: default
     :class:`SparseForwardConfig`.
+
+    Queries that are the last of longer key sequences (``k``, ``v``
+    ``[Tk, G, D]``, bottom-right causal alignment) come with the keys'
+    ``cu_seqlens_k`` and ``max_seqlen_k``, ``token_starts`` then the packed
+    index of each query's first key and ``token_positions`` int32 ``[T]`` its
+    position among the keys (:func:`msa.varlen.suffix_positions`).
     """
     config = config or SparseForwardConfig()
     out = torch.empty_like(q)
@@ -504,23 +530,25 @@ def sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_s
     if not q.shape[0]:
         return out, lse
     if schedule == "kv" or (schedule == "auto" and q.shape[0] >= config.kv_outer_min_tokens):
-        _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen, block_size, scale, config, out, lse)
+        _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen, block_size, scale, config, out, lse,
+                           cu_seqlens_k, max_seqlen_k)
     else:
         sparse_attention_fwd_kernel[(q.shape[0], k.shape[1])](
-            q, k, v, block_indices, token_starts, out, lse, scale * LOG2E.value,
-            **query_outer_heads(q, k), BLOCK_SIZE=block_size, TOPK=block_indices.shape[-1], UPCAST=INTERPRET,
-            num_warps=4)
+            q, k, v, block_indices, token_starts, out=out, lse=lse, scale_log2=scale * LOG2E.value,
+            **query_position_args(token_starts, token_positions), **query_outer_heads(q, k), BLOCK_SIZE=block_size,
+            TOPK=block_indices.shape[-1], UPCAST=INTERPRET, num_warps=4)
     return out, lse
 
 
 def sparse_attention_lse(q, k, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
-                         config: SparseForwardConfig | None = None):
+                         config: SparseForwardConfig | None = None, *, cu_seqlens_k=None, max_seqlen_k=None):
     """Float32 ``[T, Hq]``: the attention's LSE over the selected support (a KV-outer LSE-only pass, which
-    needs no values)."""
+    needs no values; suffix queries as in :func:`sparse_attention_fwd`)."""
     config = config or SparseForwardConfig()
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     if q.shape[0]:
-        _kv_outer_partials(q, k, k, block_indices, cu_seqlens, max_seqlen, block_size, scale, config, lse=lse)
+        _kv_outer_partials(q, k, k, block_indices, cu_seqlens, max_seqlen, block_size, scale, config, lse=lse,
+                           cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
     return lse
 
 
@@ -535,29 +563,34 @@ def _row_dots(out, dout, chunk: int = 1 << 14):
 
 def sparse_attention_bwd(q, k, v, out, lse, dout, block_indices, token_starts, cu_seqlens, max_seqlen: int,
                          block_size: int, scale: float, deterministic: bool = False,
-                         config: SparseBackwardConfig | None = None):
+                         config: SparseBackwardConfig | None = None, *, token_positions=None, cu_seqlens_k=None,
+                         max_seqlen_k=None):
     """Returns ``dq, dk, dv`` (dtypes of q, k, v).
 
     KV-outer kernel: dk/dv, and dq through float32 atomics, over lists walked
     in ``config.list_parts`` parts. With ``deterministic``: one writer per key
-    block for dk/dv and the query-outer kernel for dq.
+    block for dk/dv and the query-outer kernel for dq. Suffix queries as in
+    :func:`sparse_attention_fwd`.
     """
     config = config or SparseBackwardConfig()
-    if not q.shape[0]:
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    cu_seqlens_k, max_seqlen_k = key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    if not q.shape[0]:  # keys without queries (suffix queries of none) get no gradient
+        return torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     delta = _row_dots(out, dout)
     topk = block_indices.shape[-1]
     if deterministic:
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         sparse_attention_bwd_dq_kernel[(q.shape[0], k.shape[1])](
-            q, k, v, block_indices, token_starts, dout, lse, delta, dq, scale * LOG2E.value, scale,
+            q, k, v, block_indices, token_starts, dout=dout, lse=lse, delta=delta, dq=dq,
+            scale_log2=scale * LOG2E.value, scale=scale, **query_position_args(token_starts, token_positions),
             **query_outer_heads(q, k), BLOCK_SIZE=block_size, TOPK=topk, UPCAST=INTERPRET, num_warps=4)
     else:
         dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
     parts = 1 if deterministic else config.list_parts
-    csr = invert_selection(block_indices, cu_seqlens, max_seqlen, block_size)
+    csr = invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size)
     launch(sparse_attention_bwd_dkv_kernel, (csr.n_block_slots, k.shape[1], parts),
-           q, k, v, dout, lse, delta, cu_seqlens, csr.offsets, csr.entries, dk, dv, dq, scale * LOG2E.value, scale,
+           q, k, v, dout, lse, delta, cu_seqlens, cu_seqlens_k, csr.offsets, csr.entries, dk, dv, dq,
+           scale * LOG2E.value, scale,
            csr.n_block_slots, **_kv_outer_launch(q, k, config.tile), BLOCK_SIZE=block_size,
            MAX_BLOCKS=csr.max_blocks, TOPK=topk, LIST_PARTS=parts, ATOMIC=not deterministic, UPCAST=INTERPRET)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

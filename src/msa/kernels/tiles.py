@@ -61,6 +61,20 @@ def query_outer_heads(q: torch.Tensor, k: torch.Tensor) -> dict:
     return dict(heads, RP=pow2(heads["R"], 16))
 
 
+def key_layout(cu_seqlens, max_seqlen: int, cu_seqlens_k, max_seqlen_k) -> tuple:
+    """The keys' ``cu_seqlens`` and longest sequence: ``cu_seqlens_k`` and ``max_seqlen_k`` where the queries are the
+    last of longer key sequences, else (``cu_seqlens_k`` None) the queries' own."""
+    return (cu_seqlens, max_seqlen) if cu_seqlens_k is None else (cu_seqlens_k, max_seqlen_k)
+
+
+def query_position_args(token_starts: torch.Tensor, token_positions: torch.Tensor | None) -> dict:
+    """The ``token_positions`` and ``SUFFIX`` arguments of the query-outer kernels (see :func:`query_position`):
+    ``token_positions`` int32 ``[T]`` for queries that are the last of longer key sequences; None where a query's
+    position is its packed index minus ``token_starts`` (which then stands in for the unread pointer)."""
+    suffix = token_positions is not None
+    return dict(token_positions=token_positions if suffix else token_starts, SUFFIX=suffix)
+
+
 def narrowing_segments(n: int, k: int, narrow_from: int = NARROW_FROM) -> int:
     """Segments of ``write_top_narrowed``'s bound for a Top-``k`` of rows of ``n`` elements (at most a quarter of
     them), or 0 where the rounds run over whole rows (rows of fewer than ``narrow_from`` elements)."""
@@ -144,28 +158,45 @@ def load_block(ptr, start, block, pos, group, dims, G: tl.constexpr, D: tl.const
 
 
 @triton.jit
-def query_program(q, token_starts, HQ: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr,
-                  UPCAST: tl.constexpr):
-    """A query-outer program's token, group, sequence offset, position, head rows and q tile ``[RP, D]``."""
+def query_position(token, start, token_positions, SUFFIX: tl.constexpr):
+    """The position among its keys of the query ``token`` (int64), whose sequence's first key is at ``start``: with
+    SUFFIX the queries are the last of longer key sequences and ``token_positions`` holds the positions; without,
+    a query's keys are the tokens of its sequence."""
+    if SUFFIX:
+        pos = tl.load(token_positions + token).to(tl.int64)
+    else:
+        pos = token - start
+    return pos
+
+
+@triton.jit
+def query_program(q, token_starts, token_positions, HQ: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+                  D: tl.constexpr, SUFFIX: tl.constexpr, UPCAST: tl.constexpr):
+    """A query-outer program's token, group, the packed index of its sequence's first key, its position among the
+    keys (:func:`query_position`), head rows and q tile ``[RP, D]``."""
     token = tl.program_id(0).to(tl.int64)  # offsets like token * HQ * D pass 2**31
     group = tl.program_id(1)
     start = tl.load(token_starts + token)
+    pos = query_position(token, start, token_positions, SUFFIX)
     heads = tl.arange(0, RP)
     head_index = token * HQ + group * R + heads
     head_ok = heads < R
     q_tile = tl.load(q + head_index[:, None] * D + tl.arange(0, D)[None, :], mask=head_ok[:, None], other=0.0)
     if UPCAST:
         q_tile = q_tile.to(tl.float32)
-    return token, group, start, token - start, head_index, head_ok, q_tile
+    return token, group, start, pos, head_index, head_ok, q_tile
 
 
 @triton.jit
-def kv_block(cu_seqlens, block_slot, MAX_BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Sequence offset and length, and first key position, of the block a KV-outer program owns."""
+def kv_block(cu_seqlens, cu_seqlens_k, block_slot, MAX_BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """The block a KV-outer program owns: its sequence's key offset and length, its first key position, and the
+    sequence's query origin, the packed index a query at key position 0 would have (a query's position is its
+    packed index minus it: queries are the last keys of their sequence, ``cu_seqlens`` theirs)."""
     seq = block_slot // MAX_BLOCKS
-    start = tl.load(cu_seqlens + seq)
-    seqlen = tl.load(cu_seqlens + seq + 1) - start
-    return start, seqlen, (block_slot % MAX_BLOCKS) * BLOCK_SIZE
+    start = tl.load(cu_seqlens_k + seq)
+    seqlen = tl.load(cu_seqlens_k + seq + 1) - start
+    query_end = tl.load(cu_seqlens + seq + 1)
+    return start, seqlen, (block_slot % MAX_BLOCKS) * BLOCK_SIZE, query_end - seqlen
 
 
 @triton.jit

@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from typing import NamedTuple
 
 import torch
 
 from msa.ops.checks import check_flag
+from msa.ops.selection import Selection
+from msa.varlen import suffix_positions
 
 BACKENDS = ("auto", "triton", "torch")
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -27,14 +30,11 @@ def _pow2_between(value: int, low: int, high: int) -> bool:
 
 def unsupported_reason(*, dtype: torch.dtype, head_dim: int | None = None, index_dim: int | None = None,
                        block_size: int, topk: int, heads_per_group: int | None = None,
-                       fp8_device: torch.device | None = None, suffix: bool = False) -> str | None:
+                       fp8_device: torch.device | None = None) -> str | None:
     """Why the Triton kernels cannot take this shape, or None if they can.
 
-    ``fp8_device``: the device of a call that ranks with FP8 index products (:mod:`msa.fp8`); ``suffix``: the
-    queries are the suffix of longer key sequences.
+    ``fp8_device``: the device of a call that ranks with FP8 index products (:mod:`msa.fp8`).
     """
-    if suffix:
-        return "queries that are the suffix of longer key sequences (not yet in the training kernels)"
     widest = max(head_dim or 0, index_dim or 0)
     if dtype == torch.float32 and widest * block_size >= 128 * 128:
         return f"float32 tiles of {block_size} x {widest} (shared memory; use bf16/fp16 or smaller blocks)"
@@ -87,3 +87,31 @@ def resolve_deterministic(deterministic: bool | None) -> bool:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision inputs are computed in float32 on the PyTorch paths."""
     return torch.promote_types(dtype, torch.float32)
+
+
+class KernelOffsets(NamedTuple):
+    """The arguments of the Triton operators (:mod:`msa.ops.library`) that place a Selection's queries among their
+    keys: ``token_starts``, int32 ``[T]``, the packed index of each query's sequence's first key; where the queries
+    are the last of longer key sequences, ``token_positions``, int32 ``[T]``, each query's position among its keys,
+    and the keys' ``cu_seqlens_k`` and ``max_seqlen_k`` (else None)."""
+
+    token_starts: torch.Tensor
+    token_positions: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_k: int | None = None
+
+
+def kernel_offsets(selection: Selection) -> KernelOffsets:
+    """The :class:`KernelOffsets` of ``selection``, built once per Selection."""
+    if not selection.suffix:
+        return KernelOffsets(selection.token_starts())
+    layout, key_layout = selection.layout, selection.key_layout
+
+    def build():
+        starts, positions = suffix_positions(layout.packed_cu_seqlens, key_layout.packed_cu_seqlens,
+                                             layout.total_tokens)
+        return starts.int(), positions.int()
+
+    # kept with the Selection's other derived structures: the attention, its backward and the KL loss share them
+    starts, positions = selection._derive("suffix_positions", build)
+    return KernelOffsets(starts, positions, key_layout.packed_cu_seqlens, key_layout.max_seqlen)

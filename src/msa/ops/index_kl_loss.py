@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from msa.ops import library
-from msa.ops.backend import compute_dtype, resolve_deterministic, unsupported_reason, use_triton
+from msa.ops.backend import compute_dtype, kernel_offsets, resolve_deterministic, unsupported_reason, use_triton
 from msa.ops.checks import check_like, check_lse, check_qkv, check_scale
 from msa.ops.selection import Selection, layouts_of, selection_of
 
@@ -83,7 +83,7 @@ def index_kl_loss(
     n_rows = max(1, selection.block_indices.shape[:-1].numel())
     reason = unsupported_reason(dtype=q.dtype, head_dim=q.shape[-1], index_dim=index_q.shape[-1],
                                 block_size=selection.block_size, topk=selection.topk,
-                                heads_per_group=n_heads // n_groups, suffix=selection.suffix)
+                                heads_per_group=n_heads // n_groups)
     with_grads = torch.is_grad_enabled() and (index_q.requires_grad or index_k.requires_grad)
     triton = use_triton("index_kl_loss", q.device, reason)
     dtype = q.dtype if triton else compute_dtype(q.dtype)
@@ -94,11 +94,13 @@ def index_kl_loss(
         if main_lse is not None:
             main_lse = layout.pack(main_lse).contiguous()
         settings = (layout.packed_cu_seqlens, layout.max_seqlen, selection.block_size, scale, index_scale, main_lse)
+        offsets = kernel_offsets(selection)
+        keys = (offsets.cu_seqlens_k, offsets.max_seqlen_k)
         if with_grads and not deterministic:
-            total = library.triton_index_kl_fused(*packed, selection.packed(), *settings)[0]
+            total = library.triton_index_kl_fused(*packed, selection.packed(), *settings, *keys)[0]
         else:
-            total = library.triton_index_kl(*packed, selection.packed(), selection.token_starts(), *settings,
-                                            deterministic)[0]
+            total = library.triton_index_kl(*packed, selection.packed(), offsets.token_starts, *settings,
+                                            deterministic, offsets.token_positions, *keys)[0]
     else:
         # main_lse is float32: a float64 loss recomputes the teacher's LSE
         teacher_lse = layout.pack(main_lse).contiguous() if main_lse is not None and dtype == torch.float32 else None

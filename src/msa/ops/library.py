@@ -153,80 +153,100 @@ def _(index_q, index_k, block_indices, cu_seqlens, cu_seqlens_k, block_size, sca
 
 
 # --------------------------------------------------------------------------- the Triton kernels
+# Queries that are the last of longer key sequences (flash-attn's bottom-right alignment) come with the keys'
+# ``cu_seqlens_k`` and ``max_seqlen_k`` (for the KV-outer kernels and the selection), and ``token_starts`` then holds
+# the packed index of each query's first key and ``token_positions`` its position among the keys (for the
+# query-outer ones: :func:`msa.varlen.suffix_positions`); all None where the queries are their sequences' tokens.
 
 @custom_op("msa::triton_select_blocks", mutates_args=())
 def triton_select_blocks(index_q: Tensor, index_k: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int,
-                         topk: int, fp8: bool) -> Tensor:
+                         topk: int, fp8: bool, cu_seqlens_k: Tensor | None = None,
+                         max_seqlen_k: int | None = None) -> Tensor:
     """int32 ``[T, G, topk]``; with ``fp8`` ranked on the FP8-quantized rows (:mod:`msa.fp8`)."""
     from msa import kernels
 
+    keys = dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
     if not fp8:
-        return kernels.select_blocks(index_q, index_k, cu_seqlens, max_seqlen, block_size, topk)
+        return kernels.select_blocks(index_q, index_k, cu_seqlens, max_seqlen, block_size, topk, **keys)
     (rank_q, _), (rank_k, k_scale) = quantize_rows(index_q), quantize_rows(index_k[:, 0])
-    return kernels.select_blocks(rank_q, rank_k, cu_seqlens, max_seqlen, block_size, topk, index_k_scale=k_scale)
+    return kernels.select_blocks(rank_q, rank_k, cu_seqlens, max_seqlen, block_size, topk, index_k_scale=k_scale,
+                                 **keys)
 
 
 @triton_select_blocks.register_fake
-def _(index_q, index_k, cu_seqlens, max_seqlen, block_size, topk, fp8):
+def _(index_q, index_k, cu_seqlens, max_seqlen, block_size, topk, fp8, cu_seqlens_k=None, max_seqlen_k=None):
     return index_q.new_empty(*index_q.shape[:2], topk, dtype=torch.int32)
 
 
 @custom_op("msa::triton_support_lse", mutates_args=())
 def triton_support_lse(index_q: Tensor, index_k: Tensor, block_indices: Tensor, token_starts: Tensor,
-                       block_size: int, scale: float) -> Tensor:
+                       block_size: int, scale: float, token_positions: Tensor | None = None) -> Tensor:
     from msa import kernels
 
-    return kernels.support_lse(index_q, index_k, block_indices, token_starts, block_size, scale)
+    return kernels.support_lse(index_q, index_k, block_indices, token_starts, block_size, scale,
+                               token_positions=token_positions)
 
 
 @triton_support_lse.register_fake
-def _(index_q, index_k, block_indices, token_starts, block_size, scale):
+def _(index_q, index_k, block_indices, token_starts, block_size, scale, token_positions=None):
     return index_q.new_empty(index_q.shape[:2], dtype=torch.float32)
 
 
 @custom_op("msa::triton_sparse_attention", mutates_args=())
 def triton_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, token_starts: Tensor,
                             cu_seqlens: Tensor, max_seqlen: int, block_size: int, scale: float,
-                            deterministic: bool) -> tuple[Tensor, Tensor]:
+                            deterministic: bool, token_positions: Tensor | None = None,
+                            cu_seqlens_k: Tensor | None = None,
+                            max_seqlen_k: int | None = None) -> tuple[Tensor, Tensor]:
     """``out`` and ``lse``; ``deterministic`` picks the backward's variant (the forward is deterministic)."""
     from msa import kernels
 
     return kernels.sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen, block_size,
-                                        scale)
+                                        scale, token_positions=token_positions, cu_seqlens_k=cu_seqlens_k,
+                                        max_seqlen_k=max_seqlen_k)
 
 
 @triton_sparse_attention.register_fake
-def _(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen, block_size, scale, deterministic):
+def _(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen, block_size, scale, deterministic,
+      token_positions=None, cu_seqlens_k=None, max_seqlen_k=None):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
 @custom_op("msa::triton_sparse_attention_backward", mutates_args=())
 def triton_sparse_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dout: Tensor,
                                      block_indices: Tensor, token_starts: Tensor, cu_seqlens: Tensor,
-                                     max_seqlen: int, block_size: int, scale: float,
-                                     deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+                                     max_seqlen: int, block_size: int, scale: float, deterministic: bool,
+                                     token_positions: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
+                                     max_seqlen_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     from msa import kernels
 
     return kernels.sparse_attention_bwd(q, k, v, out, lse, dout.contiguous(), block_indices, token_starts,
-                                        cu_seqlens, max_seqlen, block_size, scale, deterministic=deterministic)
+                                        cu_seqlens, max_seqlen, block_size, scale, deterministic=deterministic,
+                                        token_positions=token_positions, cu_seqlens_k=cu_seqlens_k,
+                                        max_seqlen_k=max_seqlen_k)
 
 
 @triton_sparse_attention_backward.register_fake
-def _(q, k, v, out, lse, dout, block_indices, token_starts, cu_seqlens, max_seqlen, block_size, scale, deterministic):
+def _(q, k, v, out, lse, dout, block_indices, token_starts, cu_seqlens, max_seqlen, block_size, scale, deterministic,
+      token_positions=None, cu_seqlens_k=None, max_seqlen_k=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _save_triton_sparse_attention(ctx, inputs, output):
     q, k, v, block_indices, token_starts, cu_seqlens, ctx.max_seqlen, ctx.block_size, ctx.scale, \
-        ctx.deterministic = inputs
-    ctx.save_for_backward(q, k, v, *output, block_indices, token_starts, cu_seqlens)
+        ctx.deterministic, token_positions, cu_seqlens_k, ctx.max_seqlen_k = inputs
+    ctx.suffix = token_positions is not None
+    suffix_offsets = (token_positions, cu_seqlens_k) if ctx.suffix else ()
+    ctx.save_for_backward(q, k, v, *output, block_indices, token_starts, cu_seqlens, *suffix_offsets)
 
 
 def _triton_sparse_attention_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, block_indices, token_starts, cu_seqlens = ctx.saved_tensors
+    q, k, v, out, lse, block_indices, token_starts, cu_seqlens, *suffix_offsets = ctx.saved_tensors
+    token_positions, cu_seqlens_k = suffix_offsets if ctx.suffix else (None, None)
     grads = triton_sparse_attention_backward(q, k, v, out, lse, dout, block_indices, token_starts, cu_seqlens,
-                                             ctx.max_seqlen, ctx.block_size, ctx.scale, ctx.deterministic)
-    return *grads, *(None,) * 7
+                                             ctx.max_seqlen, ctx.block_size, ctx.scale, ctx.deterministic,
+                                             token_positions, cu_seqlens_k, ctx.max_seqlen_k)
+    return *grads, *(None,) * 10
 
 
 triton_sparse_attention.register_autograd(_triton_sparse_attention_backward,
@@ -236,20 +256,23 @@ triton_sparse_attention.register_autograd(_triton_sparse_attention_backward,
 @custom_op("msa::triton_index_kl", mutates_args=())
 def triton_index_kl(q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, block_indices: Tensor,
                     token_starts: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int, scale: float,
-                    index_scale: float, main_lse: Tensor | None, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+                    index_scale: float, main_lse: Tensor | None, deterministic: bool,
+                    token_positions: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
+                    max_seqlen_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The summed row KLs, the student's ``index_lse`` ``[T, G]`` and the teacher's ``teacher_lse`` ``[T, Hq]``
     (what the backward reads; ``deterministic`` picks its variant)."""
     from msa import kernels
 
     kl_rows, index_lse, teacher_lse = kernels.index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens,
-                                                           max_seqlen, block_size, scale, index_scale, main_lse)
+                                                           max_seqlen, block_size, scale, index_scale, main_lse,
+                                                           cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
     # main_lse, when given, comes back as the teacher's: the output must not be an input
     return kl_rows.sum(), index_lse, teacher_lse if main_lse is None else teacher_lse.clone()
 
 
 @triton_index_kl.register_fake
 def _(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen, block_size, scale, index_scale,
-      main_lse, deterministic):
+      main_lse, deterministic, token_positions=None, cu_seqlens_k=None, max_seqlen_k=None):
     return (q.new_empty((), dtype=torch.float32), q.new_empty(index_q.shape[:2], dtype=torch.float32),
             q.new_empty(q.shape[:2], dtype=torch.float32))
 
@@ -258,34 +281,44 @@ def _(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqle
 def triton_index_kl_backward(q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, block_indices: Tensor,
                              token_starts: Tensor, cu_seqlens: Tensor, max_seqlen: int, teacher_lse: Tensor,
                              index_lse: Tensor, grad: Tensor, block_size: int, scale: float, index_scale: float,
-                             deterministic: bool) -> tuple[Tensor, Tensor]:
+                             deterministic: bool, token_positions: Tensor | None = None,
+                             cu_seqlens_k: Tensor | None = None,
+                             max_seqlen_k: int | None = None) -> tuple[Tensor, Tensor]:
     from msa import kernels
 
     d_index_q, d_index_k = kernels.index_kl_bwd(
         q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen, teacher_lse, index_lse,
-        grad.float().reshape(1), block_size, scale, index_scale, deterministic=deterministic)
+        grad.float().reshape(1), block_size, scale, index_scale, deterministic=deterministic,
+        token_positions=token_positions, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
     return d_index_q.to(index_q.dtype), d_index_k.to(index_k.dtype)
 
 
 @triton_index_kl_backward.register_fake
 def _(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen, teacher_lse, index_lse, grad,
-      block_size, scale, index_scale, deterministic):
+      block_size, scale, index_scale, deterministic, token_positions=None, cu_seqlens_k=None, max_seqlen_k=None):
     return torch.empty_like(index_q), torch.empty_like(index_k)
 
 
 def _save_triton_index_kl(ctx, inputs, output):
-    q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, *settings, _, ctx.deterministic = inputs
+    q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, *settings, _, ctx.deterministic, \
+        token_positions, cu_seqlens_k, ctx.max_seqlen_k = inputs
     ctx.max_seqlen, ctx.block_size, ctx.scale, ctx.index_scale = settings
+    ctx.suffix = token_positions is not None
+    suffix_offsets = (token_positions, cu_seqlens_k) if ctx.suffix else ()
     _, index_lse, teacher_lse = output
-    ctx.save_for_backward(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, teacher_lse, index_lse)
+    ctx.save_for_backward(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, teacher_lse, index_lse,
+                          *suffix_offsets)
 
 
 def _triton_index_kl_backward(ctx, grad, _d_index_lse, _d_teacher_lse):
-    q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, teacher_lse, index_lse = ctx.saved_tensors
+    q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, teacher_lse, index_lse, *suffix_offsets = \
+        ctx.saved_tensors
+    token_positions, cu_seqlens_k = suffix_offsets if ctx.suffix else (None, None)
     d_index_q, d_index_k = triton_index_kl_backward(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens,
                                                     ctx.max_seqlen, teacher_lse, index_lse, grad, ctx.block_size,
-                                                    ctx.scale, ctx.index_scale, ctx.deterministic)
-    return None, None, d_index_q, d_index_k, *(None,) * 9
+                                                    ctx.scale, ctx.index_scale, ctx.deterministic, token_positions,
+                                                    cu_seqlens_k, ctx.max_seqlen_k)
+    return None, None, d_index_q, d_index_k, *(None,) * 12
 
 
 triton_index_kl.register_autograd(_triton_index_kl_backward, setup_context=_save_triton_index_kl)
@@ -294,18 +327,21 @@ triton_index_kl.register_autograd(_triton_index_kl_backward, setup_context=_save
 @custom_op("msa::triton_index_kl_fused", mutates_args=())
 def triton_index_kl_fused(q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, block_indices: Tensor,
                           cu_seqlens: Tensor, max_seqlen: int, block_size: int, scale: float, index_scale: float,
-                          main_lse: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+                          main_lse: Tensor | None, cu_seqlens_k: Tensor | None = None,
+                          max_seqlen_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The summed row KLs and their float32 gradients in ``index_q`` and ``index_k``, from one pass that evaluates
     the teacher once (float32 atomics: not deterministic)."""
     from msa import kernels
 
     kl_rows, d_index_q, d_index_k = kernels.index_kl_fwd_bwd(q, k, index_q, index_k, block_indices, cu_seqlens,
-                                                             max_seqlen, block_size, scale, index_scale, main_lse)
+                                                             max_seqlen, block_size, scale, index_scale, main_lse,
+                                                             cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
     return kl_rows.sum(), d_index_q, d_index_k
 
 
 @triton_index_kl_fused.register_fake
-def _(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen, block_size, scale, index_scale, main_lse):
+def _(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen, block_size, scale, index_scale, main_lse,
+      cu_seqlens_k=None, max_seqlen_k=None):
     return (q.new_empty((), dtype=torch.float32), index_q.new_empty(index_q.shape, dtype=torch.float32),
             index_k.new_empty(index_k.shape, dtype=torch.float32))
 
@@ -318,7 +354,7 @@ def _save_triton_index_kl_fused(ctx, inputs, output):
 def _triton_index_kl_fused_backward(ctx, grad, _d_index_q_grad, _d_index_k_grad):
     d_index_q, d_index_k = ctx.saved_tensors
     return (None, None, (d_index_q * grad).to(ctx.dtypes[0]), (d_index_k * grad).to(ctx.dtypes[1]),
-            *(None,) * 7)
+            *(None,) * 9)
 
 
 triton_index_kl_fused.register_autograd(_triton_index_kl_fused_backward, setup_context=_save_triton_index_kl_fused)

@@ -6,7 +6,7 @@ import torch
 
 from msa.fp8 import FP8_DTYPE, check_index_dtype
 from msa.ops import library
-from msa.ops.backend import compute_dtype, unsupported_reason, use_triton
+from msa.ops.backend import compute_dtype, kernel_offsets, unsupported_reason, use_triton
 from msa.ops.checks import (
     check_block_size, check_int, check_like, check_scale, make_key_layout, make_layout, resolve_varlen,
 )
@@ -79,7 +79,7 @@ def select_blocks(
     check_index_dtype(index_dtype, index_q.dtype)
     fp8 = index_dtype == FP8_DTYPE
     reason = unsupported_reason(dtype=index_q.dtype, index_dim=index_q.shape[-1], block_size=block_size, topk=topk,
-                                fp8_device=index_q.device if fp8 else None, suffix=key_layout is not layout)
+                                fp8_device=index_q.device if fp8 else None)
     scale = index_q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     triton = use_triton("select_blocks", index_q.device, reason)
     dtype = index_q.dtype if triton else compute_dtype(index_q.dtype)
@@ -87,14 +87,18 @@ def select_blocks(
         index_q, index_k = (input_layout.pack(x).to(dtype).contiguous()
                             for input_layout, x in ((layout, index_q), (key_layout, index_k)))
         if triton:
+            # the keys' layout where the queries are the last of longer key sequences
+            keys = (None, None) if key_layout is layout else (key_layout.packed_cu_seqlens, key_layout.max_seqlen)
             packed = library.triton_select_blocks(index_q, index_k, layout.packed_cu_seqlens, layout.max_seqlen,
-                                                  block_size, topk, fp8)
+                                                  block_size, topk, fp8, *keys)
         else:
             packed = library.torch_select_blocks(index_q, index_k, layout.packed_cu_seqlens,
                                                  key_layout.packed_cu_seqlens, block_size, topk, scale, fp8)
         selection = Selection(layout.unpack(packed), block_size, layout, key_layout, ranked=True)
         if return_lse and triton:
-            lse = library.triton_support_lse(index_q, index_k, packed, selection.token_starts(), block_size, scale)
+            offsets = kernel_offsets(selection)
+            lse = library.triton_support_lse(index_q, index_k, packed, offsets.token_starts, block_size, scale,
+                                             offsets.token_positions)
         elif return_lse:
             lse = library.torch_support_lse(index_q, index_k, packed, layout.packed_cu_seqlens,
                                             key_layout.packed_cu_seqlens, block_size, scale)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from msa.ops import library
-from msa.ops.backend import compute_dtype, resolve_deterministic, unsupported_reason, use_triton
+from msa.ops.backend import compute_dtype, kernel_offsets, resolve_deterministic, unsupported_reason, use_triton
 from msa.ops.checks import check_qkv, check_scale
 from msa.ops.selection import Selection, layouts_of, selection_of
 
@@ -76,14 +76,16 @@ def sparse_attention(
     selection = selection_of(block_indices, block_size, layout, key_layout, n_groups, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     reason = unsupported_reason(dtype=q.dtype, head_dim=q.shape[-1], block_size=selection.block_size,
-                                topk=selection.topk, heads_per_group=n_heads // n_groups, suffix=selection.suffix)
+                                topk=selection.topk, heads_per_group=n_heads // n_groups)
     triton = use_triton("sparse_attention", q.device, reason)
     dtype = q.dtype if triton else compute_dtype(q.dtype)
     packed = [layout.pack(q).to(dtype).contiguous()] + [key_layout.pack(x).to(dtype).contiguous() for x in (k, v)]
     if triton:
-        out, lse = library.triton_sparse_attention(*packed, selection.packed(), selection.token_starts(),
+        offsets = kernel_offsets(selection)
+        out, lse = library.triton_sparse_attention(*packed, selection.packed(), offsets.token_starts,
                                                    layout.packed_cu_seqlens, layout.max_seqlen, selection.block_size,
-                                                   scale, deterministic)
+                                                   scale, deterministic, offsets.token_positions,
+                                                   offsets.cu_seqlens_k, offsets.max_seqlen_k)
     else:
         out, lse = library.torch_sparse_attention(*packed, selection.tile_plan(n_heads // n_groups, q.shape[-1]),
                                                   selection.block_size, scale, deterministic)
