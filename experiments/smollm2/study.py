@@ -337,11 +337,16 @@ def run_msa(args, evaluation: Evaluation, shape) -> None:
         del model
     trained = train_arm(args, name, warmup / "model", continuation_options(args))
     if not evaluated(args, name):
-        time_for(args, name)
-        model = load_trained(args, name)
-        record_arm(args, name, dict(loss=evaluation.loss(model),
-                                    retrieval=evaluation.retrieval(model, evaluation.samples, shape),
-                                    diagnostics=evaluation.recall(model, shape)), trained)
+        evaluate_msa_arm(args, evaluation, name, shape, trained)
+
+
+def evaluate_msa_arm(args, evaluation: Evaluation, arm: str, shape, train_dir: Path) -> None:
+    """Store the trained MSA ``arm``'s loss, retrieval suite and recall diagnostics."""
+    time_for(args, arm)
+    model = load_trained(args, arm)
+    record_arm(args, arm, dict(loss=evaluation.loss(model),
+                               retrieval=evaluation.retrieval(model, evaluation.samples, shape),
+                               diagnostics=evaluation.recall(model, shape)), train_dir)
 
 
 def run_b(args, evaluation: Evaluation) -> None:
@@ -370,11 +375,7 @@ def run_e1(args, evaluation: Evaluation) -> None:
     arm = f"e1_warmup_kl{args.kl_topk}"
     warmup = train_arm(args, arm, args.base, warmup_options(args, PRIMARY))
     if not evaluated(args, arm):
-        time_for(args, arm)
-        model = load_trained(args, arm)
-        record_arm(args, arm, dict(loss=evaluation.loss(model),
-                                   retrieval=evaluation.retrieval(model, evaluation.samples, PRIMARY),
-                                   diagnostics=evaluation.recall(model, PRIMARY)), warmup)
+        evaluate_msa_arm(args, evaluation, arm, PRIMARY, warmup)
 
 
 RUNS = {"R0": run_r0, "A": lambda args, e: run_msa(args, e, PRIMARY), "B": run_b,
