@@ -11,10 +11,13 @@ parameter group, AdamW. Dense runs SDPA (cuDNN / FlashAttention through
 transformers' default attention). Timed as whole steps (host clock after a
 device synchronisation; ``--warmup`` untimed steps first), median of
 ``--repeats``, with the host's part of a step (``enqueue_ms``) and the
-allocator's cudaMalloc/cudaFree calls per step. With ``--profile``, a
+allocator's cudaMalloc/cudaFree calls per step. With ``--cuda-graph`` both
+arms' steps are captured once as CUDA graphs and replayed (the host's launch
+work gone: what the device alone needs). With ``--profile``, a
 ``torch.profiler`` trace of a few steps per arm at the first length: the top
 operators by device and by host time, a Chrome trace of those steps, the device's busy time
-per step and the host's synchronisations (``profile_<arm>_<len>*``). Writes
+per step and the host's synchronisations, and a ``cProfile`` listing of the host's Python functions over as many
+more steps (``profile_<arm>_<len>*``). Writes
 ``model_step.json``.
 
     PYTHONPATH=src python benchmarks/model_step.py --out benchmarks/results/<run> [--profile]
@@ -24,8 +27,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
 import datetime
+import io
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -53,17 +59,20 @@ SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynch
 class Step:
     """One update of ``model`` as ``msa.training.Trainer`` makes it (AdamW per group, clipping per group)."""
 
-    def __init__(self, model: nn.Module, kl_weight: float = 1.0, grad_clip: float = 1.0):
+    def __init__(self, model: nn.Module, kl_weight: float = 1.0, grad_clip: float = 1.0, capturable: bool = False):
         self.model, self.api, self.kl_weight, self.grad_clip = model, ModelApi(model), kl_weight, grad_clip
         index_ids = {id(p) for p in self.api.index_parameters}
         self.groups = [[p for p in model.parameters() if id(p) not in index_ids]]
         if self.api.index_parameters:
             self.groups.append(self.api.index_parameters)
+        # capturable: AdamW keeps its step counts on the device, and autocast caches no casts (CUDA graphs)
+        self.capturable = capturable
         self.optimizer = torch.optim.AdamW([dict(params=group) for group in self.groups], lr=1e-5,
-                                           betas=(0.9, 0.95))
+                                           betas=(0.9, 0.95), capturable=capturable)
 
     def __call__(self, batch: torch.Tensor) -> None:
-        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=batch.device.type == "cuda"):
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=batch.device.type == "cuda",
+                            cache_enabled=not self.capturable):
             logits, kl = self.api(batch)
         loss = lm_loss(logits, batch) + (self.kl_weight * kl if kl is not None else 0.0)
         self.optimizer.zero_grad(set_to_none=True)
@@ -71,6 +80,28 @@ class Step:
         for group in self.groups:
             nn.utils.clip_grad_norm_([p for p in group if p.grad is not None], self.grad_clip)
         self.optimizer.step()
+
+
+class GraphedStep:
+    """A capturable :class:`Step` recorded once as a CUDA graph (forward, KL loss, backward, clipping, AdamW) after
+    warm-up steps on a side stream, then replayed on each batch copied into its static input: the host's part of a
+    step becomes one graph launch, as in PyTorch's whole-network capture."""
+
+    def __init__(self, step: Step, batch: torch.Tensor, warmup: int = 3):
+        self.step, self.batch = step, batch.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):  # Triton compilation, the optimizer's state, the gradients' buffers
+                step(self.batch)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step(self.batch)
+
+    def __call__(self, batch: torch.Tensor) -> None:
+        self.batch.copy_(batch)
+        self.graph.replay()
 
 
 def synchronize(device: torch.device) -> None:
@@ -111,16 +142,25 @@ def profile(step: Step, batch: torch.Tensor, steps: int, out: Path, name: str) -
     """Over ``steps`` steps: the top operators by device time (``<name>.txt``) and by host time
     (``<name>_host.txt``), a Chrome trace of the steps (``<name>.json.gz``), the device's busy time per step
     (the sum of its kernels' time; against ``step_ms`` it shows how long the device idles), and the host's
-    synchronising calls per step."""
+    synchronising calls per step; then, over ``steps`` more, the host's Python functions by their own time
+    (``<name>_python.txt``, cProfile: the forward pass and the optimizer; on a GPU the backward's Python runs on
+    autograd's device thread, which cProfile does not see, and appears as ``run_backward``)."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if batch.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    schedule = torch.profiler.schedule(wait=0, warmup=0, active=steps)
-    with torch.profiler.profile(activities=activities, schedule=schedule) as prof:
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(steps):
             step(batch)
             synchronize(batch.device)
-            prof.step()
+    python_profile = cProfile.Profile()
+    python_profile.enable()
+    for _ in range(steps):
+        step(batch)
+        synchronize(batch.device)
+    python_profile.disable()
+    listing = io.StringIO()
+    pstats.Stats(python_profile, stream=listing).sort_stats("tottime").print_stats(60)
+    (out / f"{name}_python.txt").write_text(f"{steps} steps, cProfile by own time\n" + listing.getvalue())
     prof.export_chrome_trace(str(out / f"{name}.json.gz"))
     averages = prof.key_averages()
     sort_by = "cuda_time_total" if batch.device.type == "cuda" else "cpu_time_total"
@@ -144,6 +184,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="time both arms' steps replayed from CUDA graphs (GraphedStep) instead of eagerly")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -157,7 +199,10 @@ def main() -> None:
     dense = transformers.LlamaForCausalLM(config).to(device)
     sparse = hf.convert(copy.deepcopy(dense), block_size=args.block_size, topk=args.topk, kl_topk=args.kl_topk)
     hf.set_mode(sparse, "sparse")
-    arms = {"dense": Step(dense.train()), "msa": Step(sparse.train())}
+    if args.cuda_graph and device.type != "cuda":
+        raise ValueError("--cuda-graph needs a CUDA device")
+    arms = {"dense": Step(dense.train(), capturable=args.cuda_graph),
+            "msa": Step(sparse.train(), capturable=args.cuda_graph)}
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     record = dict(date=datetime.date.today().isoformat(), commit=git_commit(), device=device_name,
                   torch=torch.__version__, transformers=transformers.__version__,
@@ -170,6 +215,8 @@ def main() -> None:
         for name, step in arms.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+            if args.cuda_graph:
+                step = GraphedStep(step, batch)
             timing = time_steps(step, batch, args.warmup, args.repeats)
             row |= {f"{name}_{key}": value for key, value in timing.items()}
             row[f"{name}_tokens_per_s"] = seqlen / timing["step_ms"] * 1e3
@@ -178,12 +225,16 @@ def main() -> None:
             if args.profile and seqlen == seqlens[0]:
                 profiled = profile(step, batch, 3, args.out, f"profile_{name}_{seqlen}")
                 row |= {f"{name}_{key}": value for key, value in profiled.items()}
+            if args.cuda_graph:  # free the graph's memory pool and the gradients that live in it
+                del step
+                arms[name].model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
         row["msa_speedup"] = row["dense_step_ms"] / row["msa_step_ms"]
         rows.append(row)
         (args.out / "model_step.json").write_text(json.dumps(record, indent=1))  # a cut-off run keeps its lengths
 
     table = Table(title=f"training step, SmolLM2-135M shape ({args.layers} layers), MSA {args.block_size} x "
-                        f"{args.topk} vs dense, {device}")
+                        f"{args.topk} vs dense, {device}{', CUDA graphs' if args.cuda_graph else ''}")
     for column in ("length", "dense ms", "MSA ms", "MSA speed-up"):
         table.add_column(column, justify="right")
     for row in rows:

@@ -378,3 +378,32 @@ def test_a_sequence_in_chunks_against_the_key_prefix_equals_it_whole(mode):
     names = ["hidden_states", *(name for name, _ in layer.named_parameters())]
     for name, grad, expected in zip(names, chunked_grads, whole_grads):
         assert rel_err(grad, expected) < 1e-10, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the bf16 kernels need a GPU")
+def test_a_sequence_in_chunks_against_the_key_prefix_equals_it_whole_in_bf16_on_the_gpu():
+    """The same on the device in bf16 through the Triton kernels, at a shape where the selection is sparse: the
+    chunked run and the whole one agree to bf16 rounding (outputs, KL loss, gradients)."""
+    torch.manual_seed(0)
+    seqlen = 1000
+    layer = msa.MSAAttention(256, 8, 2, 64, index_head_dim=32, block_size=64, topk=4, kl_topk=8)
+    layer = layer.to("cuda", torch.bfloat16).train()
+    x = torch.randn(1, seqlen, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    cos, sin = (t.to("cuda", torch.bfloat16) for t in RotaryEmbedding(64)(torch.arange(seqlen)[None]))
+    whole, whole_kl = layer(x, (cos, sin))
+    grad_out = torch.randn_like(whole)
+    whole_grads = torch.autograd.grad((whole * grad_out).sum() + whole_kl, [x, *layer.parameters()])
+
+    outputs, kl_total, keys = [], 0.0, None
+    for start, end in ((0, 300), (300, 301), (301, 700), (700, seqlen)):
+        out, kl, keys = layer(x[:, start:end], (cos[:, start:end], sin[:, start:end]), prefix=keys,
+                              return_keys=True)
+        outputs.append(out)
+        kl_total = kl_total + kl * (end - start) / seqlen
+    chunked = torch.cat(outputs, dim=1)
+    chunked_grads = torch.autograd.grad((chunked * grad_out).sum() + kl_total, [x, *layer.parameters()])
+    assert rel_err(chunked, whole) < 2e-2
+    assert rel_err(kl_total, whole_kl) < 2e-2
+    names = ["hidden_states", *(name for name, _ in layer.named_parameters())]
+    for name, grad, expected in zip(names, chunked_grads, whole_grads):
+        assert rel_err(grad, expected) < 5e-2, name

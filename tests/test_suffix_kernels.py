@@ -27,8 +27,9 @@ PACKED = [(70, 5), (17, 17), (16, 0), (40, 2)]
 # (batch, keys, queries) of the batched layout
 BATCHED = {"batched Sq=11": (1, 70, 11), "batched Sq=1": (2, 70, 1)}
 LAYOUTS = [*BATCHED, "packed"]
-# float32 kernels against the float64 reference
-BOUND = 1e-5
+# the attention and KL kernels run in bf16 on a GPU and in float32 under the interpreter, against the float64
+# reference; the selection runs in float32 everywhere (it must equal the PyTorch path's bit for bit)
+DTYPE, BOUND = (torch.bfloat16, 2e-2) if DEVICE == "cuda" else (torch.float32, 1e-5)
 
 
 def suffix_inputs(layout: str, seed: int, dtype=torch.float32):
@@ -86,7 +87,7 @@ def test_select_blocks_of_suffix_queries(layout, kind, triton_backend, monkeypat
     torch_blocks, torch_lse = msa.select_blocks(index_q, index_k, **options)
     assert blocks.dtype == torch.int32 and torch.equal(blocks, torch_blocks)
     assert torch.equal(blocks.long(), reference_selection(index_q, index_k, varlen).long())
-    assert rel_err(lse, torch_lse) < BOUND
+    assert rel_err(lse, torch_lse) < 1e-5
 
 
 @pytest.mark.filterwarnings("error:.*using the PyTorch path")
@@ -98,7 +99,7 @@ def test_sparse_attention_of_suffix_queries(layout, schedule, deterministic, tri
 
     monkeypatch.setattr(kernels, "sparse_attention_fwd",
                         functools.partial(kernels.sparse_attention_fwd, schedule=schedule))
-    (q, k, v, index_q, index_k), varlen = suffix_inputs(layout, seed=2)
+    (q, k, v, index_q, index_k), varlen = suffix_inputs(layout, seed=2, dtype=DTYPE)
     blocks = reference_selection(index_q, index_k, varlen)
     leaves = [x.requires_grad_() for x in (q, k, v)]
     out, lse = msa.sparse_attention(*leaves, blocks, block_size=BLOCK_SIZE, return_lse=True,
@@ -113,7 +114,7 @@ def test_sparse_attention_of_suffix_queries(layout, schedule, deterministic, tri
     ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad_out.double())
     assert rel_err(out, ref_out) < BOUND and rel_err(lse, ref_lse) < BOUND
     for name, grad, ref in zip("qkv", grads, ref_grads):
-        assert rel_err(grad, ref) < BOUND, f"d{name}"
+        assert rel_err(grad, ref) < 2 * BOUND, f"d{name}"
 
 
 @pytest.mark.filterwarnings("error:.*using the PyTorch path")
@@ -122,7 +123,7 @@ def test_sparse_attention_of_suffix_queries(layout, schedule, deterministic, tri
 def test_index_kl_loss_of_suffix_queries(layout, deterministic, triton_backend):
     """The loss and its gradients in index_q and index_k: the fused pass, or the loss pass and the deterministic
     backward."""
-    (q, k, v, index_q, index_k), varlen = suffix_inputs(layout, seed=3)
+    (q, k, v, index_q, index_k), varlen = suffix_inputs(layout, seed=3, dtype=DTYPE)
     blocks = reference_selection(index_q, index_k, varlen)
     leaves = [x.requires_grad_() for x in (index_q, index_k)]
     loss = msa.index_kl_loss(q, k, *leaves, blocks, block_size=BLOCK_SIZE, deterministic=deterministic, **varlen)
@@ -135,4 +136,4 @@ def test_index_kl_loss_of_suffix_queries(layout, deterministic, triton_backend):
     ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
     assert loss.dtype == torch.float32 and rel_err(loss, ref_loss) < BOUND
     for name, grad, ref in zip(("index_q", "index_k"), grads, ref_grads):
-        assert rel_err(grad, ref) < BOUND, f"d {name}"
+        assert rel_err(grad, ref) < 2 * BOUND, f"d {name}"

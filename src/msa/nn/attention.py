@@ -12,7 +12,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from msa.distributed import context_parallel_attention
-from msa.nn.checks import check_hidden_states, check_key_prefix, check_packed_offsets, check_position_embeddings
+from msa.nn.checks import (
+    accepted_ranks, check_hidden_states, check_key_prefix, check_packed_offsets, check_position_embeddings,
+)
 from msa.nn.index_branch import MODES, IndexBranch, msa_select
 from msa.nn.rotary import apply_rotary
 from msa.ops.checks import check_flag
@@ -177,12 +179,8 @@ class MSAAttention(nn.Module):
                                  "context_parallel_group or attend")
             check_key_prefix(prefix, hidden_states, self.num_kv_heads, self.head_dim,
                              self.index_branch.index_head_dim)
-        if cu_seqlens is not None:
-            ranks, expected = (2,), "[T, hidden] when cu_seqlens is given"
-        elif attend is not None:
-            ranks, expected = (3, 2), "[B, S, hidden] or [T, hidden]"
-        else:
-            ranks, expected = (3,), "[B, S, hidden] (or [T, hidden] with cu_seqlens)"
+        ranks, expected = accepted_ranks(3, "[B, S, hidden]", "[T, hidden]", packed_given=cu_seqlens is not None,
+                                         either=attend is not None)
         check_hidden_states(hidden_states, self.q_proj.in_features, self.q_proj.weight, ranks, expected)
         check_position_embeddings(position_embeddings, hidden_states, self.head_dim)
         check_flag("compute_kl_loss", compute_kl_loss)

@@ -18,6 +18,18 @@ def _rank_of(x, ranks: tuple[int, ...]) -> int:
     return x.dim() if isinstance(x, torch.Tensor) and x.dim() in ranks else ranks[0]
 
 
+def accepted_ranks(rank: int, dense: str, packed: str, *, packed_given: bool, either: bool
+                   ) -> tuple[tuple[int, ...], str]:
+    """The ranks a layer's input may have, and how an error describes them: the dense layout (``rank``, described
+    by ``dense``), the packed one (``rank - 1``, ``packed``) when ``cu_seqlens`` is given, either one with
+    ``either`` (a custom ``attend`` takes both)."""
+    if packed_given:
+        return (rank - 1,), f"{packed} when cu_seqlens is given"
+    if either:
+        return (rank, rank - 1), f"{dense} or {packed}"
+    return (rank,), f"{dense} (or {packed} with cu_seqlens)"
+
+
 def check_hidden_states(x, width: int, parameter: torch.Tensor, ranks: tuple[int, ...], expected: str,
                         name: str = "hidden_states") -> None:
     """``x`` must be a floating tensor of one of ``ranks`` (``expected`` describes them) whose last dim is

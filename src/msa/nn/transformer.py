@@ -15,7 +15,7 @@ from torch import nn
 
 from msa.fp8 import index_dtype_from_name
 from msa.nn.attention import MSAAttention
-from msa.nn.checks import check_packed_offsets, check_token_ids
+from msa.nn.checks import accepted_ranks, check_packed_offsets, check_token_ids
 from msa.nn.rotary import RotaryEmbedding
 from msa.varlen import token_positions
 
@@ -125,12 +125,8 @@ class MSATransformer(nn.Module):
 
     def _check_inputs(self, input_ids, position_ids, cu_seqlens, attend):
         """The checks of :meth:`forward`'s token arguments; returns ``cu_seqlens`` as int32 (None stays None)."""
-        if cu_seqlens is not None:
-            ranks, expected = (1,), "[T] when cu_seqlens is given"
-        elif attend is not None:
-            ranks, expected = (2, 1), "[B, S] or [T]"
-        else:
-            ranks, expected = (2,), "[B, S] (or [T] with cu_seqlens)"
+        ranks, expected = accepted_ranks(2, "[B, S]", "[T]", packed_given=cu_seqlens is not None,
+                                         either=attend is not None)
         device = self.embed.weight.device
         check_token_ids("input_ids", input_ids, ranks, expected, device)
         if position_ids is not None:

@@ -11,13 +11,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
-from typing import NamedTuple
 
 import torch
 
 from msa.ops.checks import check_flag
-from msa.ops.selection import Selection
-from msa.varlen import suffix_positions
 
 BACKENDS = ("auto", "triton", "torch")
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -87,31 +84,3 @@ def resolve_deterministic(deterministic: bool | None) -> bool:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision inputs are computed in float32 on the PyTorch paths."""
     return torch.promote_types(dtype, torch.float32)
-
-
-class KernelOffsets(NamedTuple):
-    """The arguments of the Triton operators (:mod:`msa.ops.library`) that place a Selection's queries among their
-    keys: ``token_starts``, int32 ``[T]``, the packed index of each query's sequence's first key; where the queries
-    are the last of longer key sequences, ``token_positions``, int32 ``[T]``, each query's position among its keys,
-    and the keys' ``cu_seqlens_k`` and ``max_seqlen_k`` (else None)."""
-
-    token_starts: torch.Tensor
-    token_positions: torch.Tensor | None = None
-    cu_seqlens_k: torch.Tensor | None = None
-    max_seqlen_k: int | None = None
-
-
-def kernel_offsets(selection: Selection) -> KernelOffsets:
-    """The :class:`KernelOffsets` of ``selection``, built once per Selection."""
-    if not selection.suffix:
-        return KernelOffsets(selection.token_starts())
-    layout, key_layout = selection.layout, selection.key_layout
-
-    def build():
-        starts, positions = suffix_positions(layout.packed_cu_seqlens, key_layout.packed_cu_seqlens,
-                                             layout.total_tokens)
-        return starts.int(), positions.int()
-
-    # kept with the Selection's other derived structures: the attention, its backward and the KL loss share them
-    starts, positions = selection._derive("suffix_positions", build)
-    return KernelOffsets(starts, positions, key_layout.packed_cu_seqlens, key_layout.max_seqlen)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from msa.ops import library
-from msa.ops.backend import compute_dtype, kernel_offsets, resolve_deterministic, unsupported_reason, use_triton
+from msa.ops.backend import compute_dtype, resolve_deterministic, unsupported_reason, use_triton
 from msa.ops.checks import check_like, check_lse, check_qkv, check_scale
 from msa.ops.selection import Selection, layouts_of, selection_of
 
@@ -94,7 +94,7 @@ def index_kl_loss(
         if main_lse is not None:
             main_lse = layout.pack(main_lse).contiguous()
         settings = (layout.packed_cu_seqlens, layout.max_seqlen, selection.block_size, scale, index_scale, main_lse)
-        offsets = kernel_offsets(selection)
+        offsets = selection.kernel_offsets()
         keys = (offsets.cu_seqlens_k, offsets.max_seqlen_k)
         if with_grads and not deterministic:
             total = library.triton_index_kl_fused(*packed, selection.packed(), *settings, *keys)[0]

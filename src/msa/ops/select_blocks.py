@@ -6,7 +6,7 @@ import torch
 
 from msa.fp8 import FP8_DTYPE, check_index_dtype
 from msa.ops import library
-from msa.ops.backend import compute_dtype, kernel_offsets, unsupported_reason, use_triton
+from msa.ops.backend import compute_dtype, unsupported_reason, use_triton
 from msa.ops.checks import (
     check_block_size, check_int, check_like, check_scale, make_key_layout, make_layout, resolve_varlen,
 )
@@ -96,7 +96,7 @@ def select_blocks(
                                                  key_layout.packed_cu_seqlens, block_size, topk, scale, fp8)
         selection = Selection(layout.unpack(packed), block_size, layout, key_layout, ranked=True)
         if return_lse and triton:
-            offsets = kernel_offsets(selection)
+            offsets = selection.kernel_offsets()
             lse = library.triton_support_lse(index_q, index_k, packed, offsets.token_starts, block_size, scale,
                                              offsets.token_positions)
         elif return_lse:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from msa.ops import block_outer, library
@@ -9,9 +11,21 @@ from msa.ops.checks import (
     INDEX_DTYPES, Layout, check_block_indices, check_block_size, check_tensor, make_key_layout, make_layout,
     resolve_varlen,
 )
-from msa.varlen import token_positions
+from msa.varlen import suffix_positions, token_positions
 
 DEFAULT_BLOCK_SIZE = 128
+
+
+class KernelOffsets(NamedTuple):
+    """The arguments of the Triton operators (:mod:`msa.ops.library`) that place a Selection's queries among their
+    keys: ``token_starts``, int32 ``[T]``, the packed index of each query's sequence's first key; where the queries
+    are the last of longer key sequences, ``token_positions``, int32 ``[T]``, each query's position among its keys,
+    and the keys' ``cu_seqlens_k`` and ``max_seqlen_k`` (else None)."""
+
+    token_starts: torch.Tensor
+    token_positions: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_k: int | None = None
 
 
 class Selection:
@@ -110,6 +124,19 @@ class Selection:
         """int32 ``[T]``: the packed index of each token's sequence start (the kernels' launchers take it)."""
         return self._derive("token_starts", lambda: token_positions(self.layout.packed_cu_seqlens,
                                                                     self.layout.total_tokens)[0].int())
+
+    def kernel_offsets(self) -> KernelOffsets:
+        """Where the queries sit among their keys, as the Triton operators take it (:class:`KernelOffsets`)."""
+        if not self.suffix:
+            return KernelOffsets(self.token_starts())
+
+        def build():
+            starts, positions = suffix_positions(self.layout.packed_cu_seqlens, self.key_layout.packed_cu_seqlens,
+                                                 self.layout.total_tokens)
+            return starts.int(), positions.int()
+
+        starts, positions = self._derive("suffix_positions", build)
+        return KernelOffsets(starts, positions, self.key_layout.packed_cu_seqlens, self.key_layout.max_seqlen)
 
     def tile_plan(self, heads_per_group: int, head_dim: int) -> list[torch.Tensor]:
         """The PyTorch path's tiles (:func:`msa.ops.library.tile_plan`) for attention heads of ``head_dim`` in

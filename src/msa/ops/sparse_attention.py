@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from msa.ops import library
-from msa.ops.backend import compute_dtype, kernel_offsets, resolve_deterministic, unsupported_reason, use_triton
+from msa.ops.backend import compute_dtype, resolve_deterministic, unsupported_reason, use_triton
 from msa.ops.checks import check_qkv, check_scale
 from msa.ops.selection import Selection, layouts_of, selection_of
 
@@ -81,7 +81,7 @@ def sparse_attention(
     dtype = q.dtype if triton else compute_dtype(q.dtype)
     packed = [layout.pack(q).to(dtype).contiguous()] + [key_layout.pack(x).to(dtype).contiguous() for x in (k, v)]
     if triton:
-        offsets = kernel_offsets(selection)
+        offsets = selection.kernel_offsets()
         out, lse = library.triton_sparse_attention(*packed, selection.packed(), offsets.token_starts,
                                                    layout.packed_cu_seqlens, layout.max_seqlen, selection.block_size,
                                                    scale, deterministic, offsets.token_positions,
