@@ -88,7 +88,7 @@ class GraphedStep:
     step becomes one graph launch, as in PyTorch's whole-network capture."""
 
     def __init__(self, step: Step, batch: torch.Tensor, warmup: int = 3):
-        self.step, self.batch = step, batch.clone()
+        self.batch = batch.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

@@ -28,8 +28,9 @@ PACKED = [(70, 5), (17, 17), (16, 0), (40, 2)]
 BATCHED = {"batched Sq=11": (1, 70, 11), "batched Sq=1": (2, 70, 1)}
 LAYOUTS = [*BATCHED, "packed"]
 # the attention and KL kernels run in bf16 on a GPU and in float32 under the interpreter, against the float64
-# reference; the selection runs in float32 everywhere (it must equal the PyTorch path's bit for bit)
-DTYPE, BOUND = (torch.bfloat16, 2e-2) if DEVICE == "cuda" else (torch.float32, 1e-5)
+# reference (gradients: twice the bound in bf16, as tests/test_kernels.py); the selection runs in float32 everywhere
+# (it must equal the PyTorch path's bit for bit)
+DTYPE, BOUND, GRAD_BOUND = (torch.bfloat16, 2e-2, 4e-2) if DEVICE == "cuda" else (torch.float32, 1e-5, 1e-5)
 
 
 def suffix_inputs(layout: str, seed: int, dtype=torch.float32):
@@ -114,7 +115,7 @@ def test_sparse_attention_of_suffix_queries(layout, schedule, deterministic, tri
     ref_grads = torch.autograd.grad(ref_out, ref_leaves, grad_out.double())
     assert rel_err(out, ref_out) < BOUND and rel_err(lse, ref_lse) < BOUND
     for name, grad, ref in zip("qkv", grads, ref_grads):
-        assert rel_err(grad, ref) < 2 * BOUND, f"d{name}"
+        assert rel_err(grad, ref) < GRAD_BOUND, f"d{name}"
 
 
 @pytest.mark.filterwarnings("error:.*using the PyTorch path")
@@ -136,4 +137,4 @@ def test_index_kl_loss_of_suffix_queries(layout, deterministic, triton_backend):
     ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
     assert loss.dtype == torch.float32 and rel_err(loss, ref_loss) < BOUND
     for name, grad, ref in zip(("index_q", "index_k"), grads, ref_grads):
-        assert rel_err(grad, ref) < 2 * BOUND, f"d {name}"
+        assert rel_err(grad, ref) < GRAD_BOUND, f"d {name}"
