@@ -24,8 +24,9 @@ install: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/msa bench $(ARGS)
 
+# one pytest worker per CPU (pytest-xdist): the interpreter-run kernel tests take most of the time
 test: $(VENV)/.installed
-	$(PYTHON) -m pytest -q $(ARGS)
+	$(PYTHON) -m pytest -q -n auto $(ARGS)
 
 # the edit loop: the tests not marked slow (a small case of each kernel family and layer, under a minute on a CPU)
 test-fast: $(VENV)/.installed

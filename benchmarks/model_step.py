@@ -13,7 +13,9 @@ device synchronisation; ``--warmup`` untimed steps first), median of
 ``--repeats``, with the host's part of a step (``enqueue_ms``) and the
 allocator's cudaMalloc/cudaFree calls per step. With ``--cuda-graph`` both
 arms' steps are captured once as CUDA graphs and replayed (the host's launch
-work gone: what the device alone needs). With ``--profile``, a
+work gone: what the device alone needs; the graphed dense arm measured slower
+than eager dense, so compare a graphed MSA step with the eager dense one: see
+benchmarks/results/2026-12-06-h100-105-model-step-graphs-and-tuning-at-9355ac8). With ``--profile``, a
 ``torch.profiler`` trace of a few steps per arm at the first length: the top
 operators by device and by host time, a Chrome trace of those steps, the device's busy time
 per step and the host's synchronisations, and a ``cProfile`` listing of the host's Python functions over as many

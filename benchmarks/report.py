@@ -1,6 +1,6 @@
 """Regenerate benchmarks/RESULTS.md and benchmarks/speedup.png from recorded kernels.json files.
 
-    python benchmarks/report.py benchmarks/results/<run>/kernels.json [more runs ...]
+    python benchmarks/report.py benchmarks/results/<run>/kernels.json [more runs ...] [--peers <run>/peers.json]
 
 Rows of later files replace rows of the same length from earlier ones. Tables
 are never edited by hand: rerun this after every benchmark run.
@@ -148,21 +148,41 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def peers_table(source: str, record: dict) -> str:
+    """The section of a ``benchmarks/peers.py`` run: MSA's sparse attention against fla's NSA selected attention."""
+    lines = ["", "## Peers: flash-linear-attention's NSA selected attention on the same selection\n",
+             f"`{source}`: {record['device']}, {record['date']}, commit {record['commit']}, fla-core {record['fla']}, "
+             f"{record['dtype']}, the layer above; each length's selection from `msa.select_blocks`, given to both as "
+             "a plain tensor (each call derives what its kernels need). fla's output and gradients agree with MSA's to "
+             "the relative L2 error shown (the run stops above "
+             f"{record['check_bound_rel_l2']}). Ratios: fla's time over MSA's.\n",
+             "| seq len | MSA fwd ms | fla fwd ms | fwd ratio | MSA fwd+bwd ms | fla fwd+bwd ms | fwd+bwd ratio "
+             "| largest rel. error |", "|---|---|---|---|---|---|---|---|"]
+    for row in record["rows"]:
+        error = max(value for key, value in row.items() if key.startswith("rel_err"))
+        lines.append(f"| {fmt_len(row['seqlen'])} | {row['msa_fwd_ms']:.2f} | {row['fla_fwd_ms']:.2f} | "
+                     f"{row['fwd_ratio_fla_over_msa']:.2f}x | {row['msa_train_ms']:.2f} | {row['fla_train_ms']:.2f} | "
+                     f"{row['train_ratio_fla_over_msa']:.2f}x | {error:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kernels_json", type=Path, nargs="+")
     parser.add_argument("--table", default="RESULTS.md", help="markdown output, under benchmarks/")
     parser.add_argument("--plot", default="speedup.png", help="PNG output, under benchmarks/")
+    parser.add_argument("--peers", type=Path, help="a peers.json of benchmarks/peers.py on the same layer")
     args = parser.parse_args()
     root = Path(__file__).parent
     records = [(str(path.resolve().relative_to(root.resolve())), json.loads(path.read_text()))
-               for path in args.kernels_json]
+               for path in args.kernels_json + ([args.peers] if args.peers else [])]
     layers = {json.dumps(record["layer"], sort_keys=True) for _, record in records}
     if len(layers) != 1:
-        raise ValueError(f"kernels_json: the runs measure different layers ({sorted(layers)}); report one at a time")
+        raise ValueError(f"the runs measure different layers ({sorted(layers)}); report one at a time")
+    peers = records.pop() if args.peers else None
     rows = merge(records)
     table, figure = root / args.table, root / args.plot
-    table.write_text(tables(rows))
+    table.write_text(tables(rows) + (peers_table(*peers) if peers else ""))
     plot(rows, figure)
     print(f"wrote {table} and {figure}")
 

@@ -45,7 +45,7 @@ def sweep(seqlen: int, positions: int, rows_options: list[int], warps_options: l
                                                   config), 2, 10)
 
     row["default_ms"] = timed()
-    schedules = {"narrowed": kernels.top_blocks_config(n_blocks, TOPK),
+    schedules = {"narrowed": kernels.top_blocks_config(n_blocks, TOPK, narrow_from=1),
                  "rounds": kernels.top_blocks_config(n_blocks, TOPK, narrow_from=2**62)}
     for schedule, config in schedules.items():
         row[f"{schedule}_ms"] = timed(config)

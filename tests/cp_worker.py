@@ -7,7 +7,9 @@ the KL loss and the gradients of all five inputs. Exits 1 on a mismatch.
 
     torchrun --standalone --nproc-per-node N tests/cp_worker.py CHECK LAYOUT REPORT_DIR
 
-CHECK: ``reference``, ``ops`` or ``ops-dense`` (the attention and the
+LAYOUT: ``batched`` (two sequences), ``single`` (one: a rank's two chunks
+follow each other, no reordering) or ``packed`` (varlen, of different
+lengths). CHECK: ``reference``, ``ops`` or ``ops-dense`` (the attention and the
 selection given to ``context_parallel_attention``), or ``module``
 (``MSAAttention`` with a context-parallel group, which selects inside its
 attention; parameter gradients summed over the ranks).
@@ -29,6 +31,7 @@ from msa.nn.index_branch import msa_attention, msa_select
 from msa.nn.rotary import RotaryEmbedding
 
 BLOCK_SIZE, TOPK = 4, 3
+BATCH = {"batched": 2, "single": 1}  # sequences of the batched layouts ("packed": three of different lengths)
 
 
 def reference_select(index_q, index_k, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
@@ -66,9 +69,9 @@ def module_check(layout: str, world_size: int) -> list[str]:
     cp_layer = MSAAttention(32, 4, 2, 8, **options, context_parallel_group=dist.group.WORLD).double()
     cp_layer.load_state_dict(layer.state_dict())
     rotary = RotaryEmbedding(8)
-    if layout == "batched":
-        x = torch.randn(2, 2 * world_size * 5, 32, dtype=torch.float64)
-        positions, cu_seqlens = torch.arange(x.shape[1]).expand(2, -1), None
+    if layout in ("batched", "single"):
+        x = torch.randn(BATCH[layout], 2 * world_size * 5, 32, dtype=torch.float64)
+        positions, cu_seqlens = torch.arange(x.shape[1]).expand(x.shape[0], -1), None
     else:
         seqlens = [2 * world_size * n for n in (3, 1)]
         x = torch.randn(sum(seqlens), 32, dtype=torch.float64)
@@ -100,9 +103,9 @@ def attention_check(attention_name: str, layout: str, world_size: int) -> list[s
     attention, select = ATTENTIONS[attention_name]
     generator = torch.Generator().manual_seed(0)
     heads, groups, head_dim, index_dim = 4, 2, 8, 8
-    if layout == "batched":
+    if layout in ("batched", "single"):
         seqlen = 2 * world_size * 5
-        lead, cu_seqlens = (2, seqlen), None
+        lead, cu_seqlens = (BATCH[layout], seqlen), None
     else:
         seqlens = [2 * world_size * n for n in (3, 7, 1)]
         lead, cu_seqlens = (sum(seqlens),), torch.tensor([0, *seqlens]).cumsum(0).to(torch.int32)
@@ -113,7 +116,7 @@ def attention_check(attention_name: str, layout: str, world_size: int) -> list[s
     # the whole sequences in one process
     leaves = [x.clone().requires_grad_() for x in inputs]
     packed = [x.flatten(0, 1) for x in leaves] if cu_seqlens is None else leaves
-    offsets = cu_seqlens if cu_seqlens is not None else torch.arange(0, 2 * seqlen + 1, seqlen, dtype=torch.int32)
+    offsets = cu_seqlens if cu_seqlens is not None else torch.arange(0, lead[0] * seqlen + 1, seqlen, dtype=torch.int32)
     longest = int(offsets.diff().max())
     out, kl, blocks = attention(*packed, cu_seqlens_q=offsets, cu_seqlens_k=offsets, max_seqlen_q=longest,
                                 max_seqlen_k=longest)

@@ -38,7 +38,8 @@ def launch(n_ranks: int, check: str, layout: str, report_dir: Path) -> subproces
 # (ranks, check, layout): the reference on every rank count and layout, the ops and the module on a spread
 CASES = [(n, "reference", layout) for n in (1, 2, 3, 4) for layout in ("batched", "packed")]
 CASES += [(2, "ops", "batched"), (3, "ops", "packed"), (4, "ops", "packed"), (2, "ops-dense", "packed"),
-          (3, "ops-dense", "batched"), (3, "module", "batched"), (4, "module", "packed")]
+          (3, "ops-dense", "batched"), (3, "module", "batched"), (4, "module", "packed"), (2, "ops", "single"),
+          (3, "ops", "single"), (2, "module", "single")]
 
 
 @pytest.mark.parametrize(("n_ranks", "check", "layout"), [(2, "ops", "packed")] + [

@@ -110,7 +110,7 @@ def test_indexer_in_chunks(fp8):
 @pytest.mark.parametrize("n_blocks, topk, values", [(5, 3, 5), (200, 16, 200),
                                                     pytest.param(700, 32, 700, marks=pytest.mark.slow),
                                                     pytest.param(1100, 16, 1100, marks=pytest.mark.slow),
-                                                    (64, 1, 64), (300, 16, 3)])
+                                                    (64, 1, 64), (127, 16, 20), (300, 16, 3)])
 def test_top_blocks(n_blocks, topk, values):
     """Phase 2 of the indexer alone on block scores with ties (``values`` distinct ones: about one tie per
     value, or so many that rows have more candidates than the kernel narrows to) and -inf: per row, the layout
@@ -373,6 +373,34 @@ def test_kv_outer_forward_in_query_chunks(max_lists, one_sort, monkeypatch):
     ref_kl = msa.reference.index_kl_loss(*(x.double() for x in packed[:2] + packed[3:]), blocks,
                                          block_size=block_size, cu_seqlens=cu_seqlens)
     assert rel_err(kl, ref_kl) < BOUNDS[dtype]
+
+
+@pytest.mark.parametrize("with_gradients", [True, False])
+def test_the_kl_loss_inverts_its_selection_once(with_gradients, monkeypatch):
+    """The teacher's LSE pass and the KL kernels walk the same (group, block) lists, built once (one query chunk
+    holds every query at this size); the loss and its gradients still match the reference."""
+    from msa.kernels import block_csr
+
+    builds, build = [], block_csr.build_block_csr
+
+    def counting_build(*args, **kwargs):
+        builds.append(1)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(block_csr, "build_block_csr", counting_build)
+    shape, dtype = SHAPES[-1], DTYPES[0]
+    block_size, topk = shape[6], shape[7]
+    q, k, _, index_q, index_k = inputs_for(shape, dtype, seed=31)
+    blocks = msa.reference.select_blocks(index_q.double(), index_k.double(), block_size=block_size, topk=topk)
+    index_q, index_k = index_q.requires_grad_(with_gradients), index_k.requires_grad_(with_gradients)
+    loss = msa.index_kl_loss(q, k, index_q, index_k, blocks, block_size=block_size)
+    assert len(builds) == 1
+    iq64, ik64 = (x.detach().double().requires_grad_() for x in (index_q, index_k))
+    ref = msa.reference.index_kl_loss(q.double(), k.double(), iq64, ik64, blocks, block_size=block_size)
+    assert rel_err(loss, ref) < BOUNDS[dtype]
+    if with_gradients:
+        grads, ref_grads = torch.autograd.grad(loss, (index_q, index_k)), torch.autograd.grad(ref, (iq64, ik64))
+        assert all(rel_err(grad, ref_grad) < BOUNDS[dtype] for grad, ref_grad in zip(grads, ref_grads))
 
 
 @pytest.mark.parametrize("shape", slow_except(SHAPES, -1))

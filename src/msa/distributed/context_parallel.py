@@ -199,18 +199,21 @@ def context_parallel_attention(attention: Callable, q, k, v, index_q, index_k, *
     seqlens = _seqlens(q, cu_seqlens, world_size, local=True)
     queries, keys, values, index_queries, index_keys = (x.flatten(0, 1) if batched else x
                                                         for x in (q, k, v, index_q, index_k))
-    if world_size == 1:  # nothing to gather: the whole sequences at once, the plain ops
+    if world_size == 1:  # nothing to gather or reorder: the whole sequences at once, the plain ops
         offsets = torch.tensor([0, *seqlens], dtype=torch.int32, device=q.device).cumsum(0, dtype=torch.int32)
-        parts = [(torch.arange(queries.shape[0], device=q.device),
-                  attention(queries, keys, values, index_queries, index_keys, cu_seqlens_q=offsets,
-                            cu_seqlens_k=offsets, max_seqlen_q=max(seqlens, default=0),
-                            max_seqlen_k=max(seqlens, default=0)))]
-    else:
-        _check_lengths(seqlens, world_size, "q" if batched else "cu_seqlens")
-        parts = _attend_parts(attention, select, queries, keys, values, index_queries, index_keys, seqlens, group)
-
-    local_order = torch.argsort(torch.cat([rows for rows, _ in parts]))
-    out, block_indices = (torch.cat([result[i] for _, result in parts]).index_select(0, local_order) for i in (0, 2))
+        out, kl_loss, block_indices = attention(queries, keys, values, index_queries, index_keys,
+                                                cu_seqlens_q=offsets, cu_seqlens_k=offsets,
+                                                max_seqlen_q=max(seqlens, default=0),
+                                                max_seqlen_k=max(seqlens, default=0))
+        if batched:
+            out, block_indices = out.unflatten(0, q.shape[:2]), block_indices.unflatten(0, q.shape[:2])
+        return out, kl_loss, block_indices
+    _check_lengths(seqlens, world_size, "q" if batched else "cu_seqlens")
+    parts = _attend_parts(attention, select, queries, keys, values, index_queries, index_keys, seqlens, group)
+    out, block_indices = (torch.cat([result[i] for _, result in parts]) for i in (0, 2))
+    if len(seqlens) > 1:  # the two chunks of one sequence follow each other in the shard; of several, not
+        local_order = torch.argsort(torch.cat([rows for rows, _ in parts]))
+        out, block_indices = out.index_select(0, local_order), block_indices.index_select(0, local_order)
     if batched:
         out, block_indices = out.unflatten(0, q.shape[:2]), block_indices.unflatten(0, q.shape[:2])
     kl_parts = [result[1] * result[2].shape[:-1].numel() for _, result in parts if result[1] is not None]
@@ -218,8 +221,7 @@ def context_parallel_attention(attention: Callable, q, k, v, index_q, index_k, *
         return out, None, block_indices
     share = sum(kl_parts) / (sum(seqlens) * index_q.shape[-2])
     total = share.detach().clone()
-    if world_size > 1:
-        dist.all_reduce(total, group=group)
+    dist.all_reduce(total, group=group)
     return out, share + (total - share.detach()), block_indices
 
 

@@ -35,7 +35,7 @@ from msa.kernels.sparse_attention import LIST_PARTS, KVOuterConfig, SparseForwar
 from msa.kernels.tiles import INTERPRET, LOG2E, entry_range, head_constants, key_layout, kv_block, launch, \
     load_block, pow2, query_outer_heads, query_position_args, query_program
 
-KL_TOKENS = 16  # tokens per step of the KV-outer KL kernels: the student's products need 16 rows
+KL_TOKENS = 16  # fewest tokens per step of the KV-outer KL kernels: the student's products need 16 rows
 
 
 @dataclass(frozen=True)
@@ -269,10 +269,13 @@ def _kl_rows(stats, index_lse):
 
 
 def _kl_launch(q, k, config: KVOuterConfig) -> dict:
-    """Head constants, tokens per step, heads per teacher chunk and launch options of a KL kernel."""
-    heads = head_constants(q, k)  # no more heads per chunk than the group has
-    return dict(heads, QT=KL_TOKENS, HC=max(1, min(config.rows // KL_TOKENS, pow2(heads["R"]))),
-                num_warps=config.num_warps, num_stages=config.num_stages)
+    """Head constants, tokens per step, heads per teacher chunk and launch options of a KL kernel: ``config.rows``
+    (token, head) rows per step, as many of a token's heads per chunk as fit (no more than the group has), the
+    rest in tokens (at least ``KL_TOKENS``; more where a group has few heads)."""
+    heads = head_constants(q, k)
+    chunk_heads = max(1, min(config.rows // KL_TOKENS, pow2(heads["R"])))
+    return dict(heads, QT=max(KL_TOKENS, config.rows // chunk_heads), HC=chunk_heads, num_warps=config.num_warps,
+                num_stages=config.num_stages)
 
 
 def _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, cu_seqlens_k, csr, teacher_lse, stats, scale: float,
@@ -315,13 +318,13 @@ def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: 
     """
     config = config or IndexKLConfig()
     keys = dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
+    cu_seqlens_k, max_seqlen_k = key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+    csr = invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size) if q.shape[0] else None
     if teacher_lse is None:
         teacher_lse = sparse_attention_lse(q, k, block_indices, cu_seqlens, max_seqlen, block_size, scale,
-                                           config.teacher, **keys)
-    cu_seqlens_k, max_seqlen_k = key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
+                                           config.teacher, lists=csr, **keys)
     stats = _kl_stats(index_q, block_indices.shape[-1])
-    if q.shape[0]:
-        csr = invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size)
+    if csr is not None:
         _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, cu_seqlens_k, csr, teacher_lse, stats, scale, index_scale,
                        block_size, teacher=True, config=config)
     index_lse = torch.logsumexp(stats[3], dim=-1)
@@ -335,9 +338,7 @@ def index_kl_fwd_bwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seql
     :func:`index_kl_bwd` (unit ``grad_scale``), evaluating the teacher once (float32 atomics:
     not deterministic). Suffix queries as in :func:`index_kl_fwd`."""
     config = config or IndexKLConfig()
-    if teacher_lse is None:
-        teacher_lse = sparse_attention_lse(q, k, block_indices, cu_seqlens, max_seqlen, block_size, scale,
-                                           config.teacher, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
+    keys = dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
     cu_seqlens_k, max_seqlen_k = key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     stats = _kl_stats(index_q, block_indices.shape[-1])
     d_index_q = torch.zeros(index_q.shape, dtype=torch.float32, device=q.device)
@@ -345,6 +346,9 @@ def index_kl_fwd_bwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seql
     if not q.shape[0]:
         return _kl_rows(stats, torch.logsumexp(stats[3], dim=-1)), d_index_q, d_index_k
     csr = invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size)
+    if teacher_lse is None:
+        teacher_lse = sparse_attention_lse(q, k, block_indices, cu_seqlens, max_seqlen, block_size, scale,
+                                           config.teacher, lists=csr, **keys)
     _kl_fwd_launch(q, k, index_q, index_k, cu_seqlens, cu_seqlens_k, csr, teacher_lse, stats, scale, index_scale,
                    block_size, teacher=False, config=config)
     index_lse = torch.logsumexp(stats[3], dim=-1)

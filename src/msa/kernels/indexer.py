@@ -58,18 +58,27 @@ class TopBlocksConfig:
     segments: int  # > 0: rows narrowed to their candidates first (``write_top_narrowed``); 0: rounds over whole rows
 
 
-def top_blocks_config(n_blocks: int, topk: int, narrow_from: int = NARROW_FROM) -> TopBlocksConfig:
+# Rows of at most this many blocks take argmax rounds over the whole row with 4 rows and one warp per program: at
+# 127 blocks 0.084 ms against 0.214 for the narrowed schedule (paper layer, 16K positions; see
+# benchmarks/results/2026-12-06-h100-105-model-step-graphs-and-tuning-at-9355ac8/top_blocks).
+WHOLE_ROW_BLOCKS = 128
+
+
+def top_blocks_config(n_blocks: int, topk: int, narrow_from: int = 2 * WHOLE_ROW_BLOCKS) -> TopBlocksConfig:
     """The Top-k launch for rows of ``n_blocks`` block scores and a selection of ``topk`` slots (the rounds pick
     up to ``topk - 1`` blocks, the local block follows them). Rows of many blocks are first narrowed to the
     candidates at or above a bound (see ``write_top_narrowed``); that schedule is fastest with one warp per
     program up to 4096 scores, 64 scores per thread beyond (``benchmarks/top_blocks_sweep.py``: see
     benchmarks/results/2026-11-23-h100-59-top-blocks-narrowing and
-    benchmarks/results/2026-11-23-h100-61-512k-1m-and-1m-top-k-sweep)."""
+    benchmarks/results/2026-11-23-h100-61-512k-1m-and-1m-top-k-sweep); rows of up to ``WHOLE_ROW_BLOCKS`` take
+    rounds over the whole row."""
     blocks_pow2 = pow2(n_blocks)
     segments = narrowing_segments(n_blocks, topk - 1, narrow_from)
     if segments:
         rows = pow2(2048 // blocks_pow2)
         return TopBlocksConfig(rows, 1 if rows * blocks_pow2 <= 4096 else rows * blocks_pow2 // 2048, segments)
+    if blocks_pow2 <= WHOLE_ROW_BLOCKS:
+        return TopBlocksConfig(4, 1, 0)
     rows = pow2(min(64, 4096 // blocks_pow2))
     return TopBlocksConfig(rows, 8 if rows * blocks_pow2 > 4096 else 4, 0)
 

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa.kernels.block_csr import invert_selection
+from msa.kernels.block_csr import BlockCSR, invert_selection
 from msa.kernels.tiles import INTERPRET, LN2, LOG2E, WORKSPACE_BYTES, entry_range, head_constants, key_layout, \
     kv_block, launch, load_block, pow2, query_outer_heads, query_position_args, query_program
 
@@ -454,13 +454,16 @@ def _hopper_partials(q: torch.Tensor, k: torch.Tensor, block_size: int, config: 
 
 
 def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
-                       config: SparseForwardConfig, out=None, lse=None, cu_seqlens_k=None, max_seqlen_k=None):
+                       config: SparseForwardConfig, out=None, lse=None, cu_seqlens_k=None, max_seqlen_k=None,
+                       lists: BlockCSR | None = None):
     """KV-outer forward in query chunks whose partials fit ``config.workspace_bytes``.
 
     With ``out`` (``[T, Hq, D]``) the merged output and ``lse`` are written;
     without, only ``lse`` (the LSE pass that the KL loss's teacher needs).
     ``cu_seqlens_k``, ``max_seqlen_k``: the keys' layout of suffix queries
-    (see :func:`sparse_attention_fwd`).
+    (see :func:`sparse_attention_fwd`). ``lists``: the whole selection's
+    lists (:func:`~msa.kernels.block_csr.invert_selection`) where the caller
+    has them, taken when one chunk holds every query.
     """
     suffix = cu_seqlens_k is not None
     cu_seqlens_k, max_seqlen_k = key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
@@ -481,8 +484,8 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
     build = chunk * max(1, config.max_csr_lists // (k.shape[1] * n_seqs * max_blocks))
     for build_start in range(0, total, build):
         build_end = min(total, build_start + build)
-        csr = invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size, build_start, build_end,
-                               chunk_tokens=chunk)
+        csr = lists if lists is not None and chunk >= total else invert_selection(
+            block_indices, cu_seqlens, max_seqlen_k, block_size, build_start, build_end, chunk_tokens=chunk)
         for index, start in enumerate(range(build_start, build_end, chunk)):
             end = min(total, start + chunk)
             # a query's position is at most its packed index, unless the queries are a suffix: the chunk reaches
@@ -541,14 +544,16 @@ def sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_s
 
 
 def sparse_attention_lse(q, k, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
-                         config: SparseForwardConfig | None = None, *, cu_seqlens_k=None, max_seqlen_k=None):
+                         config: SparseForwardConfig | None = None, *, cu_seqlens_k=None, max_seqlen_k=None,
+                         lists: BlockCSR | None = None):
     """Float32 ``[T, Hq]``: the attention's LSE over the selected support (a KV-outer LSE-only pass, which
-    needs no values; suffix queries as in :func:`sparse_attention_fwd`)."""
+    needs no values; suffix queries as in :func:`sparse_attention_fwd`). ``lists``: the selection inverted
+    whole, if the caller has built it (the KL loss's kernels walk the same lists)."""
     config = config or SparseForwardConfig()
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
     if q.shape[0]:
         _kv_outer_partials(q, k, k, block_indices, cu_seqlens, max_seqlen, block_size, scale, config, lse=lse,
-                           cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
+                           cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k, lists=lists)
     return lse
 
 
