@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The study on the GPU machine, from the repository root (PROTOCOL.md, "Budget"). The machine reaches no
-# registry and takes at most 64 MiB per call, so the GGUF travels in two parts (data/transfer/, made by
-# prepare_data.py) through folders .stage/a and .stage/b (ignored by git) that the calls carry:
+# registry and takes at most 64 MiB per call (the working tree included), so the GGUF travels in two parts
+# (data/transfer/, made by prepare_data.py) through folders .stage/a, .stage/c and .stage/b (ignored by git)
+# that the calls carry:
 #   call 1, carry .stage/a (part.aa):  STAGE=1 bash experiments/smollm2/run_on_gpu.sh
-#   call 2, carry .stage/b (part.ab, the gguf wheel, study.tar.xz):
+#   call 2, carry .stage/c (the gguf wheel, study.tar.xz, the study's code archive): the same
+#   call 3, carry .stage/b (part.ab):
 #           RUNS=R0 SEED=0 MSA_COMMIT=<commit> bash experiments/smollm2/run_on_gpu.sh
 # Each call copies what it carries into /tmp/stage (kept while the machine stays up); later calls of the same
 # lease carry nothing. The results of every run are packed into $OUT/results.tar.gz after each run.
