@@ -4,7 +4,8 @@
 # Runs the test suite on the GPU (TESTS, default all: the kernel tests then run compiled, in
 # bf16/fp16/fp32), then the kernel benchmark (SEQLENS=none skips it; TUNE=<length> sweeps the configurations
 # of TUNE_KERNELS first; DETERMINISTIC=1 also times the deterministic training step), with MODEL_STEP=1
-# the SmolLM2-shaped training step (benchmarks/model_step.py, --profile; MODEL_STEP_ARGS) and, with INFERENCE=1,
+# the SmolLM2-shaped training step (benchmarks/model_step.py, eager with --profile, then replayed from CUDA
+# graphs under graphed/; MODEL_STEP_ARGS, e.g. "--seqlens 8192,16384 --kl-topk 8") and, with INFERENCE=1,
 # `msa generate` (bf16 and FP8 index keys) and the inference benchmark (PARTS of
 # benchmarks/inference.py, more options in INFERENCE_ARGS, e.g. "--index-dtype fp8 --selections
 # overlapping"). Logs and JSON are written under $WORK and packed into $OUT/gpu_check.tar.gz after every
@@ -35,6 +36,9 @@ if [ "${SEQLENS:-}" != "none" ]; then
 fi
 if [ "${MODEL_STEP:-0}" = "1" ]; then
     python3 benchmarks/model_step.py --out "$WORK" --profile ${MODEL_STEP_ARGS:-} 2>&1 | tee "$WORK/model_step.log"
+    pack
+    python3 benchmarks/model_step.py --out "$WORK/graphed" --cuda-graph ${MODEL_STEP_ARGS:-} 2>&1 \
+        | tee "$WORK/model_step_graphed.log"
     pack
 fi
 if [ "${INFERENCE:-0}" = "1" ]; then
