@@ -5,7 +5,8 @@ step against dense's 4,966), so the operators the ops issue per call are a cost 
 any machine, a CPU included: ``msa_attention`` (selection, sparse attention, KL loss, as ``MSAAttention`` calls it)
 runs on the Triton path under the interpreter with every kernel launch stubbed out (no kernel runs, results are
 garbage), inside ``torch.profiler``, and each ``msa::`` operator's nested ``aten::`` calls are counted, forward and
-backward (a backward node's count includes its ``msa::`` backward operator's). Writes ``host_ops.json`` under
+backward (a backward node's count includes its ``msa::`` backward operator's), and all of the layer's (the
+Selection's derived structures, built outside the operators, included). Writes ``host_ops.json`` under
 ``--out`` and prints the table.
 
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/host_ops.py --out /tmp/host_ops
@@ -65,6 +66,7 @@ def count(tokens: int, kl_topk: int | None) -> dict:
             continue
         counts[name] += sum(1 for e in events if e.name.startswith("aten::") and e.thread == op.thread
                             and op.time_range.start <= e.time_range.start and e.time_range.end <= op.time_range.end)
+    counts["the whole layer, forward and backward"] = sum(1 for e in events if e.name.startswith("aten::"))
     return dict(tokens=tokens, kl_topk=kl_topk, aten_ops=dict(counts))
 
 

@@ -126,13 +126,16 @@ def test_selection_misuse_gets_clear_errors():
 def test_the_kernels_take_a_selection_and_derive_token_starts_once(monkeypatch, deterministic):
     """MSA_BACKEND=triton (the interpreter on CPUs): attention and the KL loss (fused, or with its own backward
     pass under deterministic algorithms) on one Selection match the float64 reference, forward and backward, and the
-    token offsets the launchers take are computed once."""
+    token offsets the launchers take, and the block lists their KV-outer kernels walk, are built once."""
+    from msa.kernels import block_csr
+
     monkeypatch.setenv("MSA_BACKEND", "triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     inputs = rand_inputs(1, 48, 2, 1, 16, 16, dtype=torch.float32, seed=35, device=device)
     q, k, v, index_q, index_k = (x.requires_grad_() for x in inputs)
     selection = msa.select_blocks(index_q, index_k, block_size=16, topk=2, return_selection=True)
     starts = _count_calls(monkeypatch, selection_module, "token_positions")
+    lists = _count_calls(monkeypatch, block_csr, "build_block_csr")
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
@@ -141,7 +144,7 @@ def test_the_kernels_take_a_selection_and_derive_token_starts_once(monkeypatch, 
         grads = torch.autograd.grad(out.square().sum() + kl, (q, k, v, index_q, index_k))
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert len(starts) == 1
+    assert len(starts) == 1 and len(lists) == 1
     q64, k64, v64, iq64, ik64 = (x.detach().double().requires_grad_() for x in inputs)
     blocks = selection.block_indices
     ref_out = msa.reference.sparse_attention(q64, k64, v64, blocks, block_size=16)

@@ -71,3 +71,14 @@ def invert_selection(block_indices: torch.Tensor, cu_seqlens: torch.Tensor, max_
     sequences = token_sequences(cu_seqlens, block_indices.shape[0])[start:end]
     return build_block_csr(block_indices[start:end], sequences, cu_seqlens.numel() - 1,
                            max(1, triton.cdiv(max_seqlen, block_size)), token_offset=start, chunk_tokens=chunk_tokens)
+
+
+def block_lists(offsets: torch.Tensor | None, entries: torch.Tensor | None, cu_seqlens: torch.Tensor,
+                max_seqlen: int, block_size: int, n_groups: int) -> BlockCSR | None:
+    """The :class:`BlockCSR` of :func:`invert_selection`'s whole lists (one chunk) whose ``offsets`` and ``entries``
+    came through an operator's arguments (None when not given); ``cu_seqlens``, ``max_seqlen``, ``block_size`` as
+    the selection was inverted with, ``n_groups`` its groups."""
+    if offsets is None:
+        return None
+    max_blocks = max(1, triton.cdiv(max_seqlen, block_size))
+    return BlockCSR(offsets, entries, max_blocks, (cu_seqlens.numel() - 1) * max_blocks, n_groups)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa.kernels.block_csr import invert_selection
+from msa.kernels.block_csr import BlockCSR, invert_selection
 from msa.kernels.sparse_attention import LIST_PARTS, KVOuterConfig, SparseForwardConfig, sparse_attention_lse
 from msa.kernels.tiles import INTERPRET, LOG2E, entry_range, head_constants, key_layout, kv_block, launch, \
     load_block, pow2, query_outer_heads, query_position_args, query_program
@@ -305,7 +305,7 @@ def _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, cu_seqlens_k, csr, teache
 
 def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: int, block_size: int, scale: float,
                  index_scale: float, teacher_lse=None, config: IndexKLConfig | None = None, *, cu_seqlens_k=None,
-                 max_seqlen_k=None):
+                 max_seqlen_k=None, lists: BlockCSR | None = None):
     """Returns float32 ``kl_rows`` ``[T, G]``, ``index_lse`` ``[T, G]`` and ``teacher_lse`` ``[T, Hq]``.
 
     ``q`` ``[T, Hq, D]``, ``k`` ``[T, G, D]``, ``index_q`` ``[T, G, Di]``,
@@ -314,12 +314,14 @@ def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: 
     by a KV-outer LSE pass when not given. ``config``: default
     :class:`IndexKLConfig`. Queries that are the last of longer key
     sequences (``k`` ``[Tk, G, D]``, ``index_k`` ``[Tk, 1, Di]``) come with
-    the keys' ``cu_seqlens_k`` and ``max_seqlen_k``.
+    the keys' ``cu_seqlens_k`` and ``max_seqlen_k``. ``lists``: the selection
+    inverted whole (:func:`~msa.kernels.block_csr.invert_selection`), if the
+    caller has it; else inverted here, once for the LSE pass and the loss.
     """
     config = config or IndexKLConfig()
     keys = dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
     cu_seqlens_k, max_seqlen_k = key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
-    csr = invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size) if q.shape[0] else None
+    csr = lists or invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size) if q.shape[0] else None
     if teacher_lse is None:
         teacher_lse = sparse_attention_lse(q, k, block_indices, cu_seqlens, max_seqlen, block_size, scale,
                                            config.teacher, lists=csr, **keys)
@@ -333,10 +335,10 @@ def index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: 
 
 def index_kl_fwd_bwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen: int, block_size: int,
                      scale: float, index_scale: float, teacher_lse=None, config: IndexKLConfig | None = None, *,
-                     cu_seqlens_k=None, max_seqlen_k=None):
+                     cu_seqlens_k=None, max_seqlen_k=None, lists: BlockCSR | None = None):
     """``kl_rows`` as :func:`index_kl_fwd` and the float32 gradients of ``sum(kl_rows)`` as
     :func:`index_kl_bwd` (unit ``grad_scale``), evaluating the teacher once (float32 atomics:
-    not deterministic). Suffix queries as in :func:`index_kl_fwd`."""
+    not deterministic). Suffix queries and ``lists`` as in :func:`index_kl_fwd`."""
     config = config or IndexKLConfig()
     keys = dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
     cu_seqlens_k, max_seqlen_k = key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
@@ -345,7 +347,7 @@ def index_kl_fwd_bwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seql
     d_index_k = torch.zeros(index_k.shape, dtype=torch.float32, device=q.device)
     if not q.shape[0]:
         return _kl_rows(stats, torch.logsumexp(stats[3], dim=-1)), d_index_q, d_index_k
-    csr = invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size)
+    csr = lists or invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size)
     if teacher_lse is None:
         teacher_lse = sparse_attention_lse(q, k, block_indices, cu_seqlens, max_seqlen, block_size, scale,
                                            config.teacher, lists=csr, **keys)
@@ -362,11 +364,11 @@ def index_kl_fwd_bwd(q, k, index_q, index_k, block_indices, cu_seqlens, max_seql
 def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen: int,
                  teacher_lse, index_lse, grad_scale, block_size: int, scale: float, index_scale: float,
                  deterministic: bool = False, config: IndexKLConfig | None = None, *, token_positions=None,
-                 cu_seqlens_k=None, max_seqlen_k=None):
+                 cu_seqlens_k=None, max_seqlen_k=None, lists: BlockCSR | None = None):
     """Float32 gradients ``d index_q`` ``[T, G, Di]`` and ``d index_k`` ``[Tk, 1, Di]`` of
     ``grad_scale * sum(kl_rows)`` (``grad_scale`` a float32 ``[1]`` tensor). Suffix queries as in
     :func:`msa.kernels.sparse_attention.sparse_attention_fwd` (``token_starts``, ``token_positions``) and
-    :func:`index_kl_fwd`."""
+    :func:`index_kl_fwd`, ``lists`` as there."""
     config = config or IndexKLConfig()
     cu_seqlens_k, max_seqlen_k = key_layout(cu_seqlens, max_seqlen, cu_seqlens_k, max_seqlen_k)
     total, n_groups, index_dim = index_q.shape
@@ -384,7 +386,7 @@ def index_kl_bwd(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens
             grad_scale=grad_scale, d_index_q=d_index_q, scale_log2=scale * LOG2E.value, index_scale=index_scale,
             **query_position_args(token_starts, token_positions), **query_outer_heads(q, k), DI=index_dim,
             BLOCK_SIZE=block_size, TOPK=topk, UPCAST=INTERPRET, num_warps=4)
-    csr = invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size)
+    csr = lists or invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size)
     _kl_bwd_launch(q, k, index_q, index_k, cu_seqlens, cu_seqlens_k, csr, teacher_lse, index_lse, grad_scale,
                    d_index_k, d_index_q, scale, index_scale, block_size, topk, deterministic, config)
     return d_index_q, d_index_k.sum(0).unsqueeze(1)

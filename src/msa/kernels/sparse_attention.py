@@ -512,7 +512,7 @@ def _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen: int, bloc
 
 def sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen: int, block_size: int,
                          scale: float, schedule: str = "auto", config: SparseForwardConfig | None = None, *,
-                         token_positions=None, cu_seqlens_k=None, max_seqlen_k=None):
+                         token_positions=None, cu_seqlens_k=None, max_seqlen_k=None, lists: BlockCSR | None = None):
     """Returns ``out`` ``[T, Hq, D]`` (dtype of q) and float32 ``lse`` ``[T, Hq]``.
 
     ``q`` ``[T, Hq, D]``, ``k``, ``v`` ``[T, G, D]``, ``block_indices`` int32
@@ -526,6 +526,8 @@ def sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_s
     ``cu_seqlens_k`` and ``max_seqlen_k``, ``token_starts`` then the packed
     index of each query's first key and ``token_positions`` int32 ``[T]`` its
     position among the keys (:func:`msa.varlen.suffix_positions`).
+    ``lists``: the selection inverted whole (:func:`~msa.kernels.block_csr.invert_selection`), if the caller
+    keeps it for the backward pass too; the KV-outer schedule walks it when one query chunk holds every query.
     """
     config = config or SparseForwardConfig()
     out = torch.empty_like(q)
@@ -534,7 +536,7 @@ def sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_s
         return out, lse
     if schedule == "kv" or (schedule == "auto" and q.shape[0] >= config.kv_outer_min_tokens):
         _kv_outer_partials(q, k, v, block_indices, cu_seqlens, max_seqlen, block_size, scale, config, out, lse,
-                           cu_seqlens_k, max_seqlen_k)
+                           cu_seqlens_k, max_seqlen_k, lists)
     else:
         sparse_attention_fwd_kernel[(q.shape[0], k.shape[1])](
             q, k, v, block_indices, token_starts, out=out, lse=lse, scale_log2=scale * LOG2E.value,
@@ -569,12 +571,13 @@ def _row_dots(out, dout, chunk: int = 1 << 14):
 def sparse_attention_bwd(q, k, v, out, lse, dout, block_indices, token_starts, cu_seqlens, max_seqlen: int,
                          block_size: int, scale: float, deterministic: bool = False,
                          config: SparseBackwardConfig | None = None, *, token_positions=None, cu_seqlens_k=None,
-                         max_seqlen_k=None):
+                         max_seqlen_k=None, lists: BlockCSR | None = None):
     """Returns ``dq, dk, dv`` (dtypes of q, k, v).
 
     KV-outer kernel: dk/dv, and dq through float32 atomics, over lists walked
-    in ``config.list_parts`` parts. With ``deterministic``: one writer per key
-    block for dk/dv and the query-outer kernel for dq. Suffix queries as in
+    in ``config.list_parts`` parts (``lists``, the selection inverted whole,
+    or inverted here). With ``deterministic``: one writer per key block for
+    dk/dv and the query-outer kernel for dq. Suffix queries as in
     :func:`sparse_attention_fwd`.
     """
     config = config or SparseBackwardConfig()
@@ -592,7 +595,7 @@ def sparse_attention_bwd(q, k, v, out, lse, dout, block_indices, token_starts, c
     else:
         dq, dk, dv = (torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
     parts = 1 if deterministic else config.list_parts
-    csr = invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size)
+    csr = lists or invert_selection(block_indices, cu_seqlens, max_seqlen_k, block_size)
     launch(sparse_attention_bwd_dkv_kernel, (csr.n_block_slots, k.shape[1], parts),
            q, k, v, dout, lse, delta, cu_seqlens, cu_seqlens_k, csr.offsets, csr.entries, dk, dv, dq,
            scale * LOG2E.value, scale,

@@ -96,11 +96,12 @@ def index_kl_loss(
         settings = (layout.packed_cu_seqlens, layout.max_seqlen, selection.block_size, scale, index_scale, main_lse)
         offsets = selection.kernel_offsets()
         keys = (offsets.cu_seqlens_k, offsets.max_seqlen_k)
+        lists = selection.block_lists()  # shared with the attention when it took the same Selection
         if with_grads and not deterministic:
-            total = library.triton_index_kl_fused(*packed, selection.packed(), *settings, *keys)[0]
+            total = library.triton_index_kl_fused(*packed, selection.packed(), *settings, *keys, *lists)[0]
         else:
             total = library.triton_index_kl(*packed, selection.packed(), offsets.token_starts, *settings,
-                                            deterministic, offsets.token_positions, *keys)[0]
+                                            deterministic, offsets.token_positions, *keys, *lists)[0]
     else:
         # main_lse is float32: a float64 loss recomputes the teacher's LSE
         teacher_lse = layout.pack(main_lse).contiguous() if main_lse is not None and dtype == torch.float32 else None

@@ -19,6 +19,8 @@ them unbacked sizes); ``torch_sparse_attention`` with its backward and
 
 from __future__ import annotations
 
+import collections
+
 import torch
 from torch import Tensor
 from torch.library import custom_op, get_ctx
@@ -157,6 +159,28 @@ def _(index_q, index_k, block_indices, cu_seqlens, cu_seqlens_k, block_size, sca
 # ``cu_seqlens_k`` and ``max_seqlen_k`` (for the KV-outer kernels and the selection), and ``token_starts`` then holds
 # the packed index of each query's first key and ``token_positions`` its position among the keys (for the
 # query-outer ones: :func:`msa.varlen.suffix_positions`); all None where the queries are their sequences' tokens.
+# The attention and KL operators take the selection's whole block lists as ``list_offsets`` and ``list_entries``
+# (``Selection.block_lists``), or None: their launchers then invert the selection themselves.
+
+
+def _lists(list_offsets, list_entries, cu_seqlens, max_seqlen, block_size, block_indices, max_seqlen_k):
+    """The Triton kernels' BlockCSR of a selection inverted whole, from an operator's two tensors (or None)."""
+    from msa import kernels
+
+    return kernels.block_lists(list_offsets, list_entries, cu_seqlens, max_seqlen if max_seqlen_k is None
+                               else max_seqlen_k, block_size, block_indices.shape[1])
+
+
+def _optional(ctx, **tensors) -> list[Tensor]:
+    """The given ones of an operator's optional tensor inputs, to save for its backward; their names on ``ctx``."""
+    ctx.optional = [name for name, tensor in tensors.items() if tensor is not None]
+    return [tensors[name] for name in ctx.optional]
+
+
+def _saved(ctx, saved: list[Tensor]) -> dict:
+    """The optional inputs that :func:`_optional` saved, by name (None where not given)."""
+    return collections.defaultdict(lambda: None, zip(ctx.optional, saved))
+
 
 @custom_op("msa::triton_select_blocks", mutates_args=())
 def triton_select_blocks(index_q: Tensor, index_k: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int,
@@ -196,19 +220,23 @@ def _(index_q, index_k, block_indices, token_starts, block_size, scale, token_po
 def triton_sparse_attention(q: Tensor, k: Tensor, v: Tensor, block_indices: Tensor, token_starts: Tensor,
                             cu_seqlens: Tensor, max_seqlen: int, block_size: int, scale: float,
                             deterministic: bool, token_positions: Tensor | None = None,
-                            cu_seqlens_k: Tensor | None = None,
-                            max_seqlen_k: int | None = None) -> tuple[Tensor, Tensor]:
-    """``out`` and ``lse``; ``deterministic`` picks the backward's variant (the forward is deterministic)."""
+                            cu_seqlens_k: Tensor | None = None, max_seqlen_k: int | None = None,
+                            list_offsets: Tensor | None = None,
+                            list_entries: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``out`` and ``lse``; ``deterministic`` picks the backward's variant (the forward is deterministic).
+    ``list_offsets``, ``list_entries``: the selection inverted whole (``Selection.block_lists``), walked by the
+    forward where one query chunk holds every query and by the backward, or None (each inverts it then)."""
     from msa import kernels
 
+    lists = _lists(list_offsets, list_entries, cu_seqlens, max_seqlen, block_size, block_indices, max_seqlen_k)
     return kernels.sparse_attention_fwd(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen, block_size,
                                         scale, token_positions=token_positions, cu_seqlens_k=cu_seqlens_k,
-                                        max_seqlen_k=max_seqlen_k)
+                                        max_seqlen_k=max_seqlen_k, lists=lists)
 
 
 @triton_sparse_attention.register_fake
 def _(q, k, v, block_indices, token_starts, cu_seqlens, max_seqlen, block_size, scale, deterministic,
-      token_positions=None, cu_seqlens_k=None, max_seqlen_k=None):
+      token_positions=None, cu_seqlens_k=None, max_seqlen_k=None, list_offsets=None, list_entries=None):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -217,36 +245,40 @@ def triton_sparse_attention_backward(q: Tensor, k: Tensor, v: Tensor, out: Tenso
                                      block_indices: Tensor, token_starts: Tensor, cu_seqlens: Tensor,
                                      max_seqlen: int, block_size: int, scale: float, deterministic: bool,
                                      token_positions: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
-                                     max_seqlen_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                                     max_seqlen_k: int | None = None,
+                                     list_offsets: Tensor | None = None,
+                                     list_entries: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     from msa import kernels
 
+    lists = _lists(list_offsets, list_entries, cu_seqlens, max_seqlen, block_size, block_indices, max_seqlen_k)
     return kernels.sparse_attention_bwd(q, k, v, out, lse, dout.contiguous(), block_indices, token_starts,
                                         cu_seqlens, max_seqlen, block_size, scale, deterministic=deterministic,
                                         token_positions=token_positions, cu_seqlens_k=cu_seqlens_k,
-                                        max_seqlen_k=max_seqlen_k)
+                                        max_seqlen_k=max_seqlen_k, lists=lists)
 
 
 @triton_sparse_attention_backward.register_fake
 def _(q, k, v, out, lse, dout, block_indices, token_starts, cu_seqlens, max_seqlen, block_size, scale, deterministic,
-      token_positions=None, cu_seqlens_k=None, max_seqlen_k=None):
+      token_positions=None, cu_seqlens_k=None, max_seqlen_k=None, list_offsets=None, list_entries=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _save_triton_sparse_attention(ctx, inputs, output):
     q, k, v, block_indices, token_starts, cu_seqlens, ctx.max_seqlen, ctx.block_size, ctx.scale, \
-        ctx.deterministic, token_positions, cu_seqlens_k, ctx.max_seqlen_k = inputs
-    ctx.suffix = token_positions is not None
-    suffix_offsets = (token_positions, cu_seqlens_k) if ctx.suffix else ()
-    ctx.save_for_backward(q, k, v, *output, block_indices, token_starts, cu_seqlens, *suffix_offsets)
+        ctx.deterministic, token_positions, cu_seqlens_k, ctx.max_seqlen_k, *lists = inputs
+    ctx.save_for_backward(q, k, v, *output, block_indices, token_starts, cu_seqlens,
+                          *_optional(ctx, token_positions=token_positions, cu_seqlens_k=cu_seqlens_k,
+                                     list_offsets=lists[0], list_entries=lists[1]))
 
 
 def _triton_sparse_attention_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, block_indices, token_starts, cu_seqlens, *suffix_offsets = ctx.saved_tensors
-    token_positions, cu_seqlens_k = suffix_offsets if ctx.suffix else (None, None)
+    q, k, v, out, lse, block_indices, token_starts, cu_seqlens, *optional = ctx.saved_tensors
+    saved = _saved(ctx, optional)
     grads = triton_sparse_attention_backward(q, k, v, out, lse, dout, block_indices, token_starts, cu_seqlens,
                                              ctx.max_seqlen, ctx.block_size, ctx.scale, ctx.deterministic,
-                                             token_positions, cu_seqlens_k, ctx.max_seqlen_k)
-    return *grads, *(None,) * 10
+                                             saved["token_positions"], saved["cu_seqlens_k"], ctx.max_seqlen_k,
+                                             saved["list_offsets"], saved["list_entries"])
+    return *grads, *(None,) * 12
 
 
 triton_sparse_attention.register_autograd(_triton_sparse_attention_backward,
@@ -258,21 +290,26 @@ def triton_index_kl(q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, bloc
                     token_starts: Tensor, cu_seqlens: Tensor, max_seqlen: int, block_size: int, scale: float,
                     index_scale: float, main_lse: Tensor | None, deterministic: bool,
                     token_positions: Tensor | None = None, cu_seqlens_k: Tensor | None = None,
-                    max_seqlen_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                    max_seqlen_k: int | None = None,
+                    list_offsets: Tensor | None = None,
+                    list_entries: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The summed row KLs, the student's ``index_lse`` ``[T, G]`` and the teacher's ``teacher_lse`` ``[T, Hq]``
-    (what the backward reads; ``deterministic`` picks its variant)."""
+    (what the backward reads; ``deterministic`` picks its variant). Lists as in :func:`triton_sparse_attention`."""
     from msa import kernels
 
+    lists = _lists(list_offsets, list_entries, cu_seqlens, max_seqlen, block_size, block_indices, max_seqlen_k)
     kl_rows, index_lse, teacher_lse = kernels.index_kl_fwd(q, k, index_q, index_k, block_indices, cu_seqlens,
                                                            max_seqlen, block_size, scale, index_scale, main_lse,
-                                                           cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
+                                                           cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k,
+                                                           lists=lists)
     # main_lse, when given, comes back as the teacher's: the output must not be an input
     return kl_rows.sum(), index_lse, teacher_lse if main_lse is None else teacher_lse.clone()
 
 
 @triton_index_kl.register_fake
 def _(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen, block_size, scale, index_scale,
-      main_lse, deterministic, token_positions=None, cu_seqlens_k=None, max_seqlen_k=None):
+      main_lse, deterministic, token_positions=None, cu_seqlens_k=None, max_seqlen_k=None, list_offsets=None,
+      list_entries=None):
     return (q.new_empty((), dtype=torch.float32), q.new_empty(index_q.shape[:2], dtype=torch.float32),
             q.new_empty(q.shape[:2], dtype=torch.float32))
 
@@ -282,43 +319,46 @@ def triton_index_kl_backward(q: Tensor, k: Tensor, index_q: Tensor, index_k: Ten
                              token_starts: Tensor, cu_seqlens: Tensor, max_seqlen: int, teacher_lse: Tensor,
                              index_lse: Tensor, grad: Tensor, block_size: int, scale: float, index_scale: float,
                              deterministic: bool, token_positions: Tensor | None = None,
-                             cu_seqlens_k: Tensor | None = None,
-                             max_seqlen_k: int | None = None) -> tuple[Tensor, Tensor]:
+                             cu_seqlens_k: Tensor | None = None, max_seqlen_k: int | None = None,
+                             list_offsets: Tensor | None = None,
+                             list_entries: Tensor | None = None) -> tuple[Tensor, Tensor]:
     from msa import kernels
 
     d_index_q, d_index_k = kernels.index_kl_bwd(
         q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen, teacher_lse, index_lse,
         grad.float().reshape(1), block_size, scale, index_scale, deterministic=deterministic,
-        token_positions=token_positions, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
+        token_positions=token_positions, cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k,
+        lists=_lists(list_offsets, list_entries, cu_seqlens, max_seqlen, block_size, block_indices, max_seqlen_k))
     return d_index_q.to(index_q.dtype), d_index_k.to(index_k.dtype)
 
 
 @triton_index_kl_backward.register_fake
 def _(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, max_seqlen, teacher_lse, index_lse, grad,
-      block_size, scale, index_scale, deterministic, token_positions=None, cu_seqlens_k=None, max_seqlen_k=None):
+      block_size, scale, index_scale, deterministic, token_positions=None, cu_seqlens_k=None, max_seqlen_k=None,
+      list_offsets=None, list_entries=None):
     return torch.empty_like(index_q), torch.empty_like(index_k)
 
 
 def _save_triton_index_kl(ctx, inputs, output):
     q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, *settings, _, ctx.deterministic, \
-        token_positions, cu_seqlens_k, ctx.max_seqlen_k = inputs
+        token_positions, cu_seqlens_k, ctx.max_seqlen_k, list_offsets, list_entries = inputs
     ctx.max_seqlen, ctx.block_size, ctx.scale, ctx.index_scale = settings
-    ctx.suffix = token_positions is not None
-    suffix_offsets = (token_positions, cu_seqlens_k) if ctx.suffix else ()
     _, index_lse, teacher_lse = output
     ctx.save_for_backward(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, teacher_lse, index_lse,
-                          *suffix_offsets)
+                          *_optional(ctx, token_positions=token_positions, cu_seqlens_k=cu_seqlens_k,
+                                     list_offsets=list_offsets, list_entries=list_entries))
 
 
 def _triton_index_kl_backward(ctx, grad, _d_index_lse, _d_teacher_lse):
-    q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, teacher_lse, index_lse, *suffix_offsets = \
+    q, k, index_q, index_k, block_indices, token_starts, cu_seqlens, teacher_lse, index_lse, *optional = \
         ctx.saved_tensors
-    token_positions, cu_seqlens_k = suffix_offsets if ctx.suffix else (None, None)
+    saved = _saved(ctx, optional)
     d_index_q, d_index_k = triton_index_kl_backward(q, k, index_q, index_k, block_indices, token_starts, cu_seqlens,
                                                     ctx.max_seqlen, teacher_lse, index_lse, grad, ctx.block_size,
-                                                    ctx.scale, ctx.index_scale, ctx.deterministic, token_positions,
-                                                    cu_seqlens_k, ctx.max_seqlen_k)
-    return None, None, d_index_q, d_index_k, *(None,) * 12
+                                                    ctx.scale, ctx.index_scale, ctx.deterministic,
+                                                    saved["token_positions"], saved["cu_seqlens_k"],
+                                                    ctx.max_seqlen_k, saved["list_offsets"], saved["list_entries"])
+    return None, None, d_index_q, d_index_k, *(None,) * 14
 
 
 triton_index_kl.register_autograd(_triton_index_kl_backward, setup_context=_save_triton_index_kl)
@@ -328,20 +368,24 @@ triton_index_kl.register_autograd(_triton_index_kl_backward, setup_context=_save
 def triton_index_kl_fused(q: Tensor, k: Tensor, index_q: Tensor, index_k: Tensor, block_indices: Tensor,
                           cu_seqlens: Tensor, max_seqlen: int, block_size: int, scale: float, index_scale: float,
                           main_lse: Tensor | None, cu_seqlens_k: Tensor | None = None,
-                          max_seqlen_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                          max_seqlen_k: int | None = None,
+                          list_offsets: Tensor | None = None,
+                          list_entries: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The summed row KLs and their float32 gradients in ``index_q`` and ``index_k``, from one pass that evaluates
-    the teacher once (float32 atomics: not deterministic)."""
+    the teacher once (float32 atomics: not deterministic). Lists as in :func:`triton_sparse_attention`."""
     from msa import kernels
 
+    lists = _lists(list_offsets, list_entries, cu_seqlens, max_seqlen, block_size, block_indices, max_seqlen_k)
     kl_rows, d_index_q, d_index_k = kernels.index_kl_fwd_bwd(q, k, index_q, index_k, block_indices, cu_seqlens,
                                                              max_seqlen, block_size, scale, index_scale, main_lse,
-                                                             cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k)
+                                                             cu_seqlens_k=cu_seqlens_k, max_seqlen_k=max_seqlen_k,
+                                                             lists=lists)
     return kl_rows.sum(), d_index_q, d_index_k
 
 
 @triton_index_kl_fused.register_fake
 def _(q, k, index_q, index_k, block_indices, cu_seqlens, max_seqlen, block_size, scale, index_scale, main_lse,
-      cu_seqlens_k=None, max_seqlen_k=None):
+      cu_seqlens_k=None, max_seqlen_k=None, list_offsets=None, list_entries=None):
     return (q.new_empty((), dtype=torch.float32), index_q.new_empty(index_q.shape, dtype=torch.float32),
             index_k.new_empty(index_k.shape, dtype=torch.float32))
 
@@ -354,7 +398,7 @@ def _save_triton_index_kl_fused(ctx, inputs, output):
 def _triton_index_kl_fused_backward(ctx, grad, _d_index_q_grad, _d_index_k_grad):
     d_index_q, d_index_k = ctx.saved_tensors
     return (None, None, (d_index_q * grad).to(ctx.dtypes[0]), (d_index_k * grad).to(ctx.dtypes[1]),
-            *(None,) * 9)
+            *(None,) * 11)
 
 
 triton_index_kl_fused.register_autograd(_triton_index_kl_fused_backward, setup_context=_save_triton_index_kl_fused)

@@ -138,6 +138,19 @@ class Selection:
         starts, positions = self._derive("suffix_positions", build)
         return KernelOffsets(starts, positions, self.key_layout.packed_cu_seqlens, self.key_layout.max_seqlen)
 
+    def block_lists(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Triton kernels' (group, block) -> (token, slot) lists of the whole selection (the ``offsets`` and
+        ``entries`` of :func:`msa.kernels.invert_selection`): the attention's forward, its backward and the KL loss
+        walk the same lists, built once."""
+        from msa import kernels
+
+        def build():
+            lists = kernels.invert_selection(self.packed(), self.layout.packed_cu_seqlens, self.key_layout.max_seqlen,
+                                             self.block_size)
+            return lists.offsets, lists.entries
+
+        return self._derive("block_lists", build)
+
     def tile_plan(self, heads_per_group: int, head_dim: int) -> list[torch.Tensor]:
         """The PyTorch path's tiles (:func:`msa.ops.library.tile_plan`) for attention heads of ``head_dim`` in
         groups of ``heads_per_group``: the attention, its backward pass and the KL loss take the same."""

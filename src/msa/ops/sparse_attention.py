@@ -82,10 +82,14 @@ def sparse_attention(
     packed = [layout.pack(q).to(dtype).contiguous()] + [key_layout.pack(x).to(dtype).contiguous() for x in (k, v)]
     if triton:
         offsets = selection.kernel_offsets()
+        # the backward walks the whole selection's lists: built once here when it will run, shared with the forward
+        # (an inference forward in query chunks builds its own per chunk)
+        with_grads = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         out, lse = library.triton_sparse_attention(*packed, selection.packed(), offsets.token_starts,
                                                    layout.packed_cu_seqlens, layout.max_seqlen, selection.block_size,
                                                    scale, deterministic, offsets.token_positions,
-                                                   offsets.cu_seqlens_k, offsets.max_seqlen_k)
+                                                   offsets.cu_seqlens_k, offsets.max_seqlen_k,
+                                                   *(selection.block_lists() if with_grads else (None, None)))
     else:
         out, lse = library.torch_sparse_attention(*packed, selection.tile_plan(n_heads // n_groups, q.shape[-1]),
                                                   selection.block_size, scale, deterministic)
