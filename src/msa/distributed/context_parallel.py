@@ -205,24 +205,29 @@ def context_parallel_attention(attention: Callable, q, k, v, index_q, index_k, *
                                                 cu_seqlens_q=offsets, cu_seqlens_k=offsets,
                                                 max_seqlen_q=max(seqlens, default=0),
                                                 max_seqlen_k=max(seqlens, default=0))
-        if batched:
-            out, block_indices = out.unflatten(0, q.shape[:2]), block_indices.unflatten(0, q.shape[:2])
-        return out, kl_loss, block_indices
-    _check_lengths(seqlens, world_size, "q" if batched else "cu_seqlens")
-    parts = _attend_parts(attention, select, queries, keys, values, index_queries, index_keys, seqlens, group)
-    out, block_indices = (torch.cat([result[i] for _, result in parts]) for i in (0, 2))
-    if len(seqlens) > 1:  # the two chunks of one sequence follow each other in the shard; of several, not
-        local_order = torch.argsort(torch.cat([rows for rows, _ in parts]))
-        out, block_indices = out.index_select(0, local_order), block_indices.index_select(0, local_order)
+    else:
+        _check_lengths(seqlens, world_size, "q" if batched else "cu_seqlens")
+        parts = _attend_parts(attention, select, queries, keys, values, index_queries, index_keys, seqlens, group)
+        out, block_indices = (torch.cat([result[i] for _, result in parts]) for i in (0, 2))
+        if len(seqlens) > 1:  # the two chunks of one sequence follow each other in the shard; of several, not
+            local_order = torch.argsort(torch.cat([rows for rows, _ in parts]))
+            out, block_indices = out.index_select(0, local_order), block_indices.index_select(0, local_order)
+        kl_loss = _mean_kl([result for _, result in parts], sum(seqlens) * index_q.shape[-2], group)
     if batched:
         out, block_indices = out.unflatten(0, q.shape[:2]), block_indices.unflatten(0, q.shape[:2])
-    kl_parts = [result[1] * result[2].shape[:-1].numel() for _, result in parts if result[1] is not None]
+    return out, kl_loss, block_indices
+
+
+def _mean_kl(results: list[tuple], n_rows: int, group) -> torch.Tensor | None:
+    """The KL loss's mean over the whole sequences' ``n_rows`` (token, group) rows, from this rank's chunks' means
+    (``attention``'s results; None where it computes no KL loss); its gradient flows into this rank's share only."""
+    kl_parts = [kl * blocks.shape[:-1].numel() for _, kl, blocks in results if kl is not None]
     if not kl_parts:
-        return out, None, block_indices
-    share = sum(kl_parts) / (sum(seqlens) * index_q.shape[-2])
+        return None
+    share = sum(kl_parts) / n_rows
     total = share.detach().clone()
     dist.all_reduce(total, group=group)
-    return out, share + (total - share.detach()), block_indices
+    return share + (total - share.detach())
 
 
 class _Part(NamedTuple):
